@@ -1,0 +1,43 @@
+"""Model files: a dict of tensors and primitives, loadable with `torch.load(weights_only=True)`,
+carrying the `ModelSpec` and data facts needed to rebuild and feed the model without the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ArtifactError
+from pipeline.models import ModelSpec, build_model
+from pipeline.rundir import atomic_path
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} not found") from None
+    except Exception as exc:  # truncated zip, wrong format, disallowed global: never used
+        raise ArtifactError(f"{path} is not a readable checkpoint ({type(exc).__name__}); it may be truncated or "
+                            "corrupted: rerun the stage that wrote it with --force") from None
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model (in eval mode) from a model file; returns it and the file's payload."""
+    payload = load(path)
+    spec = ModelSpec.from_dict(payload["spec"])
+    model = build_model(spec)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ArtifactError(f"{path} does not fit architecture {spec.arch} ({first}); it comes from another "
+                            "model: rerun with --force train") from None
+    return model.eval(), payload

@@ -1,0 +1,250 @@
+"""The one config schema: every field, its default and what it allows, in one place.
+
+A config is a YAML file validated here; unknown keys, wrong types and impossible values are
+rejected with the file, the field path and what is allowed (close matches suggested).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
+    root: Path | None = Field(None, description="Where the dataset lies; None: the dataset's default places")
+    download: bool = Field(True, description="Download with torchvision when the files are not found")
+    val_size: int = Field(5000, ge=1, description="Training images held out for branch selection")
+    augment: bool = Field(True, description="Random crop (padding 4) + horizontal flip on training images")
+    image_size: int = Field(224, ge=8, description="imagefolder only: side of the square crop")
+    num_workers: int = Field(2, ge=0, description="imagefolder only: decoding processes")
+    synthetic_size: int = Field(256, ge=8, description="synthetic only: training images (tests)")
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"] = "resnet20"
+    method: Literal["one", "vanilla"] = Field("one", description="vanilla: the same backbone as one plain network")
+    branches: int = Field(3, ge=2, le=8, description="ONE branches m")
+    width: int = Field(16, ge=4, le=128, description="CIFAR ResNets: channels of the first stage")
+
+
+class LossConfig(Section):
+    temperature: float = Field(3.0, gt=0)
+    rampup: float = Field(0.27, ge=0, le=1, description="KL weight ramp-up length, as a fraction of the epochs")
+    branch_ce_weight: float = Field(1.0, ge=0)
+    teacher_ce_weight: float = Field(1.0, ge=0)
+    kd_weight: float = Field(1.0, ge=0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=1, description="Per process; under torchrun the global batch is this x world size")
+    eval_batch_size: int = Field(512, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [150, 225], description="multistep: epochs where lr x gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="Mixed precision, CUDA only")
+    channels_last: bool = Field(False, description="CUDA only")
+    sync_batchnorm: bool = Field(False, description="Under torchrun: SyncBatchNorm across ranks")
+    deterministic: bool = Field(False, description="Deterministic algorithms; resume then equals an uninterrupted run")
+    threads: int | None = Field(None, ge=1, description="CPU threads; None: PyTorch's default")
+
+    @model_validator(mode="after")
+    def _milestones_increase(self) -> TrainConfig:
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        return self
+
+
+class SelectConfig(Section):
+    branch: Union[Literal["best"], int] = Field("best", description="'best' on validation accuracy, or an index")
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> SelectConfig:
+        if isinstance(self.branch, int) and self.branch < 0:
+            raise ValueError(f"branch must be 'best' or an index >= 0, got {self.branch}")
+        return self
+
+
+class ExportConfig(Section):
+    opset: int = Field(20, ge=18, le=23, description="ONNX opset (the dynamo exporter needs >= 18)")
+    precisions: list[Precision] = Field(default_factory=lambda: ["fp32"], description="ONNX models to produce")
+    atol: float = Field(1e-4, gt=0, description="fp32: max abs logit difference ONNX Runtime vs PyTorch")
+    fp16_atol: float = Field(5e-2, gt=0, description="fp16: max abs logit difference vs PyTorch fp32")
+    int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: least top-1 agreement with fp32")
+    calibration_size: int = Field(256, ge=1, description="int8: training images for calibration")
+    check_size: int = Field(64, ge=2, description="Validation images for the parity check")
+
+    @model_validator(mode="after")
+    def _fp32_first(self) -> ExportConfig:
+        if "fp32" not in self.precisions:
+            raise ValueError("precisions must include fp32 (the others are converted from it)")
+        return self
+
+
+class EngineConfig(Section):
+    enabled: bool = True
+    precision: Precision = Field("fp32", description="Which exported ONNX the engine is built from")
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(32, ge=1)
+    max_batch: int = Field(128, ge=1)
+    workspace_mb: int = Field(1024, ge=16)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EngineConfig:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("need min_batch <= opt_batch <= max_batch")
+        return self
+
+
+class TritonConfig(Section):
+    enabled: bool = True
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="None: the run name")
+    max_batch_size: int = Field(128, ge=1)
+    dynamic_batching: bool = True
+    max_queue_delay_us: int = Field(100, ge=0)
+    instance_count: int = Field(1, ge=1)
+    tensorrt_accelerator: bool = Field(True, description="onnxruntime backend: build TensorRT on the serving GPU")
+
+
+class BenchConfig(Section):
+    enabled: bool = True
+    throughput_batch: int = Field(64, ge=1)
+    warmup: int = Field(10, ge=0, description="Untimed iterations before each measurement")
+    iterations: int = Field(100, ge=3)
+    threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
+    test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
+
+
+class Config(Section):
+    name: str = Field("edge", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to <output_root>/<name>")
+    output_root: Path = Path("artifacts")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    select: SelectConfig = SelectConfig()
+    export: ExportConfig = ExportConfig()
+    engine: EngineConfig = EngineConfig()
+    triton: TritonConfig = TritonConfig()
+    bench: BenchConfig = BenchConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.engine.enabled and self.engine.precision not in self.export.precisions:
+            raise ValueError(
+                f"engine.precision {self.engine.precision} is not among export.precisions {self.export.precisions}"
+            )
+        if self.name in (".", ".."):
+            raise ValueError("name must be a plain folder name")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_root / self.name
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable digest of some top-level fields: a stage is stale when its digest changes."""
+        data = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config; every problem is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config such as configs/edge.yaml")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc}); check the path and its permissions")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file's syntax")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (data:, model:, train:, ...)")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
+    """`train.epochs=2` -> raw["train"]["epochs"] = 2 (the value is parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, for example --set train.epochs=2")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section in {source}")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    """The first error, as one line: file, field path, what is wrong, what is allowed."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "int", "function-"))]
+    field = ".".join(loc) or "(top level)"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{source}: unknown key '{field}'; {hint}allowed here: {', '.join(allowed)}{more}"
+    message = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    return f"{source}: {field}: {message}{shown}{more}"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,254 @@
+"""Datasets: Fashion-MNIST, CIFAR-10/100, the user's image folders, and a synthetic set for tests.
+
+Small datasets are held in memory as uint8 tensors and batched here: shuffling comes from
+`DistributedSampler` (so one process and N torchrun processes see the same global batches), and
+augmentation (random crop with padding 4 + horizontal flip) is drawn per sample from
+(seed, epoch, sample index). So a batch does not depend on the process count or on where a run was
+resumed, and resuming mid-epoch replays exactly the batches that remain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import pickle
+import struct
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from pipeline.config import DataConfig
+from pipeline.errors import UsageError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path("~/.cache/one-pipeline/data")
+SPLIT_SEED = 0  # the validation split is the same whatever the training seed
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NORMALISATION = {  # (mean, std) per channel
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+class ImageSet:
+    """One split held in memory: uint8 images (N, C, H, W) and int64 labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, indices: torch.Tensor | range) -> ImageSet:
+        indices = torch.as_tensor(list(indices) if isinstance(indices, range) else indices)
+        return ImageSet(self.images[indices], self.labels[indices], self.mean.flatten().tolist(),
+                        self.std.flatten().tolist())
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+    def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, augment: bool = False,
+                skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised float batches. With `seed`, shuffled per epoch (training); else in order,
+        every sample exactly once across ranks (evaluation). `skip` leaves out the first batches."""
+        if seed is None:
+            order = torch.arange(rank, len(self), world)
+        else:
+            sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+        crops = flips = None
+        if augment:
+            # one draw per sample of the whole set: sample i gets the same crop on every rank
+            g = torch.Generator().manual_seed((seed or 0) * 100_003 + epoch)
+            crops = torch.randint(0, 9, (len(self), 2), generator=g)
+            flips = torch.rand(len(self), generator=g) < 0.5
+        for start in range(skip * batch_size, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            images = self.images[idx]
+            if augment:
+                images = _crop_and_flip(images, crops[idx], flips[idx])
+            yield self.normalise(images), self.labels[idx]
+
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        per_rank = -(-len(self) // world)
+        return -(-per_rank // batch_size)
+
+
+def _crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Random crop with zero padding 4 (offsets in 0..8) and horizontal flip, for a whole batch."""
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    rows = offsets[:, 0, None] + torch.arange(h)
+    cols = offsets[:, 1, None] + torch.arange(w)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@dataclasses.dataclass
+class Datasets:
+    name: str
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.test.sample_shape
+
+
+def load_datasets(cfg: DataConfig) -> Datasets:
+    """Load the configured dataset and carve the validation split from its training images."""
+    if cfg.dataset == "fashion-mnist":
+        (train_x, train_y), (test_x, test_y) = _fashion_mnist(cfg)
+        classes = list(FASHION_CLASSES)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        (train_x, train_y), (test_x, test_y), classes = _cifar(cfg)
+    elif cfg.dataset == "imagefolder":
+        from pipeline.imagefolder import load_imagefolder
+        return load_imagefolder(cfg, NORMALISATION["imagefolder"])
+    else:
+        (train_x, train_y), (test_x, test_y) = synthetic_images(cfg.synthetic_size)
+        classes = [f"synthetic-{i}" for i in range(4)]
+    mean, std = NORMALISATION[cfg.dataset]
+    if cfg.val_size >= len(train_y):
+        raise UsageError(f"data.val_size {cfg.val_size} leaves no training images (the training split has "
+                         f"{len(train_y)}); lower data.val_size")
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    full = ImageSet(train_x, train_y, mean, std)
+    return Datasets(cfg.dataset, full.subset(order[cfg.val_size:]), full.subset(order[:cfg.val_size]),
+                    ImageSet(test_x, test_y, mean, std), classes, mean, std)
+
+
+def synthetic_images(train_size: int, classes: int = 4, side: int = 16) -> tuple:
+    """SYNTHETIC data for tests only: each class is a fixed random pattern plus noise (learnable fast)."""
+    g = torch.Generator().manual_seed(1234)
+    patterns = torch.rand(classes, 3, side, side, generator=g) * 255
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % classes
+        noise = torch.randn(n, 3, side, side, generator=g) * 60
+        return (patterns[labels] + noise).clamp(0, 255).to(torch.uint8), labels
+
+    return make(train_size), make(max(train_size // 2, classes))
+
+
+# --- Fashion-MNIST (IDX files) -------------------------------------------------------------------
+FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (optionally gzip'ed): magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, data."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise UsageError(f"{path} is not a uint8 IDX file; re-download the dataset")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UsageError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} values); re-download it")
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple:
+    roots = [Path(cfg.root).expanduser()] if cfg.root else [DEFAULT_ROOT.expanduser(), DEBIAN_FASHION_MNIST]
+    candidates = [d for r in roots for d in (r, r / "FashionMNIST" / "raw")]
+    found = next((d for d in candidates if all((d / f).exists() for pair in FASHION_FILES.values() for f in pair)),
+                 None)
+    if found is None and cfg.download:
+        found = _download("FashionMNIST", roots[0]) / "FashionMNIST" / "raw"
+    if found is None:
+        raise UsageError(f"Fashion-MNIST not found in {', '.join(map(str, candidates))}; install it with "
+                         "'apt-get install dataset-fashion-mnist', or set data.root to a folder holding the "
+                         "*-ubyte.gz files, or set data.download: true when online")
+    splits = []
+    for images_file, labels_file in FASHION_FILES.values():
+        images, labels = read_idx(found / images_file), read_idx(found / labels_file)
+        splits.append((images.unsqueeze(1), labels.long()))
+    return splits
+
+
+# --- CIFAR (torchvision's python pickles) ----------------------------------------------------------
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+                b"labels", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's files are pickles: allow numpy arrays and nothing else, so a planted file runs no code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        return _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable CIFAR file ({exc}); re-download the dataset") from None
+
+
+def _cifar(cfg: DataConfig) -> tuple:
+    folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_LAYOUT[cfg.dataset]
+    root = Path(cfg.root or DEFAULT_ROOT).expanduser()
+    if not (root / folder / train_files[0]).exists():
+        if not cfg.download:
+            raise UsageError(f"{cfg.dataset} not found in {root / folder}; set data.root to the folder that holds "
+                             f"'{folder}', or set data.download: true when online")
+        _download("CIFAR10" if cfg.dataset == "cifar10" else "CIFAR100", root)
+
+    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [_unpickle(root / folder / f) for f in files]
+        images = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(p[label_key]) for p in parts])
+        return torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
+
+    meta = root / folder / meta_file
+    classes = [n.decode() for n in _unpickle(meta)[names_key]] if meta.exists() else (
+        list(CIFAR10_CLASSES) if cfg.dataset == "cifar10" else [str(i) for i in range(100)])
+    return read(train_files), read(test_files), classes
+
+
+def _download(name: str, root: Path) -> Path:
+    import torchvision
+
+    try:
+        getattr(torchvision.datasets, name)(str(root), train=True, download=True)
+        getattr(torchvision.datasets, name)(str(root), train=False, download=True)
+    except Exception as exc:  # offline, proxy, disk: all mean the same to the user
+        raise UsageError(f"could not download {name} to {root} ({type(exc).__name__}: {exc}); put the files in "
+                         "data.root by hand (see the README's Data section)") from None
+    return root

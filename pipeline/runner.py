@@ -1,0 +1,149 @@
+"""Runs the stages in order, like a build tool: a stage reruns only when its config sections or the
+outputs of the stages it reads have changed since it last finished.
+
+A stage's fingerprint is the digest of its config sections plus the sha256 of every output of the
+stages it reads. `run` compares it with the one in the manifest: equal and outputs intact -> skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from types import ModuleType
+from typing import Any, Callable
+
+from rich.console import Console
+
+from pipeline.config import Config
+from pipeline.errors import ArtifactError, PipelineError, StageSkipped, UsageError
+from pipeline.rundir import RunDir, environment, sha256_file
+from pipeline.stage import StageContext, StageResult
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDef:
+    name: str
+    sections: tuple[str, ...]  # config fields whose change makes the stage stale
+    reads: tuple[str, ...]  # stages whose outputs it reads
+    module: str  # `stages.<module>` with `run(ctx) -> StageResult`
+    help: str
+
+    def entry(self) -> Callable[[StageContext], StageResult]:
+        module: ModuleType = __import__(f"stages.{self.module}", fromlist=["run"])
+        return module.run
+
+
+STAGES = (
+    StageDef("train", ("seed", "data", "model", "loss", "train"), (), "train", "train ONE (or vanilla)"),
+    StageDef("select", ("select",), ("train",), "select", "pick the branch with the best validation accuracy"),
+    StageDef("strip", (), ("select", "train"), "strip", "cut the chosen branch out as a plain network"),
+    StageDef("export", ("export",), ("strip",), "export", "export ONNX (fp32, fp16, int8) and check it"),
+    StageDef("engine", ("engine",), ("export",), "engine", "build a TensorRT engine"),
+    StageDef("triton", ("triton",), ("export", "engine"), "triton", "write a Triton model repository"),
+    StageDef("bench", ("bench",), ("train", "strip", "export", "engine"), "bench", "measure every deployed form"),
+    StageDef("report", (), ("bench",), "report", "write report.md and the plot"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage_def(name: str) -> StageDef:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise UsageError(f"unknown stage '{name}'; choose one of {', '.join(STAGE_NAMES)}")
+
+
+def fingerprint(cfg: Config, stage: StageDef, run: RunDir) -> str:
+    upstream = {}
+    for name in stage.reads:
+        entry = run.stage(name) or {}
+        upstream[name] = {k: v["sha256"] for k, v in entry.get("outputs", {}).items()}
+    text = json.dumps({"config": cfg.section_hash(*stage.sections) if stage.sections else "", "inputs": upstream},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def state(cfg: Config, stage: StageDef, run: RunDir) -> tuple[str, str]:
+    """(status, detail): done | stale | skipped | failed | missing, checked against the files on disk."""
+    entry = run.stage(stage.name)
+    if entry is None:
+        return "missing", ""
+    status = entry["status"]
+    if status == "failed":
+        return "failed", entry.get("error", "")
+    if entry.get("fingerprint") != fingerprint(cfg, stage, run):
+        return "stale", "config or inputs changed"
+    if status == "skipped":
+        return "skipped", entry.get("reason", "")
+    for key, record in entry["outputs"].items():
+        path = run.path(record["path"])
+        if not path.exists():
+            return "stale", f"{record['path']} is missing"
+        if sha256_file(path) != record["sha256"]:
+            raise ArtifactError(f"{path} does not match the sha256 recorded in the manifest (truncated or "
+                                f"modified); it will not be used: rerun with --force {stage.name}")
+    return "done", ""
+
+
+def check_same_run(cfg: Config, run: RunDir) -> None:
+    """A run directory holds one training run: refuse to overwrite it with another config's."""
+    entry = run.stage("train")
+    train = stage_def("train")
+    if entry and entry.get("status") == "done" and entry.get("fingerprint") != fingerprint(cfg, train, run):
+        old = entry.get("config", {})
+        new = json.loads(json.dumps(cfg.model_dump(mode="json")))
+        changed = [f"{s}.{k}" for s in train.sections if isinstance(new.get(s), dict)
+                   for k in new[s] if old.get(s, {}).get(k) != new[s][k]] or [s for s in train.sections
+                                                                               if old.get(s) != new.get(s)]
+        raise UsageError(f"{run.root} holds a run trained with another config (changed: {', '.join(changed[:4])}); "
+                         "use another run name (--set name=...) or retrain it with --force train")
+
+
+def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None = None,
+               force: str | None = None, only: str | None = None, console: Console | None = None) -> dict[str, str]:
+    """Run the chain (or one stage and what it needs); returns {stage: status}. Raises on failure."""
+    console = console or ctx.console
+    last = STAGE_NAMES.index(until or only or STAGE_NAMES[-1])
+    forced_from = STAGE_NAMES.index(force) if force else len(STAGE_NAMES)
+    if force is None or forced_from > 0:
+        check_same_run(cfg, run)
+    results: dict[str, str] = {}
+    for index, stage in enumerate(STAGES[:last + 1]):
+        status, detail = state(cfg, stage, run)
+        if index < forced_from and status in ("done", "skipped"):
+            shown = "up to date" if status == "done" else f"skipped: {detail}"
+            console.print(f"[dim]{stage.name:<7} {shown}[/dim]")
+            results[stage.name] = "cached"
+            continue
+        fresh = index >= forced_from
+        results[stage.name] = execute(cfg, stage, run, ctx, fresh=fresh, strict=only == stage.name)
+    return results
+
+
+def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fresh: bool = False,
+            strict: bool = False) -> str:
+    """Run one stage and record it. A skip is recorded and, unless `strict`, the chain goes on."""
+    ctx.console.rule(f"[bold]{stage.name}[/bold]: {stage.help}")
+    ctx = dataclasses.replace(ctx, fresh=fresh)
+    started = time.perf_counter()
+    record: dict[str, Any] = {"fingerprint": fingerprint(cfg, stage, run), "config": cfg.model_dump(mode="json"),
+                              "environment": environment(), "device": str(ctx.device)}
+    try:
+        result = stage.entry()(ctx)
+    except StageSkipped as exc:
+        run.record(stage.name, {**record, "status": "skipped", "reason": str(exc), "outputs": {},
+                                "wall_s": round(time.perf_counter() - started, 3)})
+        ctx.console.print(f"[yellow]{stage.name} skipped:[/yellow] {exc}")
+        if strict:
+            raise
+        return "skipped"
+    except PipelineError as exc:
+        run.record(stage.name, {**record, "status": "failed", "error": str(exc), "outputs": {},
+                                "wall_s": round(time.perf_counter() - started, 3)})
+        raise
+    run.record(stage.name, {**record, "status": "done", "outputs": run.describe_outputs(result.outputs),
+                            "summary": result.summary, "wall_s": round(time.perf_counter() - started, 3)})
+    ctx.console.print(f"[green]{stage.name} done[/green] in {time.perf_counter() - started:.1f} s")
+    return "done"
