@@ -18,7 +18,7 @@ from rich.console import Console
 
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped, UsageError
-from pipeline.rundir import RunDir, environment, sha256_file
+from pipeline.rundir import RunDir, environment, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
 
 
@@ -109,6 +109,8 @@ def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None
     forced_from = STAGE_NAMES.index(force) if force else len(STAGE_NAMES)
     if force is None or forced_from > 0:
         check_same_run(cfg, run)
+    if ctx.rank == 0:
+        write_text(run.path("config.yaml"), cfg.to_yaml())  # the resolved config, beside the outputs
     results: dict[str, str] = {}
     for index, stage in enumerate(STAGES[:last + 1]):
         status, detail = state(cfg, stage, run)
@@ -130,6 +132,8 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
     started = time.perf_counter()
     record: dict[str, Any] = {"fingerprint": fingerprint(cfg, stage, run), "config": cfg.model_dump(mode="json"),
                               "environment": environment(), "device": str(ctx.device)}
+    if ctx.rank != 0:  # under torchrun only rank 0 records
+        run = _NoRecord(run.root)
     try:
         result = stage.entry()(ctx)
     except StageSkipped as exc:
@@ -147,3 +151,8 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
                             "summary": result.summary, "wall_s": round(time.perf_counter() - started, 3)})
     ctx.console.print(f"[green]{stage.name} done[/green] in {time.perf_counter() - started:.1f} s")
     return "done"
+
+
+class _NoRecord(RunDir):
+    def record(self, name: str, entry: dict[str, Any]) -> None:
+        pass

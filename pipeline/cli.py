@@ -1,0 +1,153 @@
+"""The `one-pipeline` command line: a thin layer over the runner. Errors become one line and an exit code
+(2: usage or config, 1: runtime, 130: interrupted); `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import distributed
+from pipeline.config import load_config
+from pipeline.errors import PipelineError, UsageError
+from pipeline.rundir import RunDir
+from pipeline.runner import STAGE_NAMES, STAGES, run_stages, stage_def, state
+from pipeline.stage import StageContext
+
+app = typer.Typer(help="ONE knowledge distillation, from training to a deployable branch.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+errors = Console(stderr=True)
+
+DEFAULT_CONFIG = Path("configs/edge.yaml")
+ConfigArg = typer.Argument(DEFAULT_CONFIG, help="YAML config", show_default=True)
+SetOpt = typer.Option(None, "--set", help="Override one field, e.g. --set train.epochs=2 (repeatable)")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks")
+
+
+def _guard(action: Callable[[], None], debug: bool) -> None:
+    """Map our errors to one line and an exit code; a user's mistake never shows a traceback."""
+    try:
+        action()
+    except PipelineError as exc:
+        if debug:
+            raise
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        raise typer.Exit(130)
+
+
+def _check_stage(name: Optional[str], option: str) -> Optional[str]:
+    if name is not None and name not in STAGE_NAMES:
+        raise UsageError(f"{option} {name!r} is not a stage; choose one of {', '.join(STAGE_NAMES)}")
+    return name
+
+
+def _execute(config: Path, overrides: list[str] | None, *, until: str | None = None, force: str | None = None,
+             only: str | None = None) -> None:
+    cfg = load_config(config, overrides or [])
+    rank, world, device = distributed.init(cfg.train.device)
+    if rank != 0:  # other torchrun ranks take part in training only
+        until, only = "train", None
+    run = RunDir(cfg.run_dir)
+    ctx = StageContext(cfg, run, device, console=console if rank == 0 else Console(quiet=True), rank=rank,
+                       world=world)
+    try:
+        if rank == 0:
+            with run.lock():
+                results = run_stages(cfg, run, ctx, until=until, force=force, only=only)
+        else:
+            results = run_stages(cfg, run, ctx, until=until, force=force)
+    finally:
+        if world > 1:
+            distributed.shutdown()
+    if rank == 0:
+        done = ", ".join(f"{k} {v}" for k, v in results.items())
+        console.print(f"[bold]{cfg.run_dir}[/bold]: {done}")
+
+
+@app.command()
+def run(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt,
+        until: Optional[str] = typer.Option(None, help=f"Stop after this stage ({', '.join(STAGE_NAMES)})"),
+        force: Optional[str] = typer.Option(None, help="Rerun this stage and every stage after it"),
+        debug: bool = DebugOpt) -> None:
+    """Run every stage in order, skipping those already up to date."""
+    _guard(lambda: _execute(config, overrides, until=_check_stage(until, "--until"),
+                            force=_check_stage(force, "--force")), debug)
+
+
+def _stage_command(name: str, extra_help: str = "") -> None:
+    def command(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt,
+                force: bool = typer.Option(False, "--force", help="Rerun it even if up to date"),
+                debug: bool = DebugOpt) -> None:
+        _guard(lambda: _execute(config, overrides, only=name, force=name if force else None), debug)
+
+    command.__doc__ = f"{stage_def(name).help.capitalize()} (after the stages it needs).{extra_help}"
+    app.command(name)(command)
+
+
+for _name in ("train", "engine", "triton", "bench", "report"):
+    _stage_command(_name)
+
+
+def _branch_command(name: str) -> None:
+    def command(config: Path = ConfigArg, branch: str = typer.Option(
+                    "best", help="'best' (validation accuracy) or a branch index"),
+                overrides: Optional[list[str]] = SetOpt,
+                force: bool = typer.Option(False, "--force", help="Rerun it even if up to date"),
+                debug: bool = DebugOpt) -> None:
+        if branch != "best" and not branch.isdigit():
+            errors.print(f"[red]error:[/red] --branch {branch!r}: expected 'best' or a branch index (0, 1, ...)")
+            raise typer.Exit(2)
+        sets = [*(overrides or []), f"select.branch={branch}"]
+        _guard(lambda: _execute(config, sets, only=name, force=name if force else None), debug)
+
+    command.__doc__ = f"{stage_def(name).help.capitalize()} (after the stages it needs)."
+    app.command(name)(command)
+
+
+for _name in ("select", "strip", "export"):
+    _branch_command(_name)
+
+
+@app.command()
+def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
+    """Show each stage of a run: done, stale, skipped (with the reason), failed (with the error)."""
+
+    def show() -> None:
+        cfg = load_config(config, overrides or [])
+        run = RunDir(cfg.run_dir)
+        table = Table(title=str(cfg.run_dir))
+        for column in ("stage", "status", "detail", "wall s"):
+            table.add_column(column)
+        colours = {"done": "green", "stale": "yellow", "skipped": "yellow", "failed": "red", "missing": "dim"}
+        for stage in STAGES:
+            try:
+                status_, detail = state(cfg, stage, run)
+            except PipelineError as exc:
+                status_, detail = "corrupted", str(exc)
+            entry = run.stage(stage.name) or {}
+            table.add_row(stage.name, f"[{colours.get(status_, 'red')}]{status_}[/]", detail,
+                          str(entry.get("wall_s", "")))
+        console.print(table)
+
+    _guard(show, debug)
+
+
+@app.command()
+def show_config(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
+    """Print the resolved config (defaults filled in) as YAML."""
+    _guard(lambda: console.print(load_config(config, overrides or []).to_yaml(), highlight=False), debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Timing done one way for every benchmark row: warm-up, then `time.perf_counter_ns` around each call
+with the device synchronised before the clock is read (timm's `benchmark.py`), or CUDA events for work
+queued on PyTorch's CUDA stream (the way trtexec reports GPU compute time). Inputs are prepared by the
+caller, outside the timed region; `call` must only run the model.
+
+    lat = latency(lambda: model(x), warmup=10, iterations=100, device=torch.device("cpu"))
+    lat.p50_ms, lat.p99_ms
+    ips = throughput(lambda: model(xb), batch=64, warmup=3, iterations=20, device=device)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    iterations: int
+
+    @classmethod
+    def from_ns(cls, samples_ns: list[int]) -> Latency:
+        ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(ms.mean()), len(ms))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(call: Callable[[], Any], *, warmup: int, iterations: int, device: torch.device,
+            cuda_events: bool = False) -> Latency:
+    """Per-call latency after `warmup` untimed calls. `cuda_events`: time with CUDA events on the
+    current stream (for PyTorch and TensorRT work on that stream); else the host clock after a sync."""
+    for _ in range(warmup):
+        call()
+    _sync(device)
+    gc.collect()
+    samples: list[int] = []
+    if cuda_events and device.type == "cuda":
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(iterations)]
+        for start, end in pairs:
+            start.record()
+            call()
+            end.record()
+            end.synchronize()  # one call at a time: batch-1 latency, not pipelined throughput
+        samples = [round(start.elapsed_time(end) * 1e6) for start, end in pairs]
+    else:
+        for _ in range(iterations):
+            t0 = time.perf_counter_ns()
+            call()
+            _sync(device)
+            samples.append(time.perf_counter_ns() - t0)
+    return Latency.from_ns(samples)
+
+
+def throughput(call: Callable[[], Any], *, batch: int, warmup: int, iterations: int,
+               device: torch.device) -> float:
+    """Images per second: `iterations` back-to-back calls on a batch of `batch`, one sync at the end."""
+    for _ in range(warmup):
+        call()
+    _sync(device)
+    gc.collect()
+    t0 = time.perf_counter_ns()
+    for _ in range(iterations):
+        call()
+    _sync(device)
+    elapsed = time.perf_counter_ns() - t0
+    return batch * iterations / (elapsed / 1e9)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on `example` with torch's own counter (convolutions, matmuls;
+    a multiply-add counts 2). Elementwise ops (BatchNorm, ReLU, add) are not counted."""
+    with FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(counter.get_total_flops())

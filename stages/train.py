@@ -1,0 +1,232 @@
+"""Train ONE (or the vanilla baseline) with SGD, evaluating every head on the validation split each
+epoch and checkpointing every epoch; an interrupted run resumes from `train/last.pt`.
+
+Under torchrun every rank runs this; DistributedDataParallel averages gradients and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from pipeline import checkpoint
+from pipeline.config import Config
+from pipeline.data import Datasets, load_datasets
+from pipeline.errors import PipelineError, UsageError
+from pipeline.evaluate import evaluate
+from pipeline.loss import one_loss
+from pipeline.models import ModelSpec, ONENet, build_model, count_parameters
+from pipeline.rundir import write_text
+from pipeline.stage import StageContext, StageResult
+
+TRAIN_SECTIONS = ("seed", "data", "model", "loss", "train")
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C during training: a checkpoint was saved; running again resumes."""
+
+    exit_code = 130
+
+
+def model_spec(cfg: Config, data: Datasets) -> ModelSpec:
+    spec = ModelSpec(arch=cfg.model.arch, num_classes=data.num_classes, in_channels=data.input_shape[0],
+                     branches=cfg.model.branches, width=cfg.model.width)
+    return spec if cfg.model.method == "one" else spec.single()
+
+
+def data_facts(data: Datasets) -> dict[str, Any]:
+    """What a deployed model needs to know about its input (carried by every model file)."""
+    return {"dataset": data.name, "class_names": data.class_names, "mean": list(data.mean), "std": list(data.std),
+            "input_shape": list(data.input_shape)}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, device = ctx.cfg, ctx.device
+    out_dir = ctx.stage_dir("train")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+
+    data = load_datasets(cfg.data)
+    spec = model_spec(cfg, data)
+    model = build_model(spec).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last and device.type == "cuda" else None
+    if memory_format:
+        model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
+    scheduler = _scheduler(optimizer, cfg)
+    fingerprint = cfg.section_hash(*TRAIN_SECTIONS)
+    last_path = out_dir / "last.pt"
+    metrics_path = out_dir / "metrics.jsonl"
+    start_epoch, skip_batches, history = 0, 0, []
+    if last_path.exists() and not ctx.fresh:
+        start_epoch, skip_batches, history = _resume(last_path, fingerprint, model, optimizer, scheduler)
+        ctx.console.print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {skip_batches}")
+
+    trained = model
+    if ctx.world > 1:
+        if cfg.train.sync_batchnorm:
+            trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    batches_per_epoch = data.train.num_batches(cfg.train.batch_size, ctx.world)
+    images_seen, train_seconds = 0, 0.0
+
+    def save_last(epoch: int, batch: int) -> None:
+        if ctx.rank == 0:
+            checkpoint.save(last_path, {
+                "spec": spec.to_dict(), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "batch": batch, "fingerprint": fingerprint,
+                "history": json.dumps(history), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            })
+
+    with _progress(ctx) as progress, _catch_sigint() as interrupted:
+        task = progress.add_task("train", total=(cfg.train.epochs - start_epoch) * batches_per_epoch - skip_batches)
+        for epoch in range(start_epoch, cfg.train.epochs):
+            trained.train()
+            started = time.perf_counter()
+            totals = torch.zeros(3)  # loss sum, correct (first branch or the net), samples
+            batches = data.train.batches(cfg.train.batch_size, seed=cfg.seed, epoch=epoch, augment=cfg.data.augment,
+                                         skip=skip_batches, rank=ctx.rank, world=ctx.world)
+            for step, (images, labels) in enumerate(batches, start=skip_batches):
+                images = images.to(device, non_blocking=True, memory_format=memory_format or torch.contiguous_format)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = trained(images)
+                    if spec.method == "one":
+                        parts = one_loss(out, labels, cfg.loss, epoch + step / batches_per_epoch, cfg.train.epochs)
+                        loss, logits = parts.total, out.teacher
+                    else:
+                        logits = out
+                        loss = nn.functional.cross_entropy(out.float(), labels)
+                if not torch.isfinite(loss):
+                    raise PipelineError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower train.lr "
+                                        "or turn off train.amp")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                totals += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(),
+                                        len(labels)])
+                progress.update(task, advance=1, description=(
+                    f"epoch {epoch + 1}/{cfg.train.epochs} loss {totals[0] / totals[2]:.3f} "
+                    f"acc {100 * totals[1] / totals[2]:.1f}% "
+                    f"{totals[2] * ctx.world / max(time.perf_counter() - started, 1e-9):.0f} img/s"))
+                if interrupted():
+                    save_last(epoch, step + 1)
+                    raise Interrupted(f"interrupted at epoch {epoch + 1}, batch {step + 1}; checkpoint saved to "
+                                      f"{last_path}: run the same command again to resume")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            train_seconds += seconds
+            images_seen += int(totals[2]) * ctx.world
+            skip_batches = 0
+            scheduler.step()
+            val = evaluate(model, data.val, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
+                           channels_last=memory_format is not None)
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                      "train_loss": float(totals[0] / totals[2]), "train_acc": float(100 * totals[1] / totals[2]),
+                      "val": val, "seconds": round(seconds, 2), "images_per_s": round(totals[2].item() * ctx.world
+                                                                                      / seconds, 1)}
+            history.append(record)
+            if ctx.rank == 0:
+                write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+            save_last(epoch + 1, 0)
+            ctx.console.print(_epoch_line(record))
+
+    test = evaluate(model, data.test, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
+                    channels_last=memory_format is not None)
+    model_path = out_dir / "model.pt"
+    val = history[-1]["val"]
+    if ctx.rank == 0:
+        checkpoint.save(model_path, {"spec": spec.to_dict(), "state_dict": model.state_dict(),
+                                     "data": data_facts(data), "epochs": cfg.train.epochs})
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    ctx.console.print(f"test: {_accuracy_text(test)}")
+    measured = [r["images_per_s"] for r in history]
+    return StageResult(
+        outputs={"model": model_path, "metrics": metrics_path},
+        summary={"method": cfg.model.method, "epochs": cfg.train.epochs, "val": val, "test": test,
+                 "params": count_parameters(model), "images_per_s": round(sum(measured) / len(measured), 1),
+                 "spec": spec.to_dict()},
+    )
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.train.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.train.milestones, gamma=cfg.train.gamma)
+
+
+def _resume(path: Path, fingerprint: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, list]:
+    state = checkpoint.load(path)
+    if state.get("fingerprint") != fingerprint:
+        raise UsageError(f"{path} was written by a run with another data/model/loss/train config; run with "
+                         "--force train to start over (or use another run name)")
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError:
+        raise UsageError(f"{path} holds an incompatible architecture; run with --force train to start over") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["epoch"], state["batch"], json.loads(state["history"])
+
+
+@contextlib.contextmanager
+def _catch_sigint() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag read after each step; a second one stops at once."""
+    hits = []
+
+    def handler(signum, frame):
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress(ctx: StageContext) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=ctx.console,
+                    disable=ctx.console.quiet or ctx.rank != 0, transient=False)
+
+
+def _accuracy_text(acc: dict) -> str:
+    text = "branches " + " ".join(f"{a:.2f}" for a in acc["branches"])
+    if "teacher" in acc:
+        text += f" | ONE-E (gated) {acc['teacher']:.2f} | average {acc['average']:.2f}"
+    return text + " (% top-1)"
+
+
+def _epoch_line(record: dict) -> str:
+    return (f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, val {_accuracy_text(record['val'])}, "
+            f"{record['images_per_s']:.0f} img/s")

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny synthetic run trained once per test session, and stage contexts for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Config, validate_config
+from pipeline.rundir import RunDir
+from pipeline.runner import run_stages
+from pipeline.stage import StageContext
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"dataset": "synthetic", "synthetic_size": 384, "val_size": 64},
+    "model": {"arch": "resnet20", "width": 4, "branches": 3},
+    "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "milestones": [2],
+              "device": "cpu", "deterministic": True},
+    "export": {"check_size": 16, "calibration_size": 32},
+    "bench": {"warmup": 1, "iterations": 3, "throughput_batch": 8, "threads": 1},
+}
+
+
+def tiny_dict(output_root: Path, **sections) -> dict:
+    """The tiny config as a dict, with sections updated (for tests that write their own YAML)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    raw["output_root"] = str(output_root)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def make_ctx(cfg: Config, run: RunDir | None = None) -> StageContext:
+    return StageContext(cfg, run or RunDir(cfg.run_dir), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory) -> Config:
+    return validate_config(tiny_dict(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_cfg) -> tuple[Config, RunDir]:
+    """The tiny config with its train stage finished (shared: tests must not modify it; copy it)."""
+    run = RunDir(tiny_cfg.run_dir)
+    run_stages(tiny_cfg, run, make_ctx(tiny_cfg, run), until="train")
+    return tiny_cfg, run
