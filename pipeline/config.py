@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -68,21 +68,23 @@ class TrainConfig(Section):
     deterministic: bool = Field(False, description="Deterministic algorithms; resume then equals an uninterrupted run")
     threads: int | None = Field(None, ge=1, description="CPU threads; None: PyTorch's default")
 
-    @model_validator(mode="after")
-    def _milestones_increase(self) -> TrainConfig:
-        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
-            raise ValueError(f"milestones must increase, got {self.milestones}")
-        return self
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_increase(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("milestones must increase")
+        return value
 
 
 class SelectConfig(Section):
     branch: Union[Literal["best"], int] = Field("best", description="'best' on validation accuracy, or an index")
 
-    @model_validator(mode="after")
-    def _non_negative(self) -> SelectConfig:
-        if isinstance(self.branch, int) and self.branch < 0:
-            raise ValueError(f"branch must be 'best' or an index >= 0, got {self.branch}")
-        return self
+    @field_validator("branch")
+    @classmethod
+    def _non_negative(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("branch must be 'best' or an index >= 0")
+        return value
 
 
 class ExportConfig(Section):
@@ -108,6 +110,13 @@ class EngineConfig(Section):
     opt_batch: int = Field(32, ge=1)
     max_batch: int = Field(128, ge=1)
     workspace_mb: int = Field(1024, ge=16)
+    verify: bool = Field(True, description="After the build, run export.check_size validation images through the "
+                                           "engine and compare with ONNX Runtime on the same ONNX file")
+    fp32_atol: float = Field(1e-2, gt=0, description="fp32 engine: max abs logit difference vs ONNX Runtime "
+                                                     "(TensorRT may use TF32 kernels for fp32 tensors)")
+    fp16_atol: float = Field(5e-2, gt=0, description="fp16 engine: max abs logit difference vs ONNX Runtime")
+    int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8 engine: least top-1 agreement with "
+                                                                    "ONNX Runtime on the same Q/DQ ONNX")
 
     @model_validator(mode="after")
     def _ordered(self) -> EngineConfig:
@@ -130,7 +139,8 @@ class BenchConfig(Section):
     enabled: bool = True
     throughput_batch: int = Field(64, ge=1)
     warmup: int = Field(10, ge=0, description="Untimed iterations before each measurement")
-    iterations: int = Field(100, ge=3)
+    iterations: int = Field(100, ge=3, description="Timed batch-1 calls per row (p50/p90/p99 over these)")
+    throughput_iterations: int = Field(20, ge=1, description="Timed calls at throughput_batch per row")
     threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
     test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
 
@@ -208,17 +218,17 @@ def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
     """`train.epochs=2` -> raw["train"]["epochs"] = 2 (the value is parsed as YAML)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, for example --set train.epochs=2")
+        raise ConfigError(f"{source}: --set {item!r}: expected FIELD=VALUE, for example --set train.epochs=2")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML")
+        raise ConfigError(f"{source}: --set {item!r}: the value is not valid YAML")
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: {part} is not a section in {source}")
+            raise ConfigError(f"{source}: --set {item!r}: {part} is not a section")
         node = child
     node[parts[-1]] = parsed
 

@@ -208,6 +208,7 @@ class _ArraysOnly(pickle.Unpickler):
     """CIFAR's files are pickles: allow numpy arrays and nothing else, so a planted file runs no code."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_overrides_reach_nested_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\n")
+    cfg = load_config(path, ["train.epochs=2", "model.branches=4", "select.branch=1", "export.precisions=[fp32,int8]"])
+    assert (cfg.train.epochs, cfg.model.branches, cfg.select.branch) == (2, 4, 1)
+    assert cfg.export.precisions == ["fp32", "int8"]
+
+
+BAD = [  # (yaml text, overrides, fragments the one-line message must contain)
+    ("train: {epochs: 0}", [], ["train.epochs", "greater than or equal to 1", "got 0"]),
+    ("train: {batch_size: -8}", [], ["train.batch_size", "got -8"]),
+    ("model: {branches: 1}", [], ["model.branches", "got 1"]),
+    ("train: {epoch: 3}", [], ["unknown key 'train.epoch'", "did you mean 'epochs'"]),
+    ("trian: {epochs: 3}", [], ["unknown key 'trian'", "did you mean 'train'"]),
+    ("train: {epochs: three}", [], ["train.epochs", "integer", "three"]),
+    ("data: {dataset: mnist}", [], ["data.dataset", "fashion-mnist", "cifar10", "mnist"]),
+    ("model: {arch: resnet99}", [], ["model.arch", "resnet20", "resnet99"]),
+    ("train: {milestones: [20, 10]}", [], ["train.milestones", "increase"]),
+    ("select: {branch: -1}", [], ["select.branch", "-1"]),
+    ("engine: {precision: int8}", [], ["engine.precision int8 is not among export.precisions"]),
+    ("name: ../escape", [], ["name", "pattern"]),
+    ("train: [1, 2]", [], ["train", "valid dictionary"]),
+    ("- just\n- a list", [], ["must be a mapping"]),
+    ("train:\n  epochs: 2\n bad", [], ["YAML syntax error at line", "fix the file's syntax"]),
+    ("{}", ["train.epochs"], ["expected FIELD=VALUE"]),
+    ("{}", ["train.epochs=0"], ["train.epochs", "got 0"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,fragments", BAD, ids=[b[2][0] for b in BAD])
+def test_bad_configs_give_one_line_with_field_and_fix(tmp_path, text, overrides, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_and_unreadable_config(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)  # a directory
+
+
+def test_section_hash_tracks_only_its_sections():
+    base = Config()
+    changed = Config.model_validate({"export": {"opset": 19}})
+    assert base.section_hash("train", "model") == changed.section_hash("train", "model")
+    assert base.section_hash("export") != changed.section_hash("export")
+
+
+def test_resolved_yaml_round_trips():
+    cfg = Config.model_validate({"train": {"epochs": 7}})
+    assert Config.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg

@@ -1,0 +1,160 @@
+"""Loaders read small files this test writes in the datasets' real formats."""
+
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data import load_datasets, read_idx, synthetic_images, ImageSet
+from pipeline.errors import UsageError
+
+
+def write_idx(path, array: np.ndarray, compress=True):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def fake_fashion(root, n_train=40, n_test=12):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    fake_fashion(tmp_path)
+    data = load_datasets(DataConfig(dataset="fashion-mnist", root=tmp_path, val_size=10, download=False))
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 12)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    images, labels = next(data.test.batches(5))
+    assert images.dtype == torch.float32 and images.shape == (5, 1, 28, 28)
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_idx_reader_rejects_truncated_files(tmp_path):
+    path = tmp_path / "x-idx3-ubyte"
+    write_idx(path, np.zeros((4, 28, 28)), compress=False)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UsageError, match="truncated"):
+        read_idx(path)
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
+    with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
+        load_datasets(DataConfig(dataset="fashion-mnist", root=tmp_path, download=False))
+
+
+def _pickle(path, obj):
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def fake_cifar(root, hundred=False, per_file=6):
+    rng = np.random.default_rng(1)
+    if hundred:
+        folder = root / "cifar-100-python"
+        folder.mkdir()
+        for name, n in (("train", 30), ("test", 10)):
+            _pickle(folder / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                    b"fine_labels": (np.arange(n) % 100).tolist(), b"coarse_labels": [0] * n})
+        _pickle(folder / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    else:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir()
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            _pickle(folder / name, {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                                    b"labels": (np.arange(per_file) % 10).tolist()})
+        _pickle(folder / "batches.meta", {b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer",
+                                                            b"dog", b"frog", b"horse", b"ship", b"truck"]})
+    return folder
+
+
+def test_cifar10_from_python_pickles(tmp_path):
+    folder = fake_cifar(tmp_path)
+    data = load_datasets(DataConfig(dataset="cifar10", root=tmp_path, val_size=5, download=False))
+    assert (len(data.train), len(data.val), len(data.test)) == (25, 5, 6)
+    assert data.class_names[0] == "airplane" and data.input_shape == (3, 32, 32)
+    raw = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")[b"data"]
+    assert torch.equal(data.test.images[0], torch.from_numpy(raw[0].reshape(3, 32, 32)))
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    fake_cifar(tmp_path, hundred=True)
+    data = load_datasets(DataConfig(dataset="cifar100", root=tmp_path, val_size=5, download=False))
+    assert data.num_classes == 100 and data.class_names[3] == "c3"
+    assert sorted(data.test.labels.tolist()) == list(range(10))
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("echo planted",))
+
+
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
+    folder = fake_cifar(tmp_path)
+    _pickle(folder / "test_batch", {b"data": _Planted(), b"labels": []})
+    with pytest.raises(UsageError, match="refusing to load"):
+        load_datasets(DataConfig(dataset="cifar10", root=tmp_path, val_size=5, download=False))
+
+
+def test_cifar_missing_without_download(tmp_path):
+    with pytest.raises(UsageError, match="cifar10 not found"):
+        load_datasets(DataConfig(dataset="cifar10", root=tmp_path, download=False))
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    cfg = DataConfig(dataset="imagefolder", root=tmp_path, val_size=4, image_size=32, num_workers=0)
+    data = load_datasets(cfg)
+    assert data.class_names == ["cat", "dog"] and (len(data.train), len(data.val), len(data.test)) == (8, 4, 4)
+    images, labels = next(data.train.batches(4, seed=0, augment=True))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+    assert sum(len(y) for _, y in data.test.batches(3)) == 4
+    with pytest.raises(UsageError, match="no train"):
+        load_datasets(DataConfig(dataset="imagefolder", root=tmp_path / "train"))
+
+
+def test_val_size_must_leave_training_images():
+    with pytest.raises(UsageError, match="lower data.val_size"):
+        load_datasets(DataConfig(dataset="synthetic", synthetic_size=32, val_size=32))
+
+
+def _set(n=20):
+    (x, y), _ = synthetic_images(n)
+    return ImageSet(x, y, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_batches_are_deterministic_and_independent_of_process_count():
+    data = _set()
+    one = [(x, y) for x, y in data.batches(4, seed=3, epoch=1, augment=True)]
+    again = [(x, y) for x, y in data.batches(4, seed=3, epoch=1, augment=True)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, again))
+    # two ranks with half the batch see exactly the samples of the one-process batch, augmented alike
+    ranks = [list(data.batches(2, seed=3, epoch=1, augment=True, rank=r, world=2)) for r in range(2)]
+    for step, (x, y) in enumerate(one):
+        got_x = torch.cat([ranks[0][step][0], ranks[1][step][0]])
+        got_y = torch.cat([ranks[0][step][1], ranks[1][step][1]])
+        assert sorted(got_y.tolist()) == sorted(y.tolist())
+        assert {tuple(v.flatten()[:8].tolist()) for v in got_x} == {tuple(v.flatten()[:8].tolist()) for v in x}
+    # skipping replays exactly the remaining batches
+    assert torch.equal(list(data.batches(4, seed=3, epoch=1, augment=True, skip=2))[0][0], one[2][0])
+    # another epoch reshuffles
+    assert not torch.equal(next(data.batches(4, seed=3, epoch=2))[1], one[0][1])
+
+
+def test_evaluation_batches_cover_every_sample_once_across_ranks():
+    data = _set(21)
+    labels = [y for r in range(2) for _, y in data.batches(4, rank=r, world=2)]
+    assert sum(len(y) for y in labels) == 21

@@ -1,0 +1,74 @@
+import contextlib
+import json
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import validate_config
+from pipeline.errors import UsageError
+from pipeline.rundir import RunDir
+from pipeline.runner import run_stages
+from stages import train as train_stage
+from tests.conftest import make_ctx, tiny_dict
+
+
+def _train(cfg):
+    run = RunDir(cfg.run_dir)
+    run_stages(cfg, run, make_ctx(cfg, run), until="train")
+    return run
+
+
+def test_train_records_every_head_and_checkpoints(trained_run):
+    cfg, run = trained_run
+    summary = run.stage("train")["summary"]
+    assert len(summary["val"]["branches"]) == 3 and {"teacher", "average"} <= summary["val"].keys()
+    assert min(summary["test"]["branches"]) > 50  # learnt something (chance is 25%)
+    lines = run.path("train/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    payload = torch.load(run.path("train/model.pt"), weights_only=True)
+    assert payload["spec"]["branches"] == 3 and payload["data"]["input_shape"] == [3, 16, 16]
+    last = torch.load(run.path("train/last.pt"), weights_only=True)
+    assert {"optimizer", "scheduler", "rng_cpu", "epoch"} <= last.keys() and last["epoch"] == 3
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch saves a checkpoint; the resumed run ends bit-identical to an uninterrupted one."""
+    whole = _train(validate_config(tiny_dict(tmp_path / "a")))
+    cfg = validate_config(tiny_dict(tmp_path / "b"))
+    calls = []
+
+    @contextlib.contextmanager
+    def ctrl_c_at_step_30():
+        yield lambda: calls.append(1) or len(calls) == 30
+
+    monkeypatch.setattr(train_stage, "_catch_sigint", ctrl_c_at_step_30)
+    with pytest.raises(train_stage.Interrupted, match="run the same command again to resume") as err:
+        _train(cfg)
+    assert err.value.exit_code == 130
+    saved = torch.load(cfg.run_dir / "train/last.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (1, 10)  # 20 batches per epoch: stopped inside epoch 2
+    monkeypatch.undo()
+    resumed = _train(cfg)
+    a = torch.load(whole.path("train/model.pt"), weights_only=True)["state_dict"]
+    b = torch.load(resumed.path("train/model.pt"), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.stage("train")["summary"]["test"] == whole.stage("train")["summary"]["test"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    cfg = validate_config(tiny_dict(tmp_path, train={"epochs": 1}))
+    run = _train(cfg)
+    run.forget("train")  # as if it had been interrupted
+    other = validate_config(tiny_dict(tmp_path, train={"epochs": 1}, model={"arch": "resnet32"}))
+    with pytest.raises(UsageError, match="--force train"):
+        _train(other)
+
+
+def test_vanilla_trains_one_plain_network(tmp_path):
+    cfg = validate_config(tiny_dict(tmp_path, model={"method": "vanilla"}, train={"epochs": 1}))
+    run = _train(cfg)
+    summary = run.stage("train")["summary"]
+    assert summary["method"] == "vanilla" and list(summary["val"]) == ["branches"]
+    model, _ = checkpoint.load_model(run.path("train/model.pt"))
+    assert type(model).__name__ == "SingleNet" and summary["spec"]["method"] == "single"
