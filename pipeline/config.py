@@ -53,6 +53,7 @@ class LossConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(128, ge=1, description="Per process; under torchrun the global batch is this x world size")
+    accumulate: int = Field(1, ge=1, description="Split each batch into this many micro-batches (less memory)")
     eval_batch_size: int = Field(512, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -67,6 +68,12 @@ class TrainConfig(Section):
     sync_batchnorm: bool = Field(False, description="Under torchrun: SyncBatchNorm across ranks")
     deterministic: bool = Field(False, description="Deterministic algorithms; resume then equals an uninterrupted run")
     threads: int | None = Field(None, ge=1, description="CPU threads; None: PyTorch's default")
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.accumulate:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulate {self.accumulate}")
+        return self
 
     @field_validator("milestones")
     @classmethod

@@ -132,8 +132,9 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
     started = time.perf_counter()
     record: dict[str, Any] = {"fingerprint": fingerprint(cfg, stage, run), "config": cfg.model_dump(mode="json"),
                               "environment": environment(), "device": str(ctx.device)}
-    if ctx.rank != 0:  # under torchrun only rank 0 records
-        run = _NoRecord(run.root)
+    if ctx.rank != 0:  # under torchrun the other ranks take part in the stage; rank 0 records it
+        stage.entry()(ctx)
+        return "done"
     try:
         result = stage.entry()(ctx)
     except StageSkipped as exc:
@@ -151,8 +152,3 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
                             "summary": result.summary, "wall_s": round(time.perf_counter() - started, 3)})
     ctx.console.print(f"[green]{stage.name} done[/green] in {time.perf_counter() - started:.1f} s")
     return "done"
-
-
-class _NoRecord(RunDir):
-    def record(self, name: str, entry: dict[str, Any]) -> None:
-        pass

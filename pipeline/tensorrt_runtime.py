@@ -54,7 +54,7 @@ def check_compatible(info: dict[str, Any], tensorrt_version: str, gpu: str, plan
     if built != (tensorrt_version, gpu):
         raise PipelineError(f"{plan_path} was built with TensorRT {built[0]} on {built[1]}; this host has TensorRT "
                             f"{tensorrt_version} on {gpu}, where it cannot run: rebuild it here "
-                            "(one-pipeline engine CONFIG --force engine)")
+                            "(one-pipeline engine CONFIG --force)")
 
 
 class TensorRTRunner:
@@ -80,7 +80,8 @@ class TensorRTRunner:
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise PipelineError(f"TensorRT {trt.__version__} could not deserialize {self.plan_path} (corrupted, or "
-                                "built with another TensorRT version or GPU); rebuild it with --force engine")
+                                "built with another TensorRT version or GPU); rebuild it: "
+                                "one-pipeline engine CONFIG --force")
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise PipelineError(f"TensorRT could not create an execution context for {self.plan_path} "

@@ -23,7 +23,7 @@ from pipeline.data import Datasets, load_datasets
 from pipeline.errors import PipelineError, UsageError
 from pipeline.evaluate import evaluate
 from pipeline.loss import one_loss
-from pipeline.models import ModelSpec, ONENet, build_model, count_parameters
+from pipeline.models import ModelSpec, build_model, count_parameters
 from pipeline.rundir import write_text
 from pipeline.stage import StageContext, StageResult
 
@@ -106,25 +106,24 @@ def run(ctx: StageContext) -> StageResult:
             batches = data.train.batches(cfg.train.batch_size, seed=cfg.seed, epoch=epoch, augment=cfg.data.augment,
                                          skip=skip_batches, rank=ctx.rank, world=ctx.world)
             for step, (images, labels) in enumerate(batches, start=skip_batches):
-                images = images.to(device, non_blocking=True, memory_format=memory_format or torch.contiguous_format)
-                labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = trained(images)
-                    if spec.method == "one":
-                        parts = one_loss(out, labels, cfg.loss, epoch + step / batches_per_epoch, cfg.train.epochs)
-                        loss, logits = parts.total, out.teacher
-                    else:
-                        logits = out
-                        loss = nn.functional.cross_entropy(out.float(), labels)
-                if not torch.isfinite(loss):
-                    raise PipelineError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower train.lr "
-                                        "or turn off train.amp")
+                progress_in_run = epoch + step / batches_per_epoch
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                for part in range(cfg.train.accumulate):
+                    # interleaved micro-batches: the same split DistributedSampler makes across processes
+                    x = images[part::cfg.train.accumulate].to(device, non_blocking=True,
+                                                              memory_format=memory_format or torch.contiguous_format)
+                    y = labels[part::cfg.train.accumulate].to(device, non_blocking=True)
+                    last_part = part == cfg.train.accumulate - 1
+                    with (contextlib.nullcontext() if last_part or ctx.world == 1 else trained.no_sync()):
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            loss, logits = _loss(trained(x), y, cfg, progress_in_run)
+                        if not torch.isfinite(loss):
+                            raise PipelineError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower "
+                                                "train.lr or turn off train.amp")
+                        scaler.scale(loss / cfg.train.accumulate).backward()
+                    totals += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
                 scaler.step(optimizer)
                 scaler.update()
-                totals += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(),
-                                        len(labels)])
                 progress.update(task, advance=1, description=(
                     f"epoch {epoch + 1}/{cfg.train.epochs} loss {totals[0] / totals[2]:.3f} "
                     f"acc {100 * totals[1] / totals[2]:.1f}% "
@@ -140,6 +139,8 @@ def run(ctx: StageContext) -> StageResult:
             images_seen += int(totals[2]) * ctx.world
             skip_batches = 0
             scheduler.step()
+            if ctx.world > 1:
+                _broadcast_buffers(model)
             val = evaluate(model, data.val, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
                            channels_last=memory_format is not None)
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
@@ -147,9 +148,9 @@ def run(ctx: StageContext) -> StageResult:
                       "val": val, "seconds": round(seconds, 2), "images_per_s": round(totals[2].item() * ctx.world
                                                                                       / seconds, 1)}
             history.append(record)
+            save_last(epoch + 1, 0)
             if ctx.rank == 0:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-            save_last(epoch + 1, 0)
             ctx.console.print(_epoch_line(record))
 
     test = evaluate(model, data.test, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
@@ -168,6 +169,19 @@ def run(ctx: StageContext) -> StageResult:
                  "params": count_parameters(model), "images_per_s": round(sum(measured) / len(measured), 1),
                  "spec": spec.to_dict()},
     )
+
+
+def _loss(out, labels: torch.Tensor, cfg: Config, progress_in_run: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits whose accuracy the progress bar shows: the teacher's for ONE)."""
+    if isinstance(out, tuple):
+        return one_loss(out, labels, cfg.loss, progress_in_run, cfg.train.epochs).total, out.teacher
+    return nn.functional.cross_entropy(out.float(), labels), out
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """BatchNorm running statistics drift apart per rank; evaluate (and save) rank 0's on every rank."""
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:

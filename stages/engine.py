@@ -1,0 +1,295 @@
+"""engine stage: build a TensorRT engine from the exported ONNX of `engine.precision`.
+
+Targets TensorRT 10.x (10.12 or later, with the STRONGLY_TYPED network-creation flag) and 11.x (every
+network strongly typed; the flag is accepted and ignored). Precision is no builder flag: it is the
+ONNX graph's own types (fp32, the fp16 conversion, or the Q/DQ int8 model), so this one code path
+builds all three on both versions.
+
+Writes, under engine/:
+- model_<p>.plan       the serialized engine (nothing else inside it);
+- model_<p>.plan.json  its sidecar: TensorRT version, GPU, compute capability, precision, profile, ONNX
+                       sha256 and the check figures. A plan runs only with that TensorRT version on
+                       that GPU model;
+- build.log            the builder config (logged first), then every TensorRT message at INFO and up;
+- timing.cache         tactic timings, reused by the next build on the same GPU and TensorRT.
+
+After the build the plan is deserialized and run on the validation images the export stage checks
+(`export.check_size`), against ONNX Runtime (CPU) on the same ONNX file: max abs logit difference within
+engine.fp32_atol / fp16_atol, or (int8) top-1 agreement of at least engine.int8_min_agreement.
+Where TensorRT is not importable or no CUDA GPU is visible the stage raises StageSkipped.
+
+TensorRT calls (same on 10.x and 11.x): Builder(logger), create_network(flags), OnnxParser(network,
+logger).parse_from_file / num_errors / get_error, create_builder_config, set_memory_pool_limit(
+MemoryPoolType.WORKSPACE, bytes), create_optimization_profile / set_shape / add_optimization_profile,
+create_timing_cache / set_timing_cache / ITimingCache.serialize, build_serialized_network (None on
+failure); ILogger subclassed for the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from pipeline.config import Config, EngineConfig
+from pipeline.data import load_datasets
+from pipeline.errors import PipelineError, StageSkipped
+from pipeline.rundir import atomic_path, sha256_file, write_json, write_text
+from pipeline.stage import StageContext, StageResult
+from pipeline.tensorrt_runtime import import_tensorrt, sidecar_path
+from stages.triton import read_onnx_io
+
+TIMING_CACHE = "timing.cache"
+BUILD_LOG = "build.log"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchProfile:
+    """The optimization profile: one input, its batch dimension from min to max."""
+    input_name: str
+    sample_shape: tuple[int, ...]  # C, H, W
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        return tuple((b, *self.sample_shape) for b in (self.min_batch, self.opt_batch, self.max_batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        low, opt, high = self.shapes()
+        return {"input": self.input_name, "min": list(low), "opt": list(opt), "max": list(high)}
+
+
+def tensorrt_or_skip(cfg: EngineConfig) -> ModuleType:
+    """The tensorrt module, or StageSkipped naming what is missing on this machine."""
+    if not cfg.enabled:
+        raise StageSkipped("engine.enabled is false in the config")
+    trt, reason = import_tensorrt()
+    if trt is None:
+        raise StageSkipped(reason)
+    if not torch.cuda.is_available():
+        raise StageSkipped("no CUDA GPU is visible; a TensorRT engine is built on (and runs only on) the GPU "
+                           "model that will serve it: run this stage on that host")
+    return trt
+
+
+def batch_profile(onnx_path: Path, cfg: EngineConfig) -> BatchProfile:
+    """Input name and C, H, W read from the ONNX file; the batch range from the config."""
+    signature = read_onnx_io(onnx_path)
+    if len(signature.inputs) != 1:
+        raise PipelineError(f"{onnx_path.name} has inputs {[t.name for t in signature.inputs]}; the engine "
+                            "profile is made for exactly one (the image batch)")
+    spec = signature.inputs[0]
+    if any(d < 1 for d in spec.dims):
+        raise PipelineError(f"{onnx_path.name}: input '{spec.name}' has dynamic dimensions besides the batch "
+                            f"({list(spec.dims)}); export it with a fixed image size")
+    return BatchProfile(spec.name, spec.dims, cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+
+
+def network_flags(trt: ModuleType) -> tuple[int, str]:
+    """The creation flags for a strongly typed network: `1 << STRONGLY_TYPED` (required on 10.x, accepted
+    and ignored on 11.x); 0 where a future TensorRT drops the member (strong typing is then the only mode)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        return 0, "none (no STRONGLY_TYPED member: strongly typed is the only mode)"
+    return 1 << int(flag), "STRONGLY_TYPED"
+
+
+def make_logger(trt: ModuleType, console: Console) -> Any:
+    """A trt.ILogger that keeps every message at INFO and above (for build.log) and shows warnings and
+    errors on the console; `note(line)` adds this stage's own lines."""
+
+    class BuildLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.lines: list[str] = []
+
+        def note(self, line: str) -> None:
+            self.lines.append(line)
+            console.print(escape(line))
+
+        def log(self, severity: Any, msg: str) -> None:  # called by TensorRT, possibly from its threads
+            level = int(severity)
+            if level > int(trt.ILogger.Severity.INFO):
+                return
+            name = getattr(severity, "name", str(severity))
+            self.lines.append(f"[{name}] {msg}")
+            if level <= int(trt.ILogger.Severity.WARNING):
+                console.print(f"[yellow]TensorRT {name}:[/yellow] {escape(msg)}")
+
+        def text(self) -> str:
+            return "\n".join(self.lines) + "\n"
+
+    return BuildLogger()
+
+
+def describe_config(trt: ModuleType, config: Any, network: Any, profile: BatchProfile, flags: str,
+                    cache_state: str) -> list[str]:
+    """The whole builder configuration, logged before the build (as Polygraphy does)."""
+    def tensor(t: Any) -> str:
+        return f"{t.name} {getattr(t.dtype, 'name', t.dtype)} {tuple(t.shape)}"
+
+    enabled = [name for name, flag in getattr(trt.BuilderFlag, "__members__", {}).items() if config.get_flag(flag)]
+    low, opt, high = profile.shapes()
+    workspace = config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)
+    return [
+        f"TensorRT {trt.__version__}: building with this configuration",
+        f"  network flags      | {flags}",
+        f"  inputs             | {', '.join(tensor(network.get_input(i)) for i in range(network.num_inputs))}",
+        f"  outputs            | {', '.join(tensor(network.get_output(i)) for i in range(network.num_outputs))}",
+        f"  builder flags      | [{', '.join(enabled)}]",
+        f"  memory pools       | WORKSPACE {workspace / 2**20:.0f} MiB",
+        f"  profile 0          | {profile.input_name}: min {low}, opt {opt}, max {high}",
+        f"  optimization level | {config.builder_optimization_level}",
+        f"  timing cache       | {cache_state}",
+    ]
+
+
+def build_engine(trt: ModuleType, onnx_path: Path, plan_path: Path, profile: BatchProfile, *, workspace_mb: int,
+                 timing_cache: Path, log_path: Path, console: Console) -> dict[str, Any]:
+    """Parse, configure, log the configuration, build; write the plan, the timing cache and the log (the
+    log also when the build fails). Returns build figures."""
+    logger = make_logger(trt, console)
+    try:
+        builder = trt.Builder(logger)
+        flags, flags_text = network_flags(trt)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["no error recorded"]
+            for error in errors:
+                logger.note(f"parser error: {error}")
+            raise PipelineError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors[0]}"
+                                f"{f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''}; see {log_path}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+        optimization = builder.create_optimization_profile()
+        optimization.set_shape(profile.input_name, *profile.shapes())
+        config.add_optimization_profile(optimization)
+        cache, cache_state = _attach_timing_cache(config, timing_cache)
+        for line in describe_config(trt, config, network, profile, flags_text, cache_state):
+            logger.note(line)
+        started = time.perf_counter()
+        plan = builder.build_serialized_network(network, config)
+        build_s = time.perf_counter() - started
+        if plan is None:
+            raise PipelineError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path.name} "
+                                f"(build_serialized_network returned None); the reason is in {log_path}")
+        with atomic_path(plan_path) as tmp:
+            tmp.write_bytes(memoryview(plan))
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(memoryview(cache.serialize()))
+        logger.note(f"built {plan_path.name} ({plan_path.stat().st_size / 1e6:.2f} MB) in {build_s:.1f} s")
+        return {"build_s": round(build_s, 2), "timing_cache": cache_state, "network_flags": flags_text}
+    finally:
+        write_text(log_path, logger.text())
+
+
+def _attach_timing_cache(config: Any, path: Path) -> tuple[Any, str]:
+    """Reuse engine/timing.cache when it fits this GPU and TensorRT version, else start a new one."""
+    data = path.read_bytes() if path.exists() else b""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception:  # a truncated file: TensorRT raises its own error types
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache, f"{path.name} reused ({len(data)} bytes)"
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    state = "new" if not data else "new (the cached one is from another GPU or TensorRT version)"
+    return cache, f"{path.name} {state}"
+
+
+def compare_outputs(got: np.ndarray, reference: np.ndarray, precision: str, cfg: EngineConfig) -> dict[str, Any]:
+    """The engine's logits against ONNX Runtime's on the same ONNX file, with this precision's limit."""
+    if got.shape != reference.shape:
+        return {"images": len(reference), "passed": False,
+                "problem": f"output shape {list(got.shape)} where ONNX Runtime gives {list(reference.shape)}"}
+    got, reference = got.astype(np.float64), reference.astype(np.float64)
+    finite = bool(np.isfinite(got).all())
+    max_diff = float(np.abs(got - reference).max()) if finite else None
+    agreement = float((got.argmax(1) == reference.argmax(1)).mean())
+    figures: dict[str, Any] = {"images": len(reference), "max_abs_diff": max_diff, "top1_agreement": agreement}
+    if not finite:
+        problem = f"{int((~np.isfinite(got)).sum())} non-finite logits"
+    elif precision == "int8":
+        figures["min_top1_agreement"] = cfg.int8_min_agreement
+        problem = (f"top-1 agreement {agreement:.1%} < {cfg.int8_min_agreement:.1%} (engine.int8_min_agreement)"
+                   if agreement < cfg.int8_min_agreement else None)
+    else:
+        atol, field = (cfg.fp16_atol, "fp16_atol") if precision == "fp16" else (cfg.fp32_atol, "fp32_atol")
+        figures["atol"] = atol
+        problem = f"max abs logit diff {max_diff:.3g} > {atol:g} (engine.{field})" if max_diff > atol else None
+    return {**figures, "passed": problem is None, "problem": problem}
+
+
+def validation_images(cfg: Config, profile: BatchProfile) -> torch.Tensor:
+    """The export check's validation images (the first export.check_size), fitted into the profile."""
+    val = load_datasets(cfg.data).val
+    count = min(max(cfg.export.check_size, profile.min_batch), profile.max_batch)
+    images, _ = next(val.batches(min(count, len(val))))
+    if len(images) < count:  # fewer validation images than the profile's minimum batch
+        images = images.repeat(-(-count // len(images)), 1, 1, 1)[:count]
+    return images
+
+
+def verify_engine(plan_path: Path, onnx_path: Path, images: torch.Tensor, precision: str,
+                  cfg: EngineConfig) -> dict[str, Any]:
+    """Deserialize the plan, run `images` through it and through ONNX Runtime (CPU) on the same ONNX."""
+    import onnxruntime as ort
+
+    from pipeline.tensorrt_runtime import TensorRTRunner
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feed = images.numpy().astype(np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32)
+    reference = session.run(None, {session.get_inputs()[0].name: feed})[0]
+    runner = TensorRTRunner(plan_path, check_sidecar=False)
+    with torch.no_grad():
+        got = runner(images.cuda())
+        torch.cuda.current_stream().synchronize()
+    return compare_outputs(got.float().cpu().numpy(), reference, precision, cfg)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.engine
+    trt = tensorrt_or_skip(cfg)
+    precision = cfg.precision
+    onnx_path = ctx.input("export", f"onnx_{precision}")
+    profile = batch_profile(onnx_path, cfg)
+    out = ctx.stage_dir("engine")
+    plan_path, log_path = out / f"model_{precision}.plan", out / BUILD_LOG
+    built = build_engine(trt, onnx_path, plan_path, profile, workspace_mb=cfg.workspace_mb,
+                         timing_cache=out / TIMING_CACHE, log_path=log_path, console=ctx.console)
+    major, minor = torch.cuda.get_device_capability()
+    info: dict[str, Any] = {
+        "plan": plan_path.name, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
+        "compute_capability": f"{major}.{minor}", "precision": precision, "profile": profile.to_dict(),
+        "onnx": str(onnx_path.relative_to(ctx.run.root)), "onnx_sha256": sha256_file(onnx_path),
+        "plan_sha256": sha256_file(plan_path), "plan_bytes": plan_path.stat().st_size,
+        "workspace_mb": cfg.workspace_mb, **built,
+        "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "check": None,
+    }
+    if cfg.verify:
+        info["check"] = verify_engine(plan_path, onnx_path, validation_images(ctx.cfg, profile), precision, cfg)
+    info_path = sidecar_path(plan_path)
+    write_json(info_path, info)
+    check = info["check"]
+    if check is not None:
+        if not check["passed"]:
+            raise PipelineError(f"the {precision} engine disagrees with ONNX Runtime on {check['images']} "
+                                f"validation images: {check['problem']}; figures in {info_path}")
+        ctx.console.print(f"check: max abs logit diff {check['max_abs_diff']:.3g}, top-1 agreement "
+                          f"{check['top1_agreement']:.1%} on {check['images']} images")
+    summary = {key: info[key] for key in ("tensorrt", "gpu", "compute_capability", "precision", "profile",
+                                          "plan_bytes", "build_s", "timing_cache", "check")}
+    return StageResult(outputs={"engine": plan_path, "engine_info": info_path, "build_log": log_path},
+                       summary=summary)

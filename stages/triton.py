@@ -1,0 +1,270 @@
+"""triton stage: a Triton Inference Server model repository under <run>/triton/.
+
+    triton/
+      README.txt
+      <name>_onnx/        config.pbtxt, labels.txt, 1/model.onnx   platform onnxruntime_onnx (fp32 ONNX)
+      <name>_onnx_fp16/   ... 1/model.onnx                          (when export.precisions has fp16)
+      <name>_onnx_int8/   ... 1/model.onnx                          (Q/DQ ONNX, when exported)
+      <name>_trt/         ... 1/model.plan                          platform tensorrt_plan (when engine is done)
+
+<name> is triton.model_name or the run name. Inputs and outputs (names, data types, dims without the
+batch) are read from the ONNX file each model comes from (the plan: the ONNX it was built from); the
+output with one value per class gets `label_filename: "labels.txt"` (class names from the ONNX
+metadata `class_names`) for Triton's classification extension. The ONNX models ask for TensorRT as
+the onnxruntime backend's GPU execution accelerator (triton.tensorrt_accelerator) with no
+`precision_mode`: ONNX Runtime then builds a strongly typed network that keeps the precision written
+in the graph (fp16 or Q/DQ int8), where precision_mode FP16/INT8 would switch to the weak-typing
+flags that TensorRT 11 removed. A plan's max_batch_size is clamped to the engine's profile maximum.
+Every config.pbtxt is parsed with Triton's own ModelConfig schema when tritonclient is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from pipeline.errors import ArtifactError, PipelineError, StageSkipped
+from pipeline.rundir import atomic_path, sha256_file, write_text
+from pipeline.stage import StageContext, StageResult
+
+MARKER = "# one-pipeline"  # first line of every config.pbtxt this stage writes (stale ones are removed)
+LABELS = "labels.txt"
+VERSION = "1"
+
+# ONNX TensorProto element type -> Triton DataType (model_config.proto)
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT16: "TYPE_INT16",
+    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.UINT16: "TYPE_UINT16", onnx.TensorProto.UINT32: "TYPE_UINT32",
+    onnx.TensorProto.UINT64: "TYPE_UINT64", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.STRING: "TYPE_STRING",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str  # Triton type, e.g. TYPE_FP32
+    dims: tuple[int, ...]  # without the batch dimension; -1 where dynamic
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    class_names: tuple[str, ...] | None  # from metadata_props["class_names"], if present
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    name: str
+    platform: str  # onnxruntime_onnx | tensorrt_plan
+    source: Path  # file copied to <name>/1/model.<ext>
+    signature: OnnxSignature
+    max_batch_size: int
+    header: list[str]
+
+
+def read_onnx_io(path: Path) -> OnnxSignature:
+    """Inputs and outputs of an ONNX file with a dynamic first (batch) dimension, and its class names."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: a truncated or foreign file
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --force export")
+    initializers = {t.name for t in model.graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in ONNX_TO_TRITON:
+            raise PipelineError(f"{path.name}: tensor '{value.name}' has ONNX type "
+                                f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}, which Triton cannot serve")
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        if not dims or dims[0] != -1:
+            raise PipelineError(f"{path.name}: tensor '{value.name}' has shape {dims} with no dynamic batch "
+                                "dimension first; Triton batching needs one: re-export with a dynamic batch")
+        return TensorSpec(value.name, ONNX_TO_TRITON[tensor.elem_type], tuple(dims[1:]))
+
+    inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
+    outputs = tuple(spec(v) for v in model.graph.output)
+    meta = {p.key: p.value for p in model.metadata_props}
+    names = None
+    if "class_names" in meta:
+        try:
+            names = json.loads(meta["class_names"])
+        except json.JSONDecodeError:
+            names = None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ArtifactError(f"{path.name}: metadata class_names is not a JSON list of strings; "
+                                "rerun with --force export")
+        names = tuple(names)
+    return OnnxSignature(inputs, outputs, names)
+
+
+def label_output(signature: OnnxSignature) -> str | None:
+    """The output that holds one value per class (it gets labels.txt), if class names are known."""
+    if not signature.class_names:
+        return None
+    return next((o.name for o in signature.outputs if o.dims == (len(signature.class_names),)), None)
+
+
+def config_text(entry: ModelEntry, *, dynamic_batching: bool, max_queue_delay_us: int, instance_count: int,
+                tensorrt_accelerator: bool) -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig) for one model."""
+    labelled = label_output(entry.signature)
+
+    def tensors(kind: str, specs: tuple[TensorSpec, ...]) -> list[str]:
+        lines = [f"{kind} ["]
+        for i, t in enumerate(specs):
+            lines += ["  {", f"    name: {json.dumps(t.name)}", f"    data_type: {t.data_type}",
+                      f"    dims: [ {', '.join(map(str, t.dims))} ]"]
+            if t.name == labelled:
+                lines.append(f'    label_filename: "{LABELS}"')
+            lines.append("  }," if i < len(specs) - 1 else "  }")
+        return lines + ["]"]
+
+    lines = [*entry.header, f"name: {json.dumps(entry.name)}", f'platform: "{entry.platform}"',
+             f"max_batch_size: {entry.max_batch_size}",
+             *tensors("input", entry.signature.inputs), *tensors("output", entry.signature.outputs)]
+    if dynamic_batching:
+        lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
+    # a plan runs on a GPU only; ONNX models keep KIND_AUTO (the default): GPU where there is one, else CPU
+    kind = ["    kind: KIND_GPU"] if entry.platform == "tensorrt_plan" else []
+    lines += ["instance_group [", "  {", f"    count: {instance_count}", *kind, "  }", "]"]
+    if tensorrt_accelerator and entry.platform == "onnxruntime_onnx":
+        lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator: [",
+                  '      { name: "tensorrt" }', "    ]", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def validate_config_text(text: str, where: str = "config.pbtxt") -> bool:
+    """Parse with Triton's ModelConfig schema; False when tritonclient is not installed, PipelineError
+    when the text does not fit the schema."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return False
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise PipelineError(f"{where} does not fit Triton's ModelConfig schema: {exc}") from None
+    return True
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
+    entries = []
+    for precision in ctx.cfg.export.precisions:
+        path = ctx.input("export", f"onnx_{precision}")
+        name = f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"
+        header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
+                  f"(sha256 {sha256_file(path)[:16]})"]
+        entries.append(ModelEntry(name, "onnxruntime_onnx", path, read_onnx_io(path), ctx.cfg.triton.max_batch_size,
+                                  header))
+    return entries
+
+
+def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | None:
+    entry = ctx.run.stage("engine")
+    if not entry or entry.get("status") != "done":
+        why = ("has not run" if not entry else f"was skipped: {entry.get('reason', '')}"
+               if entry.get("status") == "skipped" else f"is {entry.get('status')}: {entry.get('error', '')}")
+        notes.append(f"no TensorRT plan model: the engine stage {why}")
+        return None
+    plan = ctx.input("engine", "engine")
+    info = json.loads(ctx.input("engine", "engine_info").read_text())
+    onnx_path = ctx.input("export", f"onnx_{info['precision']}")
+    if info.get("onnx_sha256") != sha256_file(onnx_path):
+        raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
+                            "rerun with --force engine")
+    low, high = info["profile"]["min"][0], info["profile"]["max"][0]
+    name = f"{base}_trt"
+    if low > 1:
+        notes.append(f"no {name} model: the engine's profile starts at batch {low}, and Triton sends batches "
+                     "from 1; rebuild with engine.min_batch=1")
+        return None
+    max_batch = ctx.cfg.triton.max_batch_size
+    if max_batch > high:
+        notes.append(f"{name}: max_batch_size clamped from triton.max_batch_size {max_batch} to the engine's "
+                     f"profile maximum {high} (engine.max_batch)")
+        max_batch = high
+    header = [f"{MARKER}: TensorRT {info['tensorrt']} plan ({info['precision']}) built on {info['gpu']} "
+              f"(compute capability {info['compute_capability']}) from {onnx_path.relative_to(ctx.run.root)};",
+              "# it runs only with that TensorRT version on that GPU model: pick the Triton image that ships it"]
+    return ModelEntry(name, "tensorrt_plan", plan, read_onnx_io(onnx_path), max_batch, header)
+
+
+def _remove_stale(repo: Path, keep: set[str]) -> list[str]:
+    """Model folders this stage wrote earlier that are not part of the repository any more."""
+    removed = []
+    for child in sorted(repo.iterdir()):
+        config = child / "config.pbtxt"
+        if child.is_dir() and child.name not in keep and config.is_file():
+            if config.read_text(errors="replace").startswith(MARKER):
+                shutil.rmtree(child)
+                removed.append(child.name)
+    return removed
+
+
+def _readme(entries: list[ModelEntry], notes: list[str]) -> str:
+    lines = ["Triton Inference Server model repository written by one-pipeline (triton stage).", "",
+             "Serve it:  tritonserver --model-repository <this folder>   (see docs/DEPLOY.md)", "", "Models:"]
+    for e in entries:
+        ins = ", ".join(f"{t.name} {t.data_type} {list(t.dims)}" for t in e.signature.inputs)
+        outs = ", ".join(f"{t.name} {t.data_type} {list(t.dims)}" for t in e.signature.outputs)
+        lines.append(f"  {e.name:<28} {e.platform:<17} max_batch_size {e.max_batch_size}: {ins} -> {outs}")
+    lines += ["", *(f"Note: {n}" for n in notes)] if notes else []
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.triton
+    if not cfg.enabled:
+        raise StageSkipped("triton.enabled is false in the config")
+    base = cfg.model_name or ctx.cfg.name
+    notes: list[str] = []
+    entries = _onnx_models(ctx, base)
+    plan = _plan_model(ctx, base, notes)
+    if plan is not None:
+        entries.append(plan)
+    repo = ctx.stage_dir("triton")
+    outputs: dict[str, Path] = {}
+    validated = False
+    for e in entries:
+        text = config_text(e, dynamic_batching=cfg.dynamic_batching, max_queue_delay_us=cfg.max_queue_delay_us,
+                           instance_count=cfg.instance_count, tensorrt_accelerator=cfg.tensorrt_accelerator)
+        validated = validate_config_text(text, f"{e.name}/config.pbtxt")
+        folder = repo / e.name
+        model_file = folder / VERSION / ("model.plan" if e.platform == "tensorrt_plan" else "model.onnx")
+        _copy(e.source, model_file)
+        outputs[f"{e.name}/{VERSION}/{model_file.name}"] = model_file
+        labels = folder / LABELS
+        if label_output(e.signature):
+            write_text(labels, "\n".join(e.signature.class_names) + "\n")
+            outputs[f"{e.name}/{LABELS}"] = labels
+        else:
+            labels.unlink(missing_ok=True)
+            notes.append(f"{e.name}: no labels.txt (no class_names metadata matching an output)")
+        write_text(folder / "config.pbtxt", text)  # last: a folder with a config is a complete model
+        outputs[f"{e.name}/config.pbtxt"] = folder / "config.pbtxt"
+    removed = _remove_stale(repo, {e.name for e in entries})
+    if removed:
+        notes.append(f"removed models written by an earlier run: {', '.join(removed)}")
+    write_text(repo / "README.txt", _readme(entries, notes))
+    outputs["README.txt"] = repo / "README.txt"
+    for note in notes:
+        ctx.console.print(f"[yellow]note:[/yellow] {note}")
+    models = {e.name: e.platform for e in entries}
+    ctx.console.print("models: " + ", ".join(f"{n} ({p})" for n, p in models.items()))
+    summary: dict[str, Any] = {"models": models, "max_batch_size": {e.name: e.max_batch_size for e in entries},
+                               "validated_with_tritonclient": validated, "notes": notes}
+    return StageResult(outputs=outputs, summary=summary)

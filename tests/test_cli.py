@@ -1,0 +1,181 @@
+"""The command line as a user meets it: exit codes, one-line errors, caching, the lock, corruption, faults."""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import checkpoint
+from pipeline.cli import app
+from pipeline.rundir import RunDir, sha256_file
+from tests.conftest import tiny_dict
+
+runner = CliRunner()
+
+
+def write_config(tmp_path, filename="c.yaml", **sections):
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", **sections)))
+    return path
+
+
+def copy_trained(trained_run, tmp_path):
+    """A private copy of the session's trained run, and a config file that names it."""
+    cfg, run = trained_run
+    shutil.copytree(run.root, tmp_path / "runs" / cfg.name)
+    return write_config(tmp_path), RunDir(tmp_path / "runs" / cfg.name)
+
+
+def snapshot(root):
+    return {p: sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_help_on_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "train", "select", "strip", "export", "engine", "triton", "bench", "report", "status"):
+        assert command in result.output
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0 and "--set" in sub.output, command
+
+
+def test_train_then_rerun_is_cached(tmp_path):
+    config = write_config(tmp_path, train={"epochs": 1})
+    first = runner.invoke(app, ["train", str(config)])
+    assert first.exit_code == 0, first.output
+    assert "train done" in first.output
+    started = time.perf_counter()
+    second = runner.invoke(app, ["train", str(config)])
+    assert second.exit_code == 0 and "up to date" in second.output
+    assert time.perf_counter() - started < 10
+    assert (tmp_path / "runs/tiny/config.yaml").exists()
+
+
+BAD_INPUTS = [  # (name, extra args or None, yaml edits, exit code, message fragment)
+    ("missing config", ["{tmp}/none.yaml"], None, 2, "config file not found"),
+    ("yaml syntax", None, "train:\n  epochs: 2\n bad", 2, "YAML syntax error"),
+    ("unknown key", ["--set", "train.epoch=3"], None, 2, "did you mean 'epochs'"),
+    ("wrong type", ["--set", "train.batch_size=big"], None, 2, "train.batch_size"),
+    ("zero epochs", ["--set", "train.epochs=0"], None, 2, "train.epochs"),
+    ("negative batch", ["--set", "train.batch_size=-1"], None, 2, "train.batch_size"),
+    ("zero branches", ["--set", "model.branches=0"], None, 2, "model.branches"),
+    ("unknown dataset", ["--set", "data.dataset=mnist"], None, 2, "data.dataset"),
+    ("unknown arch", ["--set", "model.arch=vgg"], None, 2, "model.arch"),
+    ("dataset not found", ["--set", "data.dataset=cifar10", "--set", "data.download=false",
+                           "--set", "data.root={tmp}/empty", "--set", "name=other"], None, 2, "cifar10 not found"),
+    ("another config", ["--set", "model.width=8"], None, 2, "trained with another config"),
+    ("bad stage name", ["--until", "deploy"], None, 2, "not a stage"),
+]
+
+
+@pytest.mark.parametrize("name,args,text,code,fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_with_exit_code_and_nothing_lost(trained_run, tmp_path, name, args, text, code,
+                                                               fragment):
+    config, run = copy_trained(trained_run, tmp_path)
+    before = snapshot(run.root)
+    if text is not None:
+        config.write_text(text)
+    argv = ["run", str(config), *(a.format(tmp=tmp_path) for a in (args or []))]
+    if args and args[0].endswith("none.yaml"):
+        argv = ["run", *(a.format(tmp=tmp_path) for a in args)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == code, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+    assert snapshot(run.root) == before
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    config = write_config(tmp_path, train={"epochs": 1})
+    run = RunDir(tmp_path / "runs/tiny")
+    checkpoint.save(run.path("train/last.pt"), {"spec": {}, "state_dict": {}, "fingerprint": "from-elsewhere"})
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2 and "another data/model/loss/train config" in result.output
+
+
+def test_disk_full_fails_cleanly_and_keeps_earlier_outputs(trained_run, tmp_path, monkeypatch):
+    config, run = copy_trained(trained_run, tmp_path)
+    before = snapshot(run.root)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.truncate(100)  # a half-written file, then the error a full disk raises
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    result = runner.invoke(app, ["train", str(config), "--force"])
+    assert result.exit_code == 1 and "disk full" in result.output
+    after = snapshot(run.root)
+    for path, digest in before.items():
+        if path.name not in ("manifest.json", "config.yaml"):
+            assert after.get(path) == digest, path
+    assert not [p for p in run.root.rglob("*.tmp")]
+
+
+def test_second_run_on_the_same_directory_is_refused(trained_run, tmp_path):
+    config, run = copy_trained(trained_run, tmp_path)
+    with run.lock():
+        result = runner.invoke(app, ["run", str(config), "--until", "train"])
+    assert result.exit_code == 1 and "in use by another one-pipeline process" in result.output
+    other = runner.invoke(app, ["run", str(config), "--until", "train", "--set", "name=elsewhere",
+                                "--set", "train.epochs=1"])
+    assert other.exit_code == 0, other.output
+
+
+def test_corrupted_checkpoint_is_detected_never_used(trained_run, tmp_path):
+    config, run = copy_trained(trained_run, tmp_path)
+    model = run.path("train/model.pt")
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    result = runner.invoke(app, ["run", str(config), "--until", "select"])
+    assert result.exit_code == 1 and "sha256" in result.output and "--force train" in result.output
+    assert run.stage("select") is None
+    status = runner.invoke(app, ["status", str(config)])
+    assert "corrupted" in status.output
+
+
+def _cli(config, *args):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, sig):
+    sections = {"data": {"synthetic_size": 512}, "train": {"epochs": 3}}
+    reference = write_config(tmp_path, "ref.yaml", name="ref", **sections)
+    config = write_config(tmp_path, **sections)
+    assert _cli(reference).wait() == 0
+    proc = _cli(config)
+    _wait_for(tmp_path / "runs/tiny/train/last.pt", proc)  # epoch 1 finished: now kill it inside epoch 2
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "checkpoint saved" in output, output
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    resumed = _cli(config)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output
+    a = torch.load(tmp_path / "runs/ref/train/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "runs/tiny/train/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
