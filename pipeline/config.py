@@ -25,7 +25,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = Field(
+        "fashion-mnist", description="synthetic: generated patterns, for tests only")
     root: Path | None = Field(None, description="Where the dataset lies; None: the dataset's default places")
     download: bool = Field(True, description="Download with torchvision when the files are not found")
     val_size: int = Field(5000, ge=1, description="Training images held out for branch selection")
@@ -36,33 +37,35 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"] = "resnet20"
+    arch: Literal["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"] = Field(
+        "resnet20", description="CIFAR ResNets (basic blocks; resnet110: bottleneck), resnet18: ImageNet style")
     method: Literal["one", "vanilla"] = Field("one", description="vanilla: the same backbone as one plain network")
     branches: int = Field(3, ge=2, le=8, description="ONE branches m")
     width: int = Field(16, ge=4, le=128, description="CIFAR ResNets: channels of the first stage")
 
 
 class LossConfig(Section):
-    temperature: float = Field(3.0, gt=0)
+    temperature: float = Field(3.0, gt=0, description="Distillation temperature T")
     rampup: float = Field(0.27, ge=0, le=1, description="KL weight ramp-up length, as a fraction of the epochs")
-    branch_ce_weight: float = Field(1.0, ge=0)
-    teacher_ce_weight: float = Field(1.0, ge=0)
-    kd_weight: float = Field(1.0, ge=0)
+    branch_ce_weight: float = Field(1.0, ge=0, description="Weight of the branches' cross-entropy")
+    teacher_ce_weight: float = Field(1.0, ge=0, description="Weight of the gated teacher's cross-entropy")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of T^2 * KL(teacher || branch), after the ramp-up")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(2, ge=1, description="Passes over the training split")
     batch_size: int = Field(128, ge=1, description="Per process; under torchrun the global batch is this x world size")
     accumulate: int = Field(1, ge=1, description="Split each batch into this many micro-batches (less memory)")
-    eval_batch_size: int = Field(512, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["multistep", "cosine"] = "multistep"
+    eval_batch_size: int = Field(512, ge=1, description="Batch for validation and test passes")
+    lr: float = Field(0.1, gt=0, description="SGD learning rate for the batch above (scale it with the global batch)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum (the paper uses none)")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
+    schedule: Literal["multistep", "cosine"] = Field(
+        "multistep", description="multistep: x gamma at each milestone; cosine: to 0 over the run, per step")
     milestones: list[int] = Field(default_factory=lambda: [150, 225], description="multistep: epochs where lr x gamma")
-    gamma: float = Field(0.1, gt=0, le=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="Mixed precision, CUDA only")
     channels_last: bool = Field(False, description="CUDA only")
     sync_batchnorm: bool = Field(False, description="Under torchrun: SyncBatchNorm across ranks")
@@ -111,12 +114,12 @@ class ExportConfig(Section):
 
 
 class EngineConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Build a TensorRT engine (skipped with a reason without TensorRT or a GPU)")
     precision: Precision = Field("fp32", description="Which exported ONNX the engine is built from")
-    min_batch: int = Field(1, ge=1)
-    opt_batch: int = Field(32, ge=1)
-    max_batch: int = Field(128, ge=1)
-    workspace_mb: int = Field(1024, ge=16)
+    min_batch: int = Field(1, ge=1, description="Optimization profile: smallest batch")
+    opt_batch: int = Field(32, ge=1, description="Optimization profile: the batch TensorRT tunes for")
+    max_batch: int = Field(128, ge=1, description="Optimization profile: largest batch")
+    workspace_mb: int = Field(1024, ge=16, description="Builder workspace memory limit")
     verify: bool = Field(True, description="After the build, run export.check_size validation images through the "
                                            "engine and compare with ONNX Runtime on the same ONNX file")
     fp32_atol: float = Field(1e-2, gt=0, description="fp32 engine: max abs logit difference vs ONNX Runtime "
@@ -133,18 +136,18 @@ class EngineConfig(Section):
 
 
 class TritonConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Write the Triton model repository")
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="None: the run name")
-    max_batch_size: int = Field(128, ge=1)
-    dynamic_batching: bool = True
-    max_queue_delay_us: int = Field(100, ge=0)
-    instance_count: int = Field(1, ge=1)
+    max_batch_size: int = Field(128, ge=1, description="Largest batch Triton forms")
+    dynamic_batching: bool = Field(True, description="Let Triton batch concurrent requests")
+    max_queue_delay_us: int = Field(100, ge=0, description="Dynamic batching: longest wait for a fuller batch")
+    instance_count: int = Field(1, ge=1, description="Model instances per model")
     tensorrt_accelerator: bool = Field(True, description="onnxruntime backend: build TensorRT on the serving GPU")
 
 
 class BenchConfig(Section):
-    enabled: bool = True
-    throughput_batch: int = Field(64, ge=1)
+    enabled: bool = Field(True, description="Measure every deployed form (bench) and report it")
+    throughput_batch: int = Field(64, ge=1, description="Batch for the throughput figure")
     warmup: int = Field(10, ge=0, description="Untimed iterations before each measurement")
     iterations: int = Field(100, ge=3, description="Timed batch-1 calls per row (p50/p90/p99 over these)")
     throughput_iterations: int = Field(20, ge=1, description="Timed calls at throughput_batch per row")
@@ -154,8 +157,8 @@ class BenchConfig(Section):
 
 class Config(Section):
     name: str = Field("edge", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to <output_root>/<name>")
-    output_root: Path = Path("artifacts")
-    seed: int = 0
+    output_root: Path = Field(Path("artifacts"), description="Folder that holds one folder per run")
+    seed: int = Field(0, description="Seeds weights, shuffling and augmentation")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()

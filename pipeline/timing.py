@@ -10,10 +10,11 @@ caller, outside the timed region; `call` must only run the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +37,18 @@ class Latency:
         return cls(float(p50), float(p90), float(p99), float(ms.mean()), len(ms))
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No garbage-collector pause inside a timed region (as `timeit` does)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -48,23 +61,23 @@ def latency(call: Callable[[], Any], *, warmup: int, iterations: int, device: to
     for _ in range(warmup):
         call()
     _sync(device)
-    gc.collect()
     samples: list[int] = []
-    if cuda_events and device.type == "cuda":
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                 for _ in range(iterations)]
-        for start, end in pairs:
-            start.record()
-            call()
-            end.record()
-            end.synchronize()  # one call at a time: batch-1 latency, not pipelined throughput
-        samples = [round(start.elapsed_time(end) * 1e6) for start, end in pairs]
-    else:
-        for _ in range(iterations):
-            t0 = time.perf_counter_ns()
-            call()
-            _sync(device)
-            samples.append(time.perf_counter_ns() - t0)
+    with _no_gc():
+        if cuda_events and device.type == "cuda":
+            pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                     for _ in range(iterations)]
+            for start, end in pairs:
+                start.record()
+                call()
+                end.record()
+                end.synchronize()  # one call at a time: batch-1 latency, not pipelined throughput
+            samples = [round(start.elapsed_time(end) * 1e6) for start, end in pairs]
+        else:
+            for _ in range(iterations):
+                t0 = time.perf_counter_ns()
+                call()
+                _sync(device)
+                samples.append(time.perf_counter_ns() - t0)
     return Latency.from_ns(samples)
 
 
@@ -74,12 +87,12 @@ def throughput(call: Callable[[], Any], *, batch: int, warmup: int, iterations: 
     for _ in range(warmup):
         call()
     _sync(device)
-    gc.collect()
-    t0 = time.perf_counter_ns()
-    for _ in range(iterations):
-        call()
-    _sync(device)
-    elapsed = time.perf_counter_ns() - t0
+    with _no_gc():
+        t0 = time.perf_counter_ns()
+        for _ in range(iterations):
+            call()
+        _sync(device)
+        elapsed = time.perf_counter_ns() - t0
     return batch * iterations / (elapsed / 1e9)
 
 

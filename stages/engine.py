@@ -42,10 +42,10 @@ from rich.markup import escape
 from pipeline.config import Config, EngineConfig
 from pipeline.data import load_datasets
 from pipeline.errors import PipelineError, StageSkipped
+from pipeline.onnx_io import read_onnx_io
 from pipeline.rundir import atomic_path, sha256_file, write_json, write_text
 from pipeline.stage import StageContext, StageResult
 from pipeline.tensorrt_runtime import import_tensorrt, sidecar_path
-from stages.triton import read_onnx_io
 
 TIMING_CACHE = "timing.cache"
 BUILD_LOG = "build.log"

@@ -33,8 +33,7 @@ from pipeline.device import onnx_providers
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import atomic_path, sha256_file
 from pipeline.stage import StageContext, StageResult
-from stages.quantize import (calibration_images, nonzero_zero_points, quantize_int8, to_fp16,
-                             unquantized_nodes)
+from stages.quantize import calibration_images, nonzero_zero_points, quantize_int8, to_fp16, unquantized_nodes
 
 INPUT, OUTPUT = "input", "logits"
 PRECISIONS = ("fp32", "fp16", "int8")

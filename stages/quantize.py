@@ -25,8 +25,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from onnxconverter_common import float16
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.data import ImageSet
@@ -58,19 +57,25 @@ class _Reader(CalibrationDataReader):
         return None if batch is None else {self._name: batch[0].numpy()}
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, images: ImageSet, input_name: str = "input") -> None:
-    """Static INT8 Q/DQ quantization of `fp32_path` into `out_path`, calibrated on `images`."""
+def quantize_int8(fp32_path: Path, out_path: Path, images: ImageSet, input_name: str = "input",
+                  symmetric_activations: bool = True) -> None:
+    """Static INT8 Q/DQ quantization of `fp32_path` into `out_path`, calibrated on `images`.
+
+    `symmetric_activations=False` gives asymmetric uint8 activations instead: ONNX Runtime's fastest
+    x86 CPU form (every Conv fuses with its Relu into QLinearConv), which TensorRT does not accept."""
     with tempfile.TemporaryDirectory(prefix="one-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + ORT's basic graph clean-up
         quantize_static(
             str(prepared), str(out_path), _Reader(images, input_name),
             quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             op_types_to_quantize=None, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                           "OpTypesToExcludeOutputQuantization": ["Gemm"],  # logits stay float
-                           "CalibMaxIntermediateOutputs": 4},
+            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True, "QuantizeBias": False,
+                           "OpTypesToExcludeOutputQuantization": ["Gemm"]},  # logits stay float
+            # no CalibMaxIntermediateOutputs: ORT 1.31 drops (does not merge) the batches it flushes;
+            # MinMax keeps only each tensor's min and max per batch, so holding every batch is cheap
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -68,7 +69,8 @@ def run(ctx: StageContext) -> StageResult:
         model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
-    scheduler = _scheduler(optimizer, cfg)
+    batches_per_epoch = data.train.num_batches(cfg.train.batch_size, ctx.world)
+    scheduler = _scheduler(optimizer, cfg, batches_per_epoch)
     fingerprint = cfg.section_hash(*TRAIN_SECTIONS)
     last_path = out_dir / "last.pt"
     metrics_path = out_dir / "metrics.jsonl"
@@ -85,8 +87,6 @@ def run(ctx: StageContext) -> StageResult:
                                                       else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    batches_per_epoch = data.train.num_batches(cfg.train.batch_size, ctx.world)
-    images_seen, train_seconds = 0, 0.0
 
     def save_last(epoch: int, batch: int) -> None:
         if ctx.rank == 0:
@@ -124,6 +124,7 @@ def run(ctx: StageContext) -> StageResult:
                     totals += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
                 scaler.step(optimizer)
                 scaler.update()
+                scheduler.step()
                 progress.update(task, advance=1, description=(
                     f"epoch {epoch + 1}/{cfg.train.epochs} loss {totals[0] / totals[2]:.3f} "
                     f"acc {100 * totals[1] / totals[2]:.1f}% "
@@ -135,10 +136,7 @@ def run(ctx: StageContext) -> StageResult:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
-            train_seconds += seconds
-            images_seen += int(totals[2]) * ctx.world
             skip_batches = 0
-            scheduler.step()
             if ctx.world > 1:
                 _broadcast_buffers(model)
             val = evaluate(model, data.val, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
@@ -184,10 +182,17 @@ def _broadcast_buffers(model: nn.Module) -> None:
         torch.distributed.broadcast(buffer, src=0)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
-    if cfg.train.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.train.milestones, gamma=cfg.train.gamma)
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
+               steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped after every optimizer step: cosine anneals to 0 within the run (short runs end annealed);
+    multistep multiplies by gamma at the start of each milestone epoch."""
+    def factor(step: int) -> float:
+        epochs_done = step / steps_per_epoch
+        if cfg.train.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(epochs_done / cfg.train.epochs, 1.0)))
+        return cfg.train.gamma ** sum(m <= epochs_done for m in cfg.train.milestones)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _resume(path: Path, fingerprint: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, list]:

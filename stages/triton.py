@@ -26,39 +26,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
+from pipeline.onnx_io import OnnxSignature, TensorSpec, read_onnx_io
 from pipeline.rundir import atomic_path, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
 
 MARKER = "# one-pipeline"  # first line of every config.pbtxt this stage writes (stale ones are removed)
 LABELS = "labels.txt"
 VERSION = "1"
-
-# ONNX TensorProto element type -> Triton DataType (model_config.proto)
-ONNX_TO_TRITON = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT16: "TYPE_INT16",
-    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.UINT8: "TYPE_UINT8",
-    onnx.TensorProto.UINT16: "TYPE_UINT16", onnx.TensorProto.UINT32: "TYPE_UINT32",
-    onnx.TensorProto.UINT64: "TYPE_UINT64", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.STRING: "TYPE_STRING",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    data_type: str  # Triton type, e.g. TYPE_FP32
-    dims: tuple[int, ...]  # without the batch dimension; -1 where dynamic
-
-
-@dataclasses.dataclass(frozen=True)
-class OnnxSignature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    class_names: tuple[str, ...] | None  # from metadata_props["class_names"], if present
-
 
 @dataclasses.dataclass
 class ModelEntry:
@@ -68,41 +43,6 @@ class ModelEntry:
     signature: OnnxSignature
     max_batch_size: int
     header: list[str]
-
-
-def read_onnx_io(path: Path) -> OnnxSignature:
-    """Inputs and outputs of an ONNX file with a dynamic first (batch) dimension, and its class names."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError and friends: a truncated or foreign file
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --force export")
-    initializers = {t.name for t in model.graph.initializer}
-
-    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
-        tensor = value.type.tensor_type
-        if tensor.elem_type not in ONNX_TO_TRITON:
-            raise PipelineError(f"{path.name}: tensor '{value.name}' has ONNX type "
-                                f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}, which Triton cannot serve")
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
-        if not dims or dims[0] != -1:
-            raise PipelineError(f"{path.name}: tensor '{value.name}' has shape {dims} with no dynamic batch "
-                                "dimension first; Triton batching needs one: re-export with a dynamic batch")
-        return TensorSpec(value.name, ONNX_TO_TRITON[tensor.elem_type], tuple(dims[1:]))
-
-    inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
-    outputs = tuple(spec(v) for v in model.graph.output)
-    meta = {p.key: p.value for p in model.metadata_props}
-    names = None
-    if "class_names" in meta:
-        try:
-            names = json.loads(meta["class_names"])
-        except json.JSONDecodeError:
-            names = None
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ArtifactError(f"{path.name}: metadata class_names is not a JSON list of strings; "
-                                "rerun with --force export")
-        names = tuple(names)
-    return OnnxSignature(inputs, outputs, names)
 
 
 def label_output(signature: OnnxSignature) -> str | None:

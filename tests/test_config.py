@@ -74,3 +74,11 @@ def test_section_hash_tracks_only_its_sections():
 def test_resolved_yaml_round_trips():
     cfg = Config.model_validate({"train": {"epochs": 7}})
     assert Config.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_readme_documents_every_config_field():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, field in Config.model_fields.items():
+        sections = getattr(field.annotation, "model_fields", None)
+        for path in ([f"{name}.{sub}" for sub in sections] if sections else [name]):
+            assert f"| `{path}` |" in readme, f"README's config reference lacks {path}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import load_datasets, read_idx, synthetic_images, ImageSet
+from pipeline.data import ImageSet, load_datasets, read_idx, synthetic_images
 from pipeline.errors import UsageError
 
 
@@ -115,7 +115,8 @@ def test_imagefolder(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
     cfg = DataConfig(dataset="imagefolder", root=tmp_path, val_size=4, image_size=32, num_workers=0)
     data = load_datasets(cfg)
     assert data.class_names == ["cat", "dog"] and (len(data.train), len(data.val), len(data.test)) == (8, 4, 4)

@@ -11,11 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_ctx
 from onnx import numpy_helper
 
 from pipeline import checkpoint
-from pipeline.config import Config
 from pipeline.data import load_datasets
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir, sha256_file
@@ -23,6 +21,7 @@ from pipeline.runner import run_stages
 from stages import quantize
 from stages.export import _write_checked, check_onnx, compare
 from stages.quantize import nonzero_zero_points, unquantized_nodes
+from tests.conftest import make_ctx
 
 CPU = ["CPUExecutionProvider"]
 INT8_MIN_AGREEMENT = 0.9  # the tiny model after 2 epochs, on all 64 validation images
@@ -245,3 +244,18 @@ def test_summary_per_precision(exported):
         assert figures["bytes"] == run.output("export", f"onnx_{precision}").stat().st_size
         assert 0.0 <= figures["top1_agreement"] <= 1.0 and figures["max_abs_diff"] >= 0.0
     assert summary["int8"]["bytes"] < summary["fp32"]["bytes"]
+
+
+def test_calibration_ranges_cover_every_batch(exported, tmp_path):
+    """The input's int8 scale comes from all calibration batches, the first one included."""
+    cfg, run, _ = exported
+    train = load_datasets(cfg.data).train
+    images = quantize.calibration_images(train, 4 * quantize.CALIBRATION_BATCH, cfg.seed)
+    images.images[0] = 255  # the brightest image, in the first batch only
+    out = tmp_path / "int8.onnx"
+    quantize.quantize_int8(run.output("export", "onnx_fp32"), out, images)
+    model = onnx.load(str(out))
+    scales = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    expected = float(images.normalise(images.images).abs().max()) / 127
+    assert float(scales[node.input[1]]) == pytest.approx(expected, rel=1e-3)

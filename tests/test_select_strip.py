@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_ctx
 
 from pipeline import checkpoint
 from pipeline.config import Config
@@ -19,6 +18,7 @@ from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import execute, run_stages, stage_def
 from stages import strip
 from stages.select import choose_branch
+from tests.conftest import make_ctx
 
 
 def copy_run(cfg: Config, run: RunDir, dest: Path, **sections: dict) -> tuple[Config, RunDir]:

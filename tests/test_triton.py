@@ -17,10 +17,11 @@ from onnx import TensorProto, helper
 from pipeline.config import Config, validate_config
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.models import ModelSpec, SingleNet
+from pipeline.onnx_io import read_onnx_io
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.stage import StageContext
 from stages import triton
-from stages.triton import read_onnx_io, validate_config_text
+from stages.triton import validate_config_text
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="tests validate with Triton's schema: pip install 'tritonclient[grpc]'")

@@ -1,0 +1,89 @@
+"""Which ONNX Runtime kernels run, and where the time goes, for each exported model of a run.
+
+    python benchmarks/onnx_kernels.py artifacts/edge            # batch 1, 200 profiled calls per model
+    python benchmarks/onnx_kernels.py artifacts/edge --u8       # also an asymmetric-uint8 CPU variant
+
+ONNX Runtime fuses Q/DQ pairs around Conv/Gemm into integer kernels (QLinearConv, ...) only where it has
+one for the data types; the rest runs as float ops plus (de)quantize steps. This prints, per model, the
+time share of each executed op type from ORT's own profiler, so a missing INT8 speed-up can be traced
+to the kernels that actually ran. `--u8` also quantizes model_fp32.onnx with asymmetric uint8
+activations (ONNX Runtime's preferred x86 form; TensorRT needs the symmetric int8 the pipeline
+exports) on the run's calibration images, and profiles it beside the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def profile(path: Path, batch: int, calls: int, threads: int) -> tuple[dict[str, float], float]:
+    """{op type: microseconds per call} and the mean per-call total, from ORT's profiler."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = session.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal((batch, *meta.shape[1:])).astype(np.float32)
+        for _ in range(calls):
+            session.run(None, {meta.name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = collections.defaultdict(float)
+    total = 0.0
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / calls
+        elif event.get("cat") == "Session" and event["name"] == "model_run":
+            total += event["dur"] / calls
+    return dict(per_op), total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--u8", action="store_true", help="add an asymmetric uint8-activation int8 variant")
+    args = parser.parse_args()
+    models = sorted((args.run_dir / "export").glob("model_*.onnx"))
+    if not models:
+        raise SystemExit(f"no export/model_*.onnx under {args.run_dir}; run `one-pipeline export` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.u8:
+            models.append(_u8_variant(args.run_dir, Path(tmp) / "model_int8_u8_asymmetric.onnx"))
+        _report(models, args)
+
+
+def _u8_variant(run_dir: Path, out: Path) -> Path:
+    from pipeline.config import load_config
+    from pipeline.data import load_datasets
+    from stages.quantize import calibration_images, quantize_int8
+
+    cfg = load_config(run_dir / "config.yaml")
+    images = calibration_images(load_datasets(cfg.data).train, cfg.export.calibration_size, cfg.seed)
+    quantize_int8(run_dir / "export" / "model_fp32.onnx", out, images, symmetric_activations=False)
+    return out
+
+
+def _report(models: list[Path], args: argparse.Namespace) -> None:
+    for path in models:
+        per_op, total = profile(path, args.batch, args.calls, args.threads)
+        kernels = sum(per_op.values())
+        print(f"\n{path.name}: {total:.0f} us per call at batch {args.batch} ({args.batch * 1e6 / total:.0f} "
+              f"images/s, {args.threads} threads), {kernels:.0f} us in kernels")
+        for op, micros in sorted(per_op.items(), key=lambda kv: -kv[1]):
+            print(f"  {op:<22} {micros:8.1f} us  {100 * micros / max(kernels, 1e-9):5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

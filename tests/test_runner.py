@@ -1,0 +1,94 @@
+"""The whole chain on a tiny run, like a build tool: cached reruns, reruns on change, --force, --until."""
+
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.rundir import RunDir
+from pipeline.runner import STAGE_NAMES
+
+runner = CliRunner()
+FAST = {"bench": {"warmup": 1, "iterations": 3, "throughput_batch": 8, "throughput_iterations": 2, "threads": 1,
+                  "test_limit": 64}}
+
+
+@pytest.fixture(scope="module")
+def full_run(trained_run, tmp_path_factory):
+    """One complete `run` of the tiny config on a copy of the trained run."""
+    cfg, run = trained_run
+    root = tmp_path_factory.mktemp("chain")
+    shutil.copytree(run.root, root / "runs" / cfg.name)
+    raw = {**yaml.safe_load(cfg.to_yaml()), **FAST, "output_root": str(root / "runs")}
+    raw["export"] = {**raw["export"], "precisions": ["fp32", "int8"]}
+    raw["engine"] = {**raw["engine"], "precision": "int8"}
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    return config, RunDir(root / "runs" / cfg.name), result.output
+
+
+def finished(run):
+    return {name: (run.stage(name) or {}).get("finished") for name in STAGE_NAMES}
+
+
+def test_run_produces_every_artifact(full_run):
+    config, run, output = full_run
+    statuses = {name: run.stage(name)["status"] for name in STAGE_NAMES}
+    assert statuses["engine"] == "skipped" and "TensorRT" in run.stage("engine")["reason"]
+    assert all(s == "done" for n, s in statuses.items() if n != "engine"), statuses
+    for path in ("export/model_fp32.onnx", "export/model_int8.onnx", "bench/bench.json", "report/report.md",
+                 "report/accuracy_vs_latency.png", "config.yaml"):
+        assert run.path(path).exists(), path
+    assert list(run.path("triton").glob("*/config.pbtxt"))
+
+
+def test_second_run_skips_every_stage(full_run):
+    config, run, _ = full_run
+    before = finished(run)
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0
+    assert result.output.count("up to date") == len(STAGE_NAMES) - 1  # engine: "skipped: <reason>"
+    assert finished(run) == before
+
+
+def test_changed_opset_reruns_export_and_after_not_training(full_run, tmp_path):
+    config, run, _ = full_run
+    before = finished(run)
+    result = runner.invoke(app, ["run", str(config), "--set", "export.opset=18"])
+    assert result.exit_code == 0, result.output
+    after = finished(run)
+    assert [n for n in STAGE_NAMES if after[n] == before[n]] == ["train", "select", "strip"]
+    status = runner.invoke(app, ["status", str(config)])  # the file still says opset 20: export is stale
+    assert "stale" in status.output
+
+
+def test_force_and_until(full_run):
+    config, run, _ = full_run
+    before = finished(run)
+    result = runner.invoke(app, ["run", str(config), "--force", "strip", "--until", "export"])
+    assert result.exit_code == 0, result.output
+    after = finished(run)
+    assert after["train"] == before["train"] and after["select"] == before["select"]
+    assert after["strip"] != before["strip"] and after["export"] != before["export"]
+    assert after["bench"] == before["bench"]  # --until export stopped there
+
+
+def test_export_branch_override_out_of_range(full_run):
+    config, run, _ = full_run
+    result = runner.invoke(app, ["export", str(config), "--branch", "7"])
+    assert result.exit_code == 2
+    assert "select.branch 7 is out of range; this model has branches 0, 1, 2" in result.output
+    result = runner.invoke(app, ["export", str(config), "--branch", "1"])
+    assert result.exit_code == 0, result.output
+    assert run.stage("select")["summary"]["branch"] == 1
+
+
+def test_engine_alone_exits_non_zero_with_the_reason(full_run):
+    config, _, _ = full_run
+    result = runner.invoke(app, ["engine", str(config)])
+    assert result.exit_code == 1
+    assert "TensorRT" in result.output and "Traceback" not in result.output
