@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
 from pipeline.config import Config, validate_config
+from pipeline.models import ModelSpec, SingleNet
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
 from pipeline.stage import StageContext
@@ -51,3 +54,21 @@ def trained_run(tiny_cfg) -> tuple[Config, RunDir]:
     run = RunDir(tiny_cfg.run_dir)
     run_stages(tiny_cfg, run, make_ctx(tiny_cfg, run), until="train")
     return tiny_cfg, run
+
+
+TINY_ONNX_CLASSES = ["zero", "one", "two", "three"]
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A tiny SingleNet (1 x 16 x 16 images, 4 classes) exported as the export stage does: dynamo, dynamic
+    batch, input 'input', output 'logits', metadata class_names (TINY_ONNX_CLASSES)."""
+    torch.manual_seed(0)
+    net = SingleNet(ModelSpec("resnet20", num_classes=4, in_channels=1, width=4).single()).eval()
+    program = torch.onnx.export(net, (torch.randn(2, 1, 16, 16),), input_names=["input"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+    proto = program.model_proto  # a new proto on every access: keep one
+    proto.metadata_props.add(key="class_names", value=json.dumps(TINY_ONNX_CLASSES))
+    path = tmp_path_factory.mktemp("onnx") / "model_fp32.onnx"
+    onnx.save(proto, str(path))
+    return path

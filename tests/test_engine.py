@@ -24,7 +24,6 @@ from rich.console import Console
 
 from pipeline.config import validate_config
 from pipeline.errors import PipelineError, StageSkipped, UsageError
-from pipeline.models import ModelSpec, SingleNet
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import execute, stage_def
 from pipeline.stage import StageContext
@@ -42,6 +41,16 @@ def _ctx(cfg) -> StageContext:
     return StageContext(cfg, RunDir(cfg.run_dir), torch.device("cpu"))
 
 
+def _recorded_export(ctx: StageContext, onnx_path: Path) -> Path:
+    """`onnx_path` copied to export/model_fp32.onnx and recorded in the manifest as export's output."""
+    target = ctx.run.path("export", "model_fp32.onnx")
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(onnx_path, target)
+    ctx.run.record("export", {"status": "done", "fingerprint": "test",
+                              "outputs": ctx.run.describe_outputs({"onnx_fp32": target})})
+    return target
+
+
 @pytest.fixture
 def no_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
@@ -51,20 +60,6 @@ def no_tensorrt(monkeypatch):
 def fake_tensorrt_no_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory) -> Path:
-    """A SingleNet (1 x 16 x 16, 4 classes) exported with a dynamic batch, input 'input', output 'logits'."""
-    torch.manual_seed(0)
-    net = SingleNet(ModelSpec(arch="resnet20", num_classes=4, in_channels=1, method="single", branches=1,
-                              width=4)).eval()
-    program = torch.onnx.export(net, (torch.randn(2, 1, 16, 16),), input_names=["input"], output_names=["logits"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
-    path = tmp_path_factory.mktemp("onnx") / "model_fp32.onnx"
-    program.model_proto.metadata_props.add(key="class_names", value=json.dumps(["a", "b", "c", "d"]))
-    onnx.save(program.model_proto, str(path))
-    return path
 
 
 # --- skipping ---------------------------------------------------------------------------------------
@@ -357,11 +352,7 @@ def test_stage_writes_plan_sidecar_and_log(tmp_path, tiny_onnx, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     cfg = _config(tmp_path, min_batch=1, opt_batch=4, max_batch=8, verify=False)
     ctx = _ctx(cfg)
-    target = ctx.run.path("export", "model_fp32.onnx")
-    target.parent.mkdir(parents=True)
-    shutil.copyfile(tiny_onnx, target)
-    ctx.run.record("export", {"status": "done", "fingerprint": "test",
-                              "outputs": ctx.run.describe_outputs({"onnx_fp32": target})})
+    target = _recorded_export(ctx, tiny_onnx)
 
     result = engine.run(ctx)
     assert {k: p.name for k, p in result.outputs.items()} == {
@@ -393,11 +384,7 @@ def built(tmp_path, tiny_onnx):
     _tensorrt_or_skip()
     cfg = _config(tmp_path, min_batch=1, opt_batch=4, max_batch=8, workspace_mb=256)
     ctx = _ctx(cfg)
-    target = ctx.run.path("export", "model_fp32.onnx")
-    target.parent.mkdir(parents=True)
-    shutil.copyfile(tiny_onnx, target)
-    ctx.run.record("export", {"status": "done", "fingerprint": "test",
-                              "outputs": ctx.run.describe_outputs({"onnx_fp32": target})})
+    _recorded_export(ctx, tiny_onnx)
     return ctx, engine.run(ctx)
 
 

@@ -16,18 +16,18 @@ from onnx import TensorProto, helper
 
 from pipeline.config import Config, validate_config
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.models import ModelSpec, SingleNet
 from pipeline.onnx_io import read_onnx_io
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.stage import StageContext
 from stages import triton
 from stages.triton import validate_config_text
+from tests.conftest import TINY_ONNX_CLASSES
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="tests validate with Triton's schema: pip install 'tritonclient[grpc]'")
 text_format = pytest.importorskip("google.protobuf.text_format")
 
-CLASSES = ["zero", "one", "two", "three"]
+CLASSES = TINY_ONNX_CLASSES
 # written independently of stages/triton.py: numpy dtype of the ONNX tensor -> Triton type name
 TRITON_TYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -37,20 +37,6 @@ def _with_metadata(model: onnx.ModelProto, classes: list[str] | None) -> onnx.Mo
     if classes is not None:
         model.metadata_props.add(key="class_names", value=json.dumps(classes))
     return model
-
-
-@pytest.fixture(scope="session")
-def single_net_onnx(tmp_path_factory) -> Path:
-    """A tiny SingleNet (1 x 16 x 16 images, 4 classes) exported like the export stage does: dynamo, dynamic
-    batch, input 'input', output 'logits', metadata class_names."""
-    torch.manual_seed(0)
-    net = SingleNet(ModelSpec(arch="resnet20", num_classes=4, in_channels=1, method="single", branches=1,
-                              width=4)).eval()
-    program = torch.onnx.export(net, (torch.randn(2, 1, 16, 16),), input_names=["input"], output_names=["logits"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
-    path = tmp_path_factory.mktemp("onnx") / "single_net.onnx"
-    onnx.save(_with_metadata(program.model_proto, CLASSES), str(path))
-    return path
 
 
 def flatten_onnx(path: Path, *, dtype: int = TensorProto.FLOAT16, batch: str | int = "N",
@@ -124,15 +110,15 @@ def config_io(message) -> tuple[list, list]:
     return [one(t) for t in message.input], [one(t) for t in message.output]
 
 
-def test_every_config_fits_tritons_schema_and_the_onnx_it_serves(tmp_path, single_net_onnx):
+def test_every_config_fits_tritons_schema_and_the_onnx_it_serves(tmp_path, tiny_onnx):
     fp16 = flatten_onnx(tmp_path / "flat.onnx", classes=[f"c{i}" for i in range(12)])
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx, "fp16": fp16})
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx, "fp16": fp16})
     result = triton.run(ctx)
 
     repo = ctx.run.path("triton")
     assert result.summary["models"] == {"deploy_onnx": "onnxruntime_onnx", "deploy_onnx_fp16": "onnxruntime_onnx"}
     assert result.summary["validated_with_tritonclient"] is True
-    for name, source in (("deploy_onnx", single_net_onnx), ("deploy_onnx_fp16", fp16)):
+    for name, source in (("deploy_onnx", tiny_onnx), ("deploy_onnx_fp16", fp16)):
         message = parse(repo / name / "config.pbtxt")
         assert message.name == name and message.platform == "onnxruntime_onnx"
         assert config_io(message) == onnx_io(source)
@@ -148,20 +134,20 @@ def test_every_config_fits_tritons_schema_and_the_onnx_it_serves(tmp_path, singl
     assert "deploy_onnx" in (repo / "README.txt").read_text()
 
 
-def test_tensorrt_accelerator_block_follows_the_config(tmp_path, single_net_onnx):
-    on = make_run(tmp_path / "on", {"fp32": single_net_onnx})
+def test_tensorrt_accelerator_block_follows_the_config(tmp_path, tiny_onnx):
+    on = make_run(tmp_path / "on", {"fp32": tiny_onnx})
     triton.run(on)
     accelerators = parse(on.run.path("triton", "deploy_onnx", "config.pbtxt")).optimization.execution_accelerators
     assert [a.name for a in accelerators.gpu_execution_accelerator] == ["tensorrt"]
     assert not accelerators.gpu_execution_accelerator[0].parameters  # no precision_mode: the graph keeps its types
 
-    off = make_run(tmp_path / "off", {"fp32": single_net_onnx}, triton={"tensorrt_accelerator": False})
+    off = make_run(tmp_path / "off", {"fp32": tiny_onnx}, triton={"tensorrt_accelerator": False})
     triton.run(off)
     assert not parse(off.run.path("triton", "deploy_onnx", "config.pbtxt")).HasField("optimization")
 
 
-def test_batching_and_instances_come_from_the_config(tmp_path, single_net_onnx):
-    ctx = make_run(tmp_path / "a", {"fp32": single_net_onnx}, triton={
+def test_batching_and_instances_come_from_the_config(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path / "a", {"fp32": tiny_onnx}, triton={
         "model_name": "edge.v2", "max_batch_size": 7, "max_queue_delay_us": 250, "instance_count": 3})
     triton.run(ctx)
     message = parse(ctx.run.path("triton", "edge.v2_onnx", "config.pbtxt"))
@@ -170,13 +156,13 @@ def test_batching_and_instances_come_from_the_config(tmp_path, single_net_onnx):
     assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in message.instance_group] == [
         (3, "KIND_AUTO")]
 
-    plain = make_run(tmp_path / "b", {"fp32": single_net_onnx}, triton={"dynamic_batching": False})
+    plain = make_run(tmp_path / "b", {"fp32": tiny_onnx}, triton={"dynamic_batching": False})
     triton.run(plain)
     assert not parse(plain.run.path("triton", "deploy_onnx", "config.pbtxt")).HasField("dynamic_batching")
 
 
-def test_plan_model_is_clamped_to_the_engine_profile(tmp_path, single_net_onnx):
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx}, triton={"max_batch_size": 64})
+def test_plan_model_is_clamped_to_the_engine_profile(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx}, triton={"max_batch_size": 64})
     plan = record_engine(ctx, max_batch=16)
     result = triton.run(ctx)
 
@@ -186,23 +172,23 @@ def test_plan_model_is_clamped_to_the_engine_profile(tmp_path, single_net_onnx):
     assert message.platform == "tensorrt_plan" and message.max_batch_size == 16
     assert result.summary["max_batch_size"] == {"deploy_onnx": 64, "deploy_trt": 16}
     assert any("clamped from triton.max_batch_size 64" in n for n in result.summary["notes"])
-    assert config_io(message) == onnx_io(single_net_onnx)
+    assert config_io(message) == onnx_io(tiny_onnx)
     assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in message.instance_group] == ["KIND_GPU"]
     assert not message.HasField("optimization")
     assert (folder / "1" / "model.plan").read_bytes() == plan.read_bytes()
     assert "TensorRT 10.13.0" in (folder / "config.pbtxt").read_text()  # where it may run, for the reader
 
 
-def test_plan_within_the_profile_keeps_the_configured_batch(tmp_path, single_net_onnx):
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx}, triton={"max_batch_size": 8})
+def test_plan_within_the_profile_keeps_the_configured_batch(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx}, triton={"max_batch_size": 8})
     record_engine(ctx, max_batch=16)
     result = triton.run(ctx)
     assert result.summary["max_batch_size"]["deploy_trt"] == 8
     assert not any("clamped" in n for n in result.summary["notes"])
 
 
-def test_plan_whose_profile_starts_above_one_is_left_out(tmp_path, single_net_onnx):
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx})
+def test_plan_whose_profile_starts_above_one_is_left_out(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx})
     record_engine(ctx, min_batch=4, max_batch=16)
     result = triton.run(ctx)
     assert "deploy_trt" not in result.summary["models"]
@@ -210,8 +196,8 @@ def test_plan_whose_profile_starts_above_one_is_left_out(tmp_path, single_net_on
     assert any("engine.min_batch=1" in n for n in result.summary["notes"])
 
 
-def test_skipped_engine_removes_an_earlier_plan_model_and_keeps_foreign_folders(tmp_path, single_net_onnx):
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx})
+def test_skipped_engine_removes_an_earlier_plan_model_and_keeps_foreign_folders(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx})
     record_engine(ctx)
     triton.run(ctx)
     assert ctx.run.path("triton", "deploy_trt", "1", "model.plan").exists()
@@ -227,8 +213,8 @@ def test_skipped_engine_removes_an_earlier_plan_model_and_keeps_foreign_folders(
     assert any("skipped: TensorRT is not importable" in n for n in result.summary["notes"])
 
 
-def test_plan_built_from_another_onnx_is_refused(tmp_path, single_net_onnx):
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx})
+def test_plan_built_from_another_onnx_is_refused(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx})
     record_engine(ctx, onnx_sha="0" * 64)
     with pytest.raises(ArtifactError, match="--force engine"):
         triton.run(ctx)
@@ -262,10 +248,10 @@ def test_schema_check_rejects_what_triton_would(tmp_path):
         validate_config_text('name: "m"\ninput [ { name: "x" data_type: TYPE_FLOAT32 } ]\n')
 
 
-def test_disabled_stage_is_skipped(tmp_path, single_net_onnx):
+def test_disabled_stage_is_skipped(tmp_path, tiny_onnx):
     from pipeline.errors import StageSkipped
 
-    ctx = make_run(tmp_path, {"fp32": single_net_onnx}, triton={"enabled": False})
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx}, triton={"enabled": False})
     with pytest.raises(StageSkipped, match="triton.enabled"):
         triton.run(ctx)
 
