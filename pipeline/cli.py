@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,23 +54,22 @@ def _execute(config: Path, overrides: list[str] | None, *, until: str | None = N
              only: str | None = None) -> None:
     cfg = load_config(config, overrides or [])
     rank, world, device = distributed.init(cfg.train.device)
-    if rank != 0:  # other torchrun ranks take part in training only
-        until, only = "train", None
     run = RunDir(cfg.run_dir)
     ctx = StageContext(cfg, run, device, console=console if rank == 0 else Console(quiet=True), rank=rank,
                        world=world)
-    try:
-        if rank == 0:
-            with run.lock():
-                results = run_stages(cfg, run, ctx, until=until, force=force, only=only)
-        else:
-            results = run_stages(cfg, run, ctx, until=until, force=force)
-    finally:
-        if world > 1:
-            distributed.shutdown()
-    if rank == 0:
-        done = ", ".join(f"{k} {v}" for k, v in results.items())
-        console.print(f"[bold]{cfg.run_dir}[/bold]: {done}")
+    results: dict[str, str] = {}
+    with run.lock() if rank == 0 else contextlib.nullcontext():
+        if world > 1:  # under torchrun every rank trains; then rank 0 alone runs the later stages
+            try:
+                results = run_stages(cfg, run, ctx, until="train", force="train" if force == "train" else None)
+            finally:
+                distributed.shutdown()
+            if rank != 0:
+                return
+            ctx = dataclasses.replace(ctx, rank=0, world=1)
+            force = None if force == "train" else force
+        results = {**run_stages(cfg, run, ctx, until=until, force=force, only=only), **results}
+    console.print(f"[bold]{cfg.run_dir}[/bold]: {', '.join(f'{k} {v}' for k, v in results.items())}")
 
 
 @app.command()
