@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import distributed
@@ -37,7 +38,7 @@ def _guard(action: Callable[[], None], debug: bool) -> None:
     except PipelineError as exc:
         if debug:
             raise
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     except KeyboardInterrupt:
         errors.print("interrupted")
@@ -133,7 +134,7 @@ def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, de
             except PipelineError as exc:
                 status_, detail = "corrupted", str(exc)
             entry = run.stage(stage.name) or {}
-            table.add_row(stage.name, f"[{colours.get(status_, 'red')}]{status_}[/]", detail,
+            table.add_row(stage.name, f"[{colours.get(status_, 'red')}]{status_}[/]", escape(detail),
                           str(entry.get("wall_s", "")))
         console.print(table)
 
@@ -143,7 +144,7 @@ def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, de
 @app.command()
 def show_config(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Print the resolved config (defaults filled in) as YAML."""
-    _guard(lambda: console.print(load_config(config, overrides or []).to_yaml(), highlight=False), debug)
+    _guard(lambda: typer.echo(load_config(config, overrides or []).to_yaml()), debug)
 
 
 def main() -> None:

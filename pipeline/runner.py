@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped, UsageError
@@ -116,7 +117,7 @@ def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None
         status, detail = state(cfg, stage, run)
         if index < forced_from and status in ("done", "skipped"):
             shown = "up to date" if status == "done" else f"skipped: {detail}"
-            console.print(f"[dim]{stage.name:<7} {shown}[/dim]")
+            console.print(f"[dim]{stage.name:<7} {escape(shown)}[/dim]")
             results[stage.name] = "cached"
             continue
         fresh = index >= forced_from
@@ -140,7 +141,7 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
     except StageSkipped as exc:
         run.record(stage.name, {**record, "status": "skipped", "reason": str(exc), "outputs": {},
                                 "wall_s": round(time.perf_counter() - started, 3)})
-        ctx.console.print(f"[yellow]{stage.name} skipped:[/yellow] {exc}")
+        ctx.console.print(f"[yellow]{stage.name} skipped:[/yellow] {escape(str(exc))}")
         if strict:
             raise
         return "skipped"

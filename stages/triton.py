@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
 from pipeline.onnx_io import OnnxSignature, TensorSpec, read_onnx_io
 from pipeline.rundir import atomic_path, sha256_file, write_text
@@ -202,7 +204,7 @@ def run(ctx: StageContext) -> StageResult:
     write_text(repo / "README.txt", _readme(entries, notes))
     outputs["README.txt"] = repo / "README.txt"
     for note in notes:
-        ctx.console.print(f"[yellow]note:[/yellow] {note}")
+        ctx.console.print(f"[yellow]note:[/yellow] {escape(note)}")
     models = {e.name: e.platform for e in entries}
     ctx.console.print("models: " + ", ".join(f"{n} ({p})" for n, p in models.items()))
     summary: dict[str, Any] = {"models": models, "max_batch_size": {e.name: e.max_batch_size for e in entries},

@@ -179,3 +179,10 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, sig):
     a = torch.load(tmp_path / "runs/ref/train/model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "runs/tiny/train/model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_messages_keep_their_brackets(tmp_path):
+    """Rich markup must not eat text such as 'one-pipeline[tensorrt]' or '[fp32]' from a message."""
+    config = write_config(tmp_path)
+    result = runner.invoke(app, ["run", str(config), "--set", "engine.extra[tensorrt]=1"])
+    assert result.exit_code == 2 and "unknown key 'engine.extra[tensorrt]'" in result.output

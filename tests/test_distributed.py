@@ -1,8 +1,10 @@
 """torchrun with 2 CPU processes (gloo) against one process with the same global batch."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from tests.conftest import tiny_dict
 TOLERANCE = 1e-5  # max abs parameter difference after 2 epochs (measured: 0; summation order may differ)
 
 
-def _launch(tmp_path, name, nproc, *command, **train):
+def _argv(tmp_path, name, nproc, *command, **train):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", name=name, train={"epochs": 2, **train})))
     if nproc == 1:
@@ -25,25 +27,40 @@ def _launch(tmp_path, name, nproc, *command, **train):
     else:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "--module", "pipeline.cli", *(command or ["train"]), str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    return argv
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _launch(tmp_path, name, nproc, *command, **train):
+    argv = _argv(tmp_path, name, nproc, *command, **train)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     return RunDir(tmp_path / "runs" / name), done.stdout
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process: batch 32 in 2 interleaved micro-batches == 2 processes with 16 each (BatchNorm sees 16)."""
+    return _launch(tmp_path_factory.mktemp("single"), "single", 1, batch_size=32, accumulate=2)[0]
+
+
+def _worst_difference(a_run, b_run):
+    a = checkpoint.load(a_run.path("train/model.pt"))["state_dict"]
+    b = checkpoint.load(b_run.path("train/model.pt"))["state_dict"]
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    return max((a[k] - b[k]).abs().max().item() for k in params)
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    # one process: batch 32 in 2 interleaved micro-batches == 2 processes with 16 each (BatchNorm sees 16)
-    single, _ = _launch(tmp_path, "single", 1, batch_size=32, accumulate=2)
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single):
     ddp, output = _launch(tmp_path, "ddp", 2, "run", "--until", "strip", batch_size=16)
     assert output.count("train done in") == 1  # only rank 0 reports and writes
     assert sorted(p.name for p in ddp.path("train").iterdir()) == ["last.pt", "metrics.jsonl", "model.pt"]
     # after training, rank 0 alone ran the later stages
     assert [ddp.stage(s)["status"] for s in ("train", "select", "strip")] == ["done"] * 3
-    a = checkpoint.load(single.path("train/model.pt"))["state_dict"]
-    b = checkpoint.load(ddp.path("train/model.pt"))["state_dict"]
-    params = [k for k in a if "running" not in k and "num_batches" not in k]
-    worst = max((a[k] - b[k]).abs().max().item() for k in params)
+    worst = _worst_difference(single, ddp)
     print(f"max parameter difference {worst:.2e}")
     assert worst < TOLERANCE, worst
     # evaluation split over 2 ranks counts every sample once: it equals one process evaluating the same model
@@ -52,6 +69,23 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     data = load_datasets(load_cfg(tmp_path / "ddp.yaml").data)
     assert evaluate(model, data.val, torch.device("cpu")) == cfg_summary["val"]
     assert evaluate(model, data.test, torch.device("cpu")) == cfg_summary["test"]
+
+
+@pytest.mark.slow
+def test_killed_torchrun_resumes_to_the_same_weights(tmp_path, single):
+    argv = _argv(tmp_path, "ddp", 2, batch_size=16)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    last = tmp_path / "runs/ddp/train/last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists():  # epoch 1 saved: kill every process of the job inside epoch 2
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed, output = _launch(tmp_path, "ddp", 2, batch_size=16)
+    assert "resuming from" in output
+    assert _worst_difference(single, resumed) < TOLERANCE
 
 
 def load_cfg(path):
