@@ -118,13 +118,15 @@ for _name in ("select", "strip", "export"):
 
 
 @app.command()
-def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
+def status(config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML config, or a run directory"),
+           overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Show each stage of a run: done, stale, skipped (with the reason), failed (with the error)."""
 
     def show() -> None:
-        cfg = load_config(config, overrides or [])
-        run = RunDir(cfg.run_dir)
-        table = Table(title=str(cfg.run_dir))
+        run_dir = config if config.is_dir() else None  # a run directory holds its resolved config
+        cfg = load_config(config / "config.yaml" if run_dir else config, overrides or [])
+        run = RunDir(run_dir or cfg.run_dir)
+        table = Table(title=str(run.root))
         for column in ("stage", "status", "detail", "wall s"):
             table.add_column(column)
         colours = {"done": "green", "stale": "yellow", "skipped": "yellow", "failed": "red", "missing": "dim"}

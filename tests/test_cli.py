@@ -142,6 +142,8 @@ def test_corrupted_checkpoint_is_detected_never_used(trained_run, tmp_path):
     assert run.stage("select") is None
     status = runner.invoke(app, ["status", str(config)])
     assert "corrupted" in status.output
+    by_dir = runner.invoke(app, ["status", str(run.root)])
+    assert by_dir.exit_code == 0 and "corrupted" in by_dir.output
 
 
 def _cli(config, *args):
