@@ -14,7 +14,6 @@ import time
 from types import ModuleType
 from typing import Any, Callable
 
-from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import Config
@@ -93,22 +92,24 @@ def check_same_run(cfg: Config, run: RunDir) -> None:
     entry = run.stage("train")
     train = stage_def("train")
     if entry and entry.get("status") == "done" and entry.get("fingerprint") != fingerprint(cfg, train, run):
-        old = entry.get("config", {})
-        new = json.loads(json.dumps(cfg.model_dump(mode="json")))
-        changed = [f"{s}.{k}" for s in train.sections if isinstance(new.get(s), dict)
-                   for k in new[s] if old.get(s, {}).get(k) != new[s][k]] or [s for s in train.sections
-                                                                               if old.get(s) != new.get(s)]
+        old, new = entry.get("config", {}), cfg.model_dump(mode="json")
+        changed = []
+        for section in train.sections:
+            before, after = old.get(section), new[section]
+            if isinstance(after, dict):
+                changed += [f"{section}.{k}" for k in after if (before or {}).get(k) != after[k]]
+            elif before != after:
+                changed.append(section)
         raise UsageError(f"{run.root} holds a run trained with another config (changed: {', '.join(changed[:4])}); "
                          "use another run name (--set name=...) or retrain it with --force train")
 
 
 def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None = None,
-               force: str | None = None, only: str | None = None, console: Console | None = None) -> dict[str, str]:
+               force: str | None = None, only: str | None = None) -> dict[str, str]:
     """Run the chain (or one stage and what it needs); returns {stage: status}. Raises on failure."""
-    console = console or ctx.console
     last = STAGE_NAMES.index(until or only or STAGE_NAMES[-1])
     forced_from = STAGE_NAMES.index(force) if force else len(STAGE_NAMES)
-    if force is None or forced_from > 0:
+    if forced_from > 0:  # --force train may overwrite another config's run
         check_same_run(cfg, run)
     if ctx.rank == 0:
         write_text(run.path("config.yaml"), cfg.to_yaml())  # the resolved config, beside the outputs
@@ -117,7 +118,7 @@ def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None
         status, detail = state(cfg, stage, run)
         if index < forced_from and status in ("done", "skipped"):
             shown = "up to date" if status == "done" else f"skipped: {detail}"
-            console.print(f"[dim]{stage.name:<7} {escape(shown)}[/dim]")
+            ctx.console.print(f"[dim]{stage.name:<7} {escape(shown)}[/dim]")
             results[stage.name] = "cached"
             continue
         fresh = index >= forced_from
