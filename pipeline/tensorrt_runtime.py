@@ -39,7 +39,7 @@ def import_tensorrt() -> tuple[ModuleType | None, str]:
     except Exception as exc:  # ImportError, or OSError/RuntimeError when libnvinfer is missing or broken
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return None, (f"TensorRT is not importable here ({detail}); on a host with an NVIDIA GPU: "
-                      "pip install 'one-pipeline[tensorrt]'")
+                      "pip install -e '.[tensorrt]' in the one-pipeline checkout")
     return trt, ""
 
 

@@ -184,7 +184,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, sig):
 
 
 def test_messages_keep_their_brackets(tmp_path):
-    """Rich markup must not eat text such as 'one-pipeline[tensorrt]' or '[fp32]' from a message."""
+    """Rich markup must not eat text such as '.[tensorrt]' from a message."""
     config = write_config(tmp_path)
     result = runner.invoke(app, ["run", str(config), "--set", "engine.extra[tensorrt]=1"])
     assert result.exit_code == 2 and "unknown key 'engine.extra[tensorrt]'" in result.output

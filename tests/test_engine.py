@@ -67,7 +67,7 @@ def fake_tensorrt_no_gpu(monkeypatch):
 def test_skips_naming_tensorrt_where_it_is_not_importable(tmp_path, no_tensorrt):
     with pytest.raises(StageSkipped, match="TensorRT is not importable") as info:
         engine.run(_ctx(_config(tmp_path)))
-    assert "one-pipeline[tensorrt]" in str(info.value)
+    assert "pip install -e '.[tensorrt]'" in str(info.value)
 
 
 def test_skips_naming_the_gpu_where_none_is_visible(tmp_path, fake_tensorrt_no_gpu):
