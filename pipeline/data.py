@@ -66,12 +66,7 @@ class ImageSet:
                 skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised float batches. With `seed`, shuffled per epoch (training); else in order,
         every sample exactly once across ranks (evaluation). `skip` leaves out the first batches."""
-        if seed is None:
-            order = torch.arange(rank, len(self), world)
-        else:
-            sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler))
+        order = torch.tensor(sample_order(len(self), seed, epoch, rank, world), dtype=torch.long)
         crops = flips = None
         if augment:
             # one draw per sample of the whole set: sample i gets the same crop on every rank
@@ -86,8 +81,21 @@ class ImageSet:
             yield self.normalise(images), self.labels[idx]
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
-        per_rank = -(-len(self) // world)
-        return -(-per_rank // batch_size)
+        return batches_per_rank(len(self), batch_size, world)
+
+
+def sample_order(size: int, seed: int | None, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's sample indices: DistributedSampler's per-epoch shuffle (training, `seed` given), or
+    every rank-th sample in order (evaluation: each sample exactly once across ranks)."""
+    if seed is None:
+        return list(range(rank, size, world))
+    sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def batches_per_rank(size: int, batch_size: int, world: int) -> int:
+    return -(-(-(-size // world)) // batch_size)  # ceil(ceil(size / world) / batch_size)
 
 
 def _crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

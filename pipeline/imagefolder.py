@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import DataConfig
+from pipeline.data import SPLIT_SEED, Datasets, batches_per_rank, sample_order  # data imports us lazily
 from pipeline.errors import UsageError
 
 
@@ -30,16 +31,11 @@ class FolderSet:
         return FolderSet(Subset(self.dataset, list(indices)), self.image_size, self.num_workers, self.train_transform)
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
-        return -(-(-(-len(self) // world)) // batch_size)
+        return batches_per_rank(len(self), batch_size, world)
 
     def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, augment: bool = False,
                 skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if seed is None:
-            order = list(range(rank, len(self), world))
-        else:
-            sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
+        order = sample_order(len(self), seed, epoch, rank, world)
         dataset = _Transformed(self.dataset, self.train_transform) if augment and self.train_transform else self.dataset
         loader = DataLoader(Subset(dataset, order[skip * batch_size:]), batch_size=batch_size,
                             num_workers=self.num_workers, generator=torch.Generator().manual_seed((seed or 0) + epoch),
@@ -66,8 +62,6 @@ class _Transformed(torch.utils.data.Dataset):
 
 def load_imagefolder(cfg: DataConfig, normalisation: tuple[Sequence[float], Sequence[float]]):
     from torchvision import datasets, transforms
-
-    from pipeline.data import SPLIT_SEED, Datasets
 
     if cfg.root is None:
         raise UsageError("data.dataset imagefolder needs data.root: a folder with train/ and test/ "
