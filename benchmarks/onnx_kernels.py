@@ -66,8 +66,8 @@ def main() -> None:
 
 def _u8_variant(run_dir: Path, out: Path) -> Path:
     from pipeline.config import load_config
-    from pipeline.data import load_datasets
-    from stages.quantize import calibration_images, quantize_int8
+    from pipeline.deploy.quantize import calibration_images, quantize_int8
+    from pipeline.training.data import load_datasets
 
     cfg = load_config(run_dir / "config.yaml")
     images = calibration_images(load_datasets(cfg.data).train, cfg.export.calibration_size, cfg.seed)

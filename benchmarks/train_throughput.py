@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import LossConfig
-from pipeline.loss import one_loss
-from pipeline.models import ModelSpec, build_model
+from pipeline.training.loss import one_loss
+from pipeline.training.models import ModelSpec, build_model
 
 
 def images_per_second(spec: ModelSpec, shape: tuple[int, ...], batch: int, steps: int, warmup: int, repeats: int,

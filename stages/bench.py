@@ -6,7 +6,7 @@ cannot run here is `skipped` with the reason; one whose file could not be made i
 "export", one whose file exists but did not run is `failed` in "bench" (Ultralytics keeps the two apart).
 Every row: top-1 on the test set, agreement with the stripped branch in PyTorch, batch-1 latency
 (p50/p90/p99), throughput at `bench.throughput_batch`, params, FLOPs, file size. Schema:
-docs/bench_schema.md (`pipeline/benchfile.py`).
+docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from pipeline.benchfile import (
+from pipeline.deploy.benchfile import (
     BRANCH_ROW,
     ENSEMBLE_ROW,
     SCHEMA_VERSION,
@@ -30,15 +30,15 @@ from pipeline.benchfile import (
     reason_lines,
     rich_table,
 )
-from pipeline.checkpoint import load_model
-from pipeline.data import ImageSet, load_datasets
+from pipeline.deploy.timing import count_flops, latency, throughput
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped
-from pipeline.evaluate import evaluate
-from pipeline.models import count_parameters
 from pipeline.rundir import environment, write_json
 from pipeline.stage import StageContext, StageResult
-from pipeline.timing import count_flops, latency, throughput
+from pipeline.training.checkpoint import load_model
+from pipeline.training.data import ImageSet, load_datasets
+from pipeline.training.evaluate import evaluate
+from pipeline.training.models import count_parameters
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -207,7 +207,7 @@ class _Bench:
             return {**base, "status": "failed", "failed_in": "bench", "reason": reason}
 
     def _evaluate(self, model: nn.Module, heads: dict[str, Callable]) -> dict:
-        """`pipeline.evaluate` (what training records), keeping each head's predictions for agreement."""
+        """`pipeline.training.evaluate` (what training records), keeping each head's predictions for agreement."""
         recorder = _Recorder(model, heads)
         acc = evaluate(recorder, self.test, self.device, self.eval_batch)
         self.preds.update({name: torch.cat(p) for name, p in recorder.preds.items()})
@@ -272,7 +272,7 @@ class _Bench:
     def _run_tensorrt(self, static: dict) -> dict:
         if self.device.type != "cuda":
             raise StageSkipped(f"a TensorRT engine runs on a CUDA GPU only; this bench runs on {self.device.type}")
-        from pipeline.tensorrt_runtime import TensorRTRunner
+        from pipeline.deploy.tensorrt_runtime import TensorRTRunner
 
         path = self.ctx.input("engine", "engine")
         runner = TensorRTRunner(path)
@@ -345,7 +345,7 @@ def _upstream(entry: dict | None, stage: str, key: str) -> dict | None:
 
 
 def _accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 in %, computed as `pipeline.evaluate` does."""
+    """Top-1 in %, computed as `pipeline.training.evaluate` does."""
     return float(100.0 * (preds == labels).sum().double() / max(len(labels), 1))
 
 

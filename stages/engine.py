@@ -40,12 +40,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import Config, EngineConfig
-from pipeline.data import load_datasets
+from pipeline.deploy.onnx_io import read_onnx_io
+from pipeline.deploy.tensorrt_runtime import import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped
-from pipeline.onnx_io import read_onnx_io
 from pipeline.rundir import atomic_path, sha256_file, write_json, write_text
 from pipeline.stage import StageContext, StageResult
-from pipeline.tensorrt_runtime import import_tensorrt, sidecar_path
+from pipeline.training.data import load_datasets
 
 TIMING_CACHE = "timing.cache"
 BUILD_LOG = "build.log"
@@ -247,7 +247,7 @@ def verify_engine(plan_path: Path, onnx_path: Path, images: torch.Tensor, precis
     """Deserialize the plan, run `images` through it and through ONNX Runtime (CPU) on the same ONNX."""
     import onnxruntime as ort
 
-    from pipeline.tensorrt_runtime import TensorRTRunner
+    from pipeline.deploy.tensorrt_runtime import TensorRTRunner
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feed = images.numpy().astype(np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32)

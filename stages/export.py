@@ -27,13 +27,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline import checkpoint
-from pipeline.data import load_datasets
+from pipeline.deploy.quantize import calibration_images, nonzero_zero_points, quantize_int8, to_fp16, unquantized_nodes
 from pipeline.device import onnx_providers
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import atomic_path, sha256_file
 from pipeline.stage import StageContext, StageResult
-from stages.quantize import calibration_images, nonzero_zero_points, quantize_int8, to_fp16, unquantized_nodes
+from pipeline.training import checkpoint
+from pipeline.training.data import load_datasets
 
 INPUT, OUTPUT = "input", "logits"
 PRECISIONS = ("fp32", "fp16", "int8")

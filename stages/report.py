@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 from rich.markup import escape
 
-from pipeline.benchfile import (
+from pipeline.deploy.benchfile import (
     FORMAT_NAMES,
     BenchFile,
     fmt,
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def load_bench(path: Path) -> BenchFile:
-    """bench.json, checked against its schema (pipeline/benchfile.py, docs/bench_schema.md)."""
+    """bench.json, checked against its schema (pipeline/deploy/benchfile.py, docs/bench_schema.md)."""
     try:
         return BenchFile.model_validate(json.loads(path.read_text()))
     except (json.JSONDecodeError, ValidationError) as exc:

@@ -3,7 +3,7 @@
     single = strip_branch(one_model, index)       # no gate, no other branches; eval mode
     diff = branch_logit_diff(one_model, single, index, images)
 
-The file strip/branch.pt is a `pipeline.checkpoint` model file (`checkpoint.load_model` rebuilds it
+The file strip/branch.pt is a `pipeline.training.checkpoint` model file (`checkpoint.load_model` rebuilds it
 without ONE's multi-branch code) with `branch` and `source_sha256` (train/model.pt) added. The copy is
 verified on a real validation batch: its logits must equal the branch's inside the full model.
 A vanilla network is copied as is.
@@ -16,12 +16,12 @@ import json
 import torch
 from torch import nn
 
-from pipeline import checkpoint
-from pipeline.data import load_datasets
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.models import ModelSpec, ONENet, SingleNet, count_parameters
 from pipeline.rundir import sha256_file
 from pipeline.stage import StageContext, StageResult
+from pipeline.training import checkpoint
+from pipeline.training.data import load_datasets
+from pipeline.training.models import ModelSpec, ONENet, SingleNet, count_parameters
 
 STRIP_ATOL = 1e-6  # same ops on the same CPU: the logits should agree to float32 rounding
 CHECK_IMAGES = 32

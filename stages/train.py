@@ -18,15 +18,15 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data import Datasets, load_datasets
 from pipeline.errors import PipelineError, UsageError
-from pipeline.evaluate import evaluate
-from pipeline.loss import one_loss
-from pipeline.models import ModelSpec, build_model, count_parameters
 from pipeline.rundir import write_text
 from pipeline.stage import StageContext, StageResult
+from pipeline.training import checkpoint
+from pipeline.training.data import Datasets, load_datasets
+from pipeline.training.evaluate import evaluate
+from pipeline.training.loss import one_loss
+from pipeline.training.models import ModelSpec, build_model, count_parameters
 
 TRAIN_SECTIONS = ("seed", "data", "model", "loss", "train")
 

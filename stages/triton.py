@@ -28,8 +28,8 @@ from typing import Any
 
 from rich.markup import escape
 
+from pipeline.deploy.onnx_io import OnnxSignature, TensorSpec, read_onnx_io
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
-from pipeline.onnx_io import OnnxSignature, TensorSpec, read_onnx_io
 from pipeline.rundir import atomic_path, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pipeline.config import Config, validate_config
-from pipeline.models import ModelSpec, SingleNet
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
 from pipeline.stage import StageContext
+from pipeline.training.models import ModelSpec, SingleNet
 
 TINY = {
     "name": "tiny",

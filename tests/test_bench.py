@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.benchfile import BenchFile, Check, Headline, LatencyMs, Row, Throughput, VsFP32
 from pipeline.config import Config, validate_config
-from pipeline.data import load_datasets
+from pipeline.deploy.benchfile import BenchFile, Check, Headline, LatencyMs, Row, Throughput, VsFP32
 from pipeline.errors import StageSkipped
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, run_stages, stage_def
+from pipeline.training.data import load_datasets
 from stages import bench as bench_stage
 from tests.conftest import make_ctx
 

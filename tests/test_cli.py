@@ -13,9 +13,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import checkpoint
 from pipeline.cli import app
 from pipeline.rundir import RunDir, sha256_file
+from pipeline.training import checkpoint
 from tests.conftest import tiny_dict
 
 runner = CliRunner()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import ImageSet, load_datasets, read_idx, synthetic_images
 from pipeline.errors import UsageError
+from pipeline.training.data import ImageSet, load_datasets, read_idx, synthetic_images
 
 
 def write_idx(path, array: np.ndarray, compress=True):

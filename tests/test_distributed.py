@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint
-from pipeline.data import load_datasets
-from pipeline.evaluate import evaluate
 from pipeline.rundir import RunDir
+from pipeline.training import checkpoint
+from pipeline.training.data import load_datasets
+from pipeline.training.evaluate import evaluate
 from tests.conftest import tiny_dict
 
 TOLERANCE = 1e-5  # max abs parameter difference after 3 epochs (measured: 0; summation order may differ)

@@ -1,4 +1,4 @@
-"""The engine stage and pipeline/tensorrt_runtime.py.
+"""The engine stage and pipeline/deploy/tensorrt_runtime.py.
 
 CPU (always): the stage skips with a reason naming TensorRT or the GPU, and the runner records it; the
 profile is read from the ONNX file; the STRONGLY_TYPED flag is passed so that 10.x and 11.x share one
@@ -23,11 +23,11 @@ from onnx import TensorProto, helper
 from rich.console import Console
 
 from pipeline.config import validate_config
+from pipeline.deploy.tensorrt_runtime import check_compatible, import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import execute, stage_def
 from pipeline.stage import StageContext
-from pipeline.tensorrt_runtime import check_compatible, import_tensorrt, sidecar_path
 from stages import engine
 
 
@@ -91,7 +91,7 @@ def test_runner_records_the_skip_and_goes_on_but_the_stage_alone_fails(tmp_path,
 
 
 def test_runtime_module_needs_no_tensorrt_until_a_runner_is_made(tmp_path, no_tensorrt):
-    from pipeline.tensorrt_runtime import TensorRTRunner
+    from pipeline.deploy.tensorrt_runtime import TensorRTRunner
 
     assert import_tensorrt()[0] is None
     with pytest.raises(PipelineError, match="TensorRT is not importable"):
@@ -416,7 +416,7 @@ def test_build_writes_plan_sidecar_log_and_a_reusable_timing_cache(built):
 def test_runner_matches_onnx_runtime_across_the_profile(built, tiny_onnx):
     import onnxruntime as ort
 
-    from pipeline.tensorrt_runtime import TensorRTRunner
+    from pipeline.deploy.tensorrt_runtime import TensorRTRunner
 
     _, result = built
     runner = TensorRTRunner(result.outputs["engine"])

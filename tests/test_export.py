@@ -13,14 +13,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from pipeline import checkpoint
-from pipeline.data import load_datasets
+from pipeline.deploy import quantize
+from pipeline.deploy.quantize import nonzero_zero_points, unquantized_nodes
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import run_stages
-from stages import quantize
+from pipeline.training import checkpoint
+from pipeline.training.data import load_datasets
 from stages.export import _write_checked, check_onnx, compare
-from stages.quantize import nonzero_zero_points, unquantized_nodes
 from tests.conftest import make_ctx
 
 CPU = ["CPUExecutionProvider"]

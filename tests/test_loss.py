@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig
-from pipeline.loss import one_loss, rampup_weight
-from pipeline.models import ModelSpec, ONENet, ONEOutput
+from pipeline.training.loss import one_loss, rampup_weight
+from pipeline.training.models import ModelSpec, ONENet, ONEOutput
 
 
 def _independent(branches, gate, target, T, w):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import ModelSpec, ONENet, SingleNet, build_model, count_parameters
+from pipeline.training.models import ModelSpec, ONENet, SingleNet, build_model, count_parameters
 
 
 @pytest.mark.parametrize("arch,one_m,single_m", [("resnet32", 1.19, 0.47), ("resnet110", 4.36, 1.73)])

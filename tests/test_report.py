@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.benchfile import BenchFile
+from pipeline.deploy.benchfile import BenchFile
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, stage_def

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data import load_datasets
 from pipeline.errors import PipelineError, UsageError
-from pipeline.models import ModelSpec, SingleNet, count_parameters
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import execute, run_stages, stage_def
+from pipeline.training import checkpoint
+from pipeline.training.data import load_datasets
+from pipeline.training.models import ModelSpec, SingleNet, count_parameters
 from stages import strip
 from stages.select import choose_branch
 from tests.conftest import make_ctx

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.config import validate_config
 from pipeline.errors import UsageError
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
+from pipeline.training import checkpoint
 from stages import train as train_stage
 from tests.conftest import make_ctx, tiny_dict
 

@@ -15,8 +15,8 @@ import torch
 from onnx import TensorProto, helper
 
 from pipeline.config import Config, validate_config
+from pipeline.deploy.onnx_io import read_onnx_io
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.onnx_io import read_onnx_io
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.stage import StageContext
 from stages import triton
@@ -260,8 +260,8 @@ def test_disabled_stage_is_skipped(tmp_path, tiny_onnx):
 def test_after_the_real_export(tmp_path, trained_run):
     """The chain train -> select -> strip -> export (fp32, fp16, int8) -> engine -> triton on a copy of the
     tiny run: one model per exported file, each config agreeing with its file."""
+    from pipeline.deploy.tensorrt_runtime import import_tensorrt
     from pipeline.runner import run_stages
-    from pipeline.tensorrt_runtime import import_tensorrt
 
     cfg, run = trained_run
     root = tmp_path / "runs"

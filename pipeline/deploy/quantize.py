@@ -28,7 +28,7 @@ from onnxconverter_common import float16
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline.data import ImageSet
+from pipeline.training.data import ImageSet
 
 QUANTIZED_OPS = ("Conv", "Gemm")
 CALIBRATION_BATCH = 32

@@ -136,7 +136,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     elif cfg.dataset in ("cifar10", "cifar100"):
         (train_x, train_y), (test_x, test_y), classes = _cifar(cfg)
     elif cfg.dataset == "imagefolder":
-        from pipeline.imagefolder import load_imagefolder
+        from pipeline.training.imagefolder import load_imagefolder
         return load_imagefolder(cfg, NORMALISATION["imagefolder"])
     else:
         (train_x, train_y), (test_x, test_y) = synthetic_images(cfg.synthetic_size)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import LossConfig
-from pipeline.models import ONEOutput
+from pipeline.training.models import ONEOutput
 
 
 class LossParts(NamedTuple):

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import DataConfig
-from pipeline.data import SPLIT_SEED, Datasets, batches_per_rank, sample_order  # data imports us lazily
 from pipeline.errors import UsageError
+from pipeline.training.data import SPLIT_SEED, Datasets, batches_per_rank, sample_order  # data imports us lazily
 
 
 class FolderSet:

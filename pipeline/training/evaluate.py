@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.data import ImageSet
-from pipeline.models import ONEOutput
+from pipeline.training.data import ImageSet
+from pipeline.training.models import ONEOutput
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ArtifactError
-from pipeline.models import ModelSpec, build_model
 from pipeline.rundir import atomic_path
+from pipeline.training.models import ModelSpec, build_model
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:

@@ -1,0 +1,1 @@
+"""The training side: models, loss, data, evaluation and model files."""
