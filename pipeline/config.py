@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import ConfigError
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8"]  # what a TensorRT engine can be built from
+ExportPrecision = Literal["fp32", "fp16", "int8", "int8_cpu"]  # int8: for TensorRT; int8_cpu: for ORT on x86
 
 
 class Section(BaseModel):
@@ -99,11 +100,21 @@ class SelectConfig(Section):
 
 class ExportConfig(Section):
     opset: int = Field(20, ge=18, le=23, description="ONNX opset (the dynamo exporter needs >= 18)")
-    precisions: list[Precision] = Field(default_factory=lambda: ["fp32"], description="ONNX models to produce")
+    precisions: list[ExportPrecision] = Field(
+        default_factory=lambda: ["fp32"], description="ONNX models to produce; int8: symmetric Q/DQ for TensorRT, "
+                                                      "int8_cpu: uint8 activations for ONNX Runtime on x86 CPUs")
+    ensemble: bool = Field(True, description="Also export the full model's gated ensemble (ONE-E) in the same "
+                                             "precisions, for the like-for-like bench")
     atol: float = Field(1e-4, gt=0, description="fp32: max abs logit difference ONNX Runtime vs PyTorch")
     fp16_atol: float = Field(5e-2, gt=0, description="fp16: max abs logit difference vs PyTorch fp32")
-    int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8: least top-1 agreement with fp32")
-    calibration_size: int = Field(256, ge=1, description="int8: training images for calibration")
+    max_accuracy_drop: float = Field(0.5, ge=0, description="fp16/int8: most top-1 points lost against the fp32 "
+                                                            "ONNX on the whole validation split; worse is not deployed")
+    calibration_size: int = Field(1024, ge=1, description="int8: training images for calibration, balanced over "
+                                                          "classes")
+    calibration_methods: list[Literal["minmax", "entropy", "percentile"]] = Field(
+        default_factory=lambda: ["minmax", "percentile", "entropy"], min_length=1,
+        description="int8: calibrations tried in order, each with every layer int8, then with the first conv "
+                    "and the classifier in float; the first within max_accuracy_drop is kept")
     check_size: int = Field(64, ge=2, description="Validation images for the parity check")
 
     @model_validator(mode="after")
@@ -115,7 +126,11 @@ class ExportConfig(Section):
 
 class EngineConfig(Section):
     enabled: bool = Field(True, description="Build a TensorRT engine (skipped with a reason without TensorRT or a GPU)")
-    precision: Precision = Field("fp32", description="Which exported ONNX the engine is built from")
+    precision: Literal["auto"] | Precision = Field(
+        "auto", description="Which exported ONNX the engine is built from; auto: the lowest precision that passed "
+                            "the export accuracy guard (int8, else fp16, else fp32)")
+    ensemble: bool = Field(True, description="Also build an engine of the full model's ONE-E output (exported "
+                                             "with export.ensemble), for the like-for-like bench")
     min_batch: int = Field(1, ge=1, description="Optimization profile: smallest batch")
     opt_batch: int = Field(32, ge=1, description="Optimization profile: the batch TensorRT tunes for")
     max_batch: int = Field(128, ge=1, description="Optimization profile: largest batch")
@@ -147,12 +162,25 @@ class TritonConfig(Section):
 
 class BenchConfig(Section):
     enabled: bool = Field(True, description="Measure every deployed form (bench) and report it")
-    throughput_batch: int = Field(64, ge=1, description="Batch for the throughput figure")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 64], min_length=1,
+                                   description="Batches for the throughput figures (latency is at batch 1)")
     warmup: int = Field(10, ge=0, description="Untimed iterations before each measurement")
     iterations: int = Field(100, ge=3, description="Timed batch-1 calls per row (p50/p90/p99 over these)")
-    throughput_iterations: int = Field(20, ge=1, description="Timed calls at throughput_batch per row")
+    throughput_iterations: int = Field(20, ge=1, description="Timed calls per batch size per row")
     threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
     test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
+    baseline: Path | None = Field(None, description="Another run directory (e.g. a model.method: vanilla run of "
+                                                     "the same backbone) whose network is benched beside this one")
+    ship_max_accuracy_drop: float = Field(0.5, ge=0, description="What to ship: the fastest deployed form of the "
+                                                                 "branch within this many top-1 points of its fp32 "
+                                                                 "ONNX")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value) or len(set(value)) != len(value):
+            raise ValueError("batch_sizes must be distinct sizes >= 1")
+        return sorted(value)
 
 
 class Config(Section):
@@ -171,7 +199,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.engine.enabled and self.engine.precision not in self.export.precisions:
+        if self.engine.enabled and self.engine.precision not in ("auto", *self.export.precisions):
             raise ValueError(
                 f"engine.precision {self.engine.precision} is not among export.precisions {self.export.precisions}"
             )

@@ -39,11 +39,12 @@ STAGES = (
     StageDef("train", ("seed", "data", "model", "loss", "train"), (), "train", "train ONE (or vanilla)"),
     StageDef("select", ("select",), ("train",), "select", "pick the branch with the best validation accuracy"),
     StageDef("strip", (), ("select", "train"), "strip", "cut the chosen branch out as a plain network"),
-    StageDef("export", ("export",), ("strip",), "export", "export ONNX (fp32, fp16, int8) and check it"),
+    StageDef("export", ("export",), ("strip", "train"), "export",
+             "export ONNX (branch and ONE-E; fp32, fp16, int8 forms) and guard its accuracy"),
     StageDef("engine", ("engine",), ("export",), "engine", "build a TensorRT engine"),
     StageDef("triton", ("triton",), ("export", "engine"), "triton", "write a Triton model repository"),
     StageDef("bench", ("bench",), ("train", "strip", "export", "engine"), "bench", "measure every deployed form"),
-    StageDef("report", (), ("bench",), "report", "write report.md and the plot"),
+    StageDef("report", (), ("bench", "export"), "report", "write report.md and the plot"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

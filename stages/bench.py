@@ -1,17 +1,19 @@
-"""bench: measure every deployed form of the model on the same inputs, one row each, into bench.json.
+"""bench: measure every deployed form of the kept branch and its ONE-E twin on the same inputs, one row
+each, into bench.json, so that every comparison changes one thing at a time.
 
-Rows: the full ONE model as gated ensemble (ONE-E) and used for one branch, the stripped branch in
-PyTorch eager, torch.compile (CUDA only), ONNX Runtime per exported precision and TensorRT. A row that
-cannot run here is `skipped` with the reason; one whose file could not be made is `failed` in
-"export", one whose file exists but did not run is `failed` in "bench" (Ultralytics keeps the two apart).
-Every row: top-1 on the test set, agreement with the stripped branch in PyTorch, batch-1 latency
-(p50/p90/p99), throughput at `bench.throughput_batch`, params, FLOPs, file size. Schema:
-docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
+Rows, in order: PyTorch eager (ONE-E, the full model used for the kept branch, the stripped branch),
+torch.compile (CUDA only), ONNX Runtime per exported precision (ONE-E and branch), TensorRT (ONE-E and
+branch), and with `bench.baseline` the same network trained alone (PyTorch eager and ONNX Runtime
+fp32). A row that cannot run here is `skipped` with the reason (a model the export accuracy guard
+rejected among them); one whose file could not be made is `failed` in "export", one whose file exists
+but did not run is `failed` in "bench" (Ultralytics keeps the two apart). Every row: top-1 on the test
+set, agreement with the same model in PyTorch eager, batch-1 latency (p50/p90/p99), throughput at each
+of `bench.batch_sizes`, params, FLOPs, file size. The headline splits the gain into its parts (strip,
+runtime, precision) and picks what to ship. Schema: docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -21,26 +23,33 @@ import torch
 from rich.markup import escape
 from torch import nn
 
+from pipeline.config import Config
 from pipeline.deploy.benchfile import (
-    BRANCH_ROW,
-    ENSEMBLE_ROW,
+    FORMAT_NAMES,
     SCHEMA_VERSION,
     BenchFile,
+    Row,
+    gain,
     headline_text,
     reason_lines,
     rich_table,
+    row_name,
+    ship_pick,
 )
+from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, onnx_key, triton_model_name
+from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
 from pipeline.deploy.timing import count_flops, latency, throughput
 from pipeline.device import onnx_providers
-from pipeline.errors import StageSkipped
-from pipeline.rundir import environment, write_json
+from pipeline.errors import StageSkipped, UsageError
+from pipeline.rundir import RunDir, atomic_path, environment, write_json
 from pipeline.stage import StageContext, StageResult
 from pipeline.training.checkpoint import load_model
 from pipeline.training.data import ImageSet, load_datasets
 from pipeline.training.evaluate import evaluate
 from pipeline.training.models import count_parameters
 
-PRECISIONS = ("fp32", "fp16", "int8")
+LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
+          "branch": "stripped branch", "baseline": "baseline: the same network trained alone"}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -59,27 +68,335 @@ def run(ctx: StageContext) -> StageResult:
     for line in reason_lines(bench):
         ctx.console.print(f"  [dim]{escape(line)}[/dim]", highlight=False)
     ctx.console.print(escape(headline_text(bench)))
+    ship = bench.headline.ship
+    if ship and ship.row:
+        ctx.console.print(escape(f"What to ship here: {ship.row} ({ship.file}, Triton model {ship.triton_model}): "
+                                 f"{ship.reason}"))
     for check in bench.checks:
         if not check.equal:
             ctx.console.print(f"[red]warning:[/red] {check.row} top-1 {check.bench} differs from the {check.train} "
                               f"training recorded for test {check.train_head}")
-    return StageResult(outputs={"bench": path}, summary=bench.headline.model_dump(mode="json"))
+    outputs = {"bench": path}
+    if (ctx.run.path("bench") / BASELINE_ONNX).exists():
+        outputs["baseline_onnx"] = ctx.run.path("bench") / BASELINE_ONNX
+    return StageResult(outputs=outputs, summary=bench.headline.model_dump(mode="json"))
 
 
-@dataclasses.dataclass
-class _Inputs:
-    """The timing inputs, made once outside every timed region and shared by every row."""
+BASELINE_ONNX = "baseline_fp32.onnx"
 
-    x1: torch.Tensor  # batch 1, on the device
-    xb: torch.Tensor  # batch `throughput_batch`, on the device
-    x1_np: np.ndarray
-    xb_np: np.ndarray
 
-    @classmethod
-    def prepare(cls, test: ImageSet, batch: int, device: torch.device) -> _Inputs:
-        x1 = test.normalise(test.images[:1]).contiguous()
-        xb = test.normalise(test.images[torch.arange(batch) % len(test)]).contiguous()
-        return cls(x1.to(device), xb.to(device), x1.numpy(), xb.numpy())
+def baseline_model(cfg: Config) -> tuple[nn.Module, Path] | None:
+    """The network of the `bench.baseline` run: a vanilla run's trained model, or another ONE run's
+    stripped branch. A user's mistake (no such run, another dataset) is a UsageError naming the fix."""
+    if cfg.bench.baseline is None:
+        return None
+    root = Path(cfg.bench.baseline).expanduser()
+    run = RunDir(root)
+    entry = run.stage("train") if run.manifest_path.exists() else None
+    if entry is None or entry.get("status") != "done":
+        raise UsageError(f"bench.baseline {root} holds no finished training run; train one first, e.g. one-pipeline "
+                         "run CONFIG --until train --set model.method=vanilla --set name=NAME")
+    theirs, ours = entry.get("config", {}).get("data", {}), cfg.model_dump(mode="json")["data"]
+    if any(theirs.get(k) != ours[k] for k in ("dataset", "root", "val_size", "synthetic_size")):
+        raise UsageError(f"bench.baseline {root} was trained on other data ({theirs.get('dataset')}, val_size "
+                         f"{theirs.get('val_size')}); compare runs of the same data split")
+    method = entry.get("summary", {}).get("method", entry.get("config", {}).get("model", {}).get("method"))
+    stage = "train" if method == "vanilla" else "strip"
+    path = run.output(stage, "model")
+    model, _ = load_model(path)
+    return model, path
+
+
+class _Bench:
+    def __init__(self, ctx: StageContext, threads: int):
+        self.ctx, self.cfg, self.device, self.threads = ctx, ctx.cfg.bench, ctx.device, threads
+        self.eval_batch = ctx.cfg.train.eval_batch_size
+        self.preds: dict[str, torch.Tensor] = {}
+        full_test = load_datasets(ctx.cfg.data).test
+        limit = self.cfg.test_limit
+        self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
+        self.full_test_set = len(self.test) == len(full_test)
+        self.labels = torch.cat([labels for _, labels in self.test.batches(self.eval_batch)])
+        self.inputs = _inputs(self.test, self.cfg.batch_sizes, self.device)
+        self.export = ctx.run.stage("export") or {}
+        self.triton_base = ctx.cfg.triton.model_name or ctx.cfg.name if ctx.cfg.triton.enabled else None
+
+    # --- the rows --------------------------------------------------------------------------------
+    def measure(self) -> BenchFile:
+        ctx = self.ctx
+        baseline = baseline_model(ctx.cfg)  # a mistake here is the user's: before any measuring
+        full_path, branch_path = ctx.input("train", "model"), ctx.input("strip", "model")
+        full, _ = load_model(full_path)
+        stripped, payload = load_model(branch_path)
+        self.branch = int(payload.get("branch", ctx.summary("select").get("branch", 0)))
+        self.method = ctx.summary("train").get("method", ctx.cfg.model.method)
+        full, stripped = full.to(self.device), stripped.to(self.device)
+        self.static = {"branch": self._static(stripped, branch_path)}
+        if self.method == "one":
+            self.static["ensemble"] = self._static(_Head(full, lambda out: out.teacher), full_path)
+        rows = [*self._eager_rows(full, stripped), *self._compiled_rows(full, stripped)]
+        for precision in PRECISIONS:
+            rows += [self._onnx_row("ensemble", precision), self._onnx_row("branch", precision)]
+        rows += [self._tensorrt_row("ensemble"), self._tensorrt_row("branch")]
+        if baseline is not None:
+            rows += self._baseline_rows(*baseline)
+        self._derived(rows)
+        bench = {"schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": self.method, "branch": self.branch,
+                 "device": str(self.device), "threads": self.threads, "test_images": len(self.test),
+                 "eval_batch_size": self.eval_batch, "batch_sizes": self.cfg.batch_sizes,
+                 "settings": self.cfg.model_dump(mode="json"), "environment": environment(),
+                 "baseline": str(self.cfg.baseline) if self.cfg.baseline else None, "checks": self._checks(rows),
+                 "rows": rows}
+        parsed = BenchFile.model_validate({**bench, "headline": _empty_headline()})
+        return BenchFile.model_validate({**bench, "headline": _headline(parsed, self.cfg.ship_max_accuracy_drop)})
+
+    def _eager_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
+        b = self.branch
+        heads = {row_name("ensemble", "pytorch"): lambda out: out.teacher,
+                 row_name("full_branch", "pytorch"): lambda out: out.branches[:, b]}
+        accuracy: dict[str, float] = {}
+
+        def full_row(model: str) -> dict:
+            name = row_name(model, "pytorch")
+            if not accuracy:
+                acc = self._evaluate(full, heads)
+                accuracy.update(zip(heads, (acc["teacher"], acc["branches"][b])))
+            return {"accuracy": accuracy[name], **self.static["ensemble"],
+                    **self._torch_timing(lambda x: heads[name](full(x)))}
+
+        def branch_row() -> dict:
+            acc = self._evaluate(stripped, {row_name("branch", "pytorch"): lambda out: out})
+            return {"accuracy": acc["branches"][0], **self.static["branch"], **self._torch_timing(stripped)}
+
+        rows = [self._guard(_base(m, "pytorch"), lambda m=m: full_row(m), self._vanilla_reason())
+                for m in ("ensemble", "full_branch")]
+        return rows + [self._guard(_base("branch", "pytorch"), branch_row)]
+
+    def _compiled_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
+        def measure(model: str) -> dict:
+            if self.device.type != "cuda":
+                raise StageSkipped(f"torch.compile with CUDA graphs is measured on CUDA only; this bench runs on "
+                                   f"{self.device.type}")
+            net = _Head(full, lambda out: out.teacher) if model == "ensemble" else stripped
+            compiled = torch.compile(net, mode="reduce-overhead")
+            name = row_name(model, "torch.compile")
+            acc = self._evaluate(_Spec(compiled, net.spec), {name: lambda out: out})
+            return {"accuracy": acc["branches"][0], **self.static[model], **self._torch_timing(compiled)}
+
+        return [self._guard(_base(m, "torch.compile"), lambda m=m: measure(m),
+                            self._vanilla_reason() if m == "ensemble" else None) for m in ("ensemble", "branch")]
+
+    def _onnx_row(self, model: str, precision: str) -> dict:
+        base = _base(model, "onnxruntime", precision)
+        not_run = self._not_run(model, "export", onnx_key(model, precision), precision)
+        if not_run:
+            return {**base, **not_run}
+        path = self.ctx.input("export", onnx_key(model, precision))
+        row = self._guard(base, lambda: self._onnx(base["name"], path, self.static[model]))
+        if model == "branch" and self.triton_base:
+            row["triton_model"] = triton_model_name(self.triton_base, precision)
+        return row
+
+    def _tensorrt_row(self, model: str) -> dict:
+        entry = self.ctx.run.stage("engine") or {}
+        info = (entry.get("summary") or {}).get(model) or {}
+        precision = info.get("precision") or "fp32"
+        base = _base(model, "tensorrt", precision)
+        key = "engine" if model == "branch" else f"{model}_engine"
+        not_run = self._not_run(model, "engine", key, precision)
+        if not_run:
+            return {**base, **not_run}
+        row = self._guard(base, lambda: self._run_tensorrt(base["name"], self.ctx.input("engine", key),
+                                                           self.static[model]))
+        if model == "branch" and self.triton_base:
+            row["triton_model"] = triton_model_name(self.triton_base, precision, tensorrt=True)
+        return row
+
+    def _baseline_rows(self, model: nn.Module, path: Path) -> list[dict]:
+        model = model.to(self.device)
+        static = self._static(model, path)
+        static["file"] = str(path)  # outside this run directory
+
+        def eager() -> dict:
+            acc = self._evaluate(model, {row_name("baseline", "pytorch"): lambda out: out})
+            return {"accuracy": acc["branches"][0], **static, **self._torch_timing(model)}
+
+        def onnx() -> dict:
+            onnx_path = self.ctx.stage_dir("bench") / BASELINE_ONNX
+            images = self.test.normalise(self.test.images[:2])
+            proto = export_onnx(model.cpu(), images, self.ctx.cfg.export.opset)
+            model.to(self.device)
+            with atomic_path(onnx_path) as tmp:
+                import onnx
+
+                onnx.save(proto, str(tmp))
+            return self._onnx(row_name("baseline", "onnxruntime"), onnx_path, static)
+
+        return [self._guard(_base("baseline", "pytorch"), eager), self._guard(_base("baseline", "onnxruntime"), onnx)]
+
+    # --- what did not run, and why ------------------------------------------------------------------
+    def _vanilla_reason(self) -> str | None:
+        return "vanilla run: one plain network, no branches or gate to ensemble" if self.method == "vanilla" else None
+
+    def _not_run(self, model: str, stage: str, key: str, precision: str) -> dict | None:
+        """None when `stage` recorded `key`; else the row's status and reason."""
+        if model == "ensemble" and self.method == "vanilla":
+            return {"status": "skipped", "reason": self._vanilla_reason()}
+        entry = self.ctx.run.stage(stage)
+        if entry is None:
+            return {"status": "skipped", "reason": f"the {stage} stage has not run"}
+        if entry.get("status") == "skipped":
+            return {"status": "skipped", "reason": f"{stage} skipped: {entry.get('reason', '')}"}
+        if entry.get("status") != "done":
+            return {"status": "failed", "failed_in": "export", "reason": f"{stage} failed: {entry.get('error', '')}"}
+        if key in entry.get("outputs", {}):
+            return None
+        summary = entry.get("summary") or {}
+        figures = (summary.get(model) or {}).get(precision) or {}
+        if stage == "export" and figures.get("passed") is False:
+            return {"status": "skipped", "reason": f"not deployed: {figures.get('reason', 'rejected')}"}
+        if stage == "export" and precision not in entry.get("config", {}).get("export", {}).get("precisions", []):
+            return {"status": "skipped", "reason": f"not exported: {precision} is not in export.precisions"}
+        if model == "ensemble" and not entry.get("config", {}).get(stage, {}).get("ensemble", True):
+            return {"status": "skipped", "reason": f"{stage}.ensemble is false in the config"}
+        return {"status": "failed", "failed_in": "export", "reason": f"{stage} recorded no {key}"}
+
+    # --- measuring ----------------------------------------------------------------------------------
+    def _guard(self, base: dict, measure: Callable[[], dict], skip: str | None = None) -> dict:
+        """One row: ok with its figures, skipped with the reason, or failed in the bench with the error."""
+        if skip:
+            return {**base, "status": "skipped", "reason": skip}
+        try:
+            return {**base, "status": "ok", **measure()}
+        except StageSkipped as exc:
+            return {**base, "status": "skipped", "reason": str(exc)}
+        except Exception as exc:  # one row's failure is recorded in its row; the other rows still run
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            self.ctx.console.print(f"[red]{base['name']} failed:[/red] {escape(reason)}")
+            return {**base, "status": "failed", "failed_in": "bench", "reason": reason}
+
+    def _evaluate(self, model: nn.Module, heads: dict[str, Callable]) -> dict:
+        """`pipeline.training.evaluate` (what training records), keeping each head's predictions."""
+        recorder = _Recorder(model, heads)
+        acc = evaluate(recorder, self.test, self.device, self.eval_batch)
+        self.preds.update({name: torch.cat(p) for name, p in recorder.preds.items()})
+        return acc
+
+    def _static(self, model: nn.Module, path: Path) -> dict:
+        flops = count_flops(model, self.inputs[1])
+        return {"params": count_parameters(model), "flops": flops, "macs": flops // 2, "provider": "torch",
+                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size}
+
+    def _timing(self, call: Callable[[Any], Any], inputs: dict[int, Any], cuda_events: bool,
+                batches: list[int] | None = None) -> dict:
+        """Batch-1 latency, then throughput at each batch size (those in `batches`, default all)."""
+        c = self.cfg
+        lat = latency(lambda x=inputs[1]: call(x), warmup=c.warmup, iterations=c.iterations, device=self.device,
+                      cuda_events=cuda_events)
+        warm = min(c.warmup, 3)
+        return {"latency_ms": {"p50": round(lat.p50_ms, 6), "p90": round(lat.p90_ms, 6), "p99": round(lat.p99_ms, 6),
+                               "mean": round(lat.mean_ms, 6), "warmup": c.warmup, "iterations": lat.iterations},
+                "throughput": [{"images_per_s": round(throughput(lambda x=inputs[b]: call(x), batch=b, warmup=warm,
+                                                                 iterations=c.throughput_iterations,
+                                                                 device=self.device), 1),
+                                "batch": b, "warmup": warm, "iterations": c.throughput_iterations}
+                               for b in (batches or c.batch_sizes)]}
+
+    def _torch_timing(self, call: Callable[[torch.Tensor], Any]) -> dict:
+        with torch.inference_mode():
+            return self._timing(call, self.inputs, cuda_events=True)
+
+    def _onnx(self, name: str, path: Path, static: dict) -> dict:
+        session = ort_session(path, onnx_providers(self.device), self.threads)
+        logits = run_split(session, self.test, self.eval_batch)
+        self.preds[name] = torch.from_numpy(logits.argmax(1))
+        provider = session.get_providers()[0]
+        call = _onnx_call(session, provider)
+        dtype = input_dtype(session)
+        inputs = {b: x.cpu().numpy().astype(dtype) for b, x in self.inputs.items()}
+        return {**static, "accuracy": top1_accuracy(logits, self.labels.numpy()), "provider": provider,
+                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size,
+                **self._timing(call, inputs, cuda_events=False)}
+
+    def _run_tensorrt(self, name: str, path: Path, static: dict) -> dict:
+        if self.device.type != "cuda":
+            raise StageSkipped(f"a TensorRT engine runs on a CUDA GPU only; this bench runs on {self.device.type}")
+        from pipeline.deploy.tensorrt_runtime import TensorRTRunner
+
+        runner = TensorRTRunner(path)
+        lo, hi = runner.min_batch, runner.max_batch
+        batches = self.test.batches(min(self.eval_batch, hi))
+        self.preds[name] = torch.cat([runner(images.to(self.device)).argmax(1).cpu() for images, _ in batches])
+        fits = [b for b in self.cfg.batch_sizes if lo <= b <= hi]
+        outside = sorted(set(self.cfg.batch_sizes) - set(fits))
+        note = f"batch sizes {outside} are outside the engine's profile {lo}..{hi}" if outside else None
+        return {**static, "accuracy": float(100.0 * (self.preds[name] == self.labels).double().mean()),
+                "provider": "tensorrt",
+                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size, "note": note,
+                **self._timing(runner, self.inputs, cuda_events=True, batches=fits)}
+
+    # --- derived figures ------------------------------------------------------------------------------
+    def _derived(self, rows: list[dict]) -> None:
+        """Agreement with the same model in PyTorch eager; lower precisions against fp32 in the same runtime."""
+        by_name = {r["name"]: r for r in rows}
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            eager = row_name("branch" if row["model"] == "full_branch" else row["model"], "pytorch")
+            reference, preds = self.preds.get(eager), self.preds.get(row["name"])
+            if reference is not None and preds is not None:
+                row["agreement"] = float(100.0 * (preds == reference).double().mean())
+                row["images"] = len(preds)
+        parsed = {name: Row.model_validate(r) for name, r in by_name.items()}
+        for row in rows:
+            if row["format"] in ("onnxruntime", "tensorrt") and row["precision"] != "fp32" and row["status"] == "ok":
+                fp32 = parsed.get(row_name(row["model"], "onnxruntime", "fp32")) if row["format"] == "onnxruntime" \
+                    else None
+                found = gain(parsed[row["name"]], fp32)
+                if found:
+                    row["vs_fp32"] = {"row": found.versus, "accuracy_delta": found.accuracy_delta,
+                                      "speedup_p50": found.speedup_p50, "throughput_ratio": found.throughput_ratio}
+
+    def _checks(self, rows: list[dict]) -> list[dict]:
+        """The bench's top-1 against what training recorded for the same model (full test set only)."""
+        recorded = self.ctx.summary("train").get("test", {})
+        if not self.full_test_set or not recorded:
+            return []
+        b = self.branch if self.method == "one" else 0
+        wanted = {"one_e_eager": "teacher", "full_branch_eager": f"branches[{b}]", "branch_eager": f"branches[{b}]"}
+        checks = []
+        for row in rows:
+            head = wanted.get(row["name"])
+            if head is None or row["status"] != "ok":
+                continue
+            branches = recorded.get("branches", [])
+            train = recorded.get("teacher") if head == "teacher" else branches[b] if b < len(branches) else None
+            if train is not None:
+                checks.append({"row": row["name"], "train_head": head, "bench": row["accuracy"], "train": train,
+                               "equal": row["accuracy"] == train})
+        return checks
+
+
+class _Head(nn.Module):
+    """One output of the full ONE model (e.g. the gated ensemble), as a plain network."""
+
+    def __init__(self, full: nn.Module, head: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.full, self.head, self.spec = full, head, full.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.full(x))
+
+
+class _Spec(nn.Module):
+    """A callable with a `.spec` for `evaluate` (torch.compile's wrapper)."""
+
+    def __init__(self, net: Callable, spec: Any):
+        super().__init__()
+        self.net, self.spec = net, spec
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.net(x)
 
 
 class _Recorder(nn.Module):
@@ -97,270 +414,60 @@ class _Recorder(nn.Module):
         return out
 
 
-class _Bench:
-    def __init__(self, ctx: StageContext, threads: int):
-        self.ctx, self.cfg, self.device, self.threads = ctx, ctx.cfg.bench, ctx.device, threads
-        self.eval_batch = ctx.cfg.train.eval_batch_size
-        self.preds: dict[str, torch.Tensor] = {}
-        full_test = load_datasets(ctx.cfg.data).test
-        limit = self.cfg.test_limit
-        self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
-        self.full_test_set = len(self.test) == len(full_test)
-        self.labels = torch.cat([labels for _, labels in self.test.batches(self.eval_batch)])
-        self.inputs = _Inputs.prepare(self.test, self.cfg.throughput_batch, self.device)
-
-    # --- the rows --------------------------------------------------------------------------------
-    def measure(self) -> BenchFile:
-        ctx = self.ctx
-        full_path, branch_path = ctx.input("train", "model"), ctx.input("strip", "model")
-        full, _ = load_model(full_path)
-        stripped, payload = load_model(branch_path)
-        self.branch = int(payload.get("branch", ctx.summary("select").get("branch", 0)))
-        self.method = ctx.summary("train").get("method", ctx.cfg.model.method)
-        full, stripped = full.to(self.device), stripped.to(self.device)
-        branch_static = self._static(stripped, branch_path)
-        rows = [*self._full_rows(full, full_path), self._branch_eager(stripped, branch_static),
-                self._compiled(stripped, branch_static), *self._onnx_rows(branch_static),
-                self._tensorrt(branch_static)]
-        self._agreement(rows)
-        self._vs_fp32(rows)
-        return BenchFile.model_validate({
-            "schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": self.method, "branch": self.branch,
-            "device": str(self.device), "threads": self.threads, "test_images": len(self.test),
-            "eval_batch_size": self.eval_batch, "settings": self.cfg.model_dump(mode="json"),
-            "environment": environment(), "checks": self._checks(rows), "rows": rows,
-            "headline": _headline(rows)})
-
-    def _full_rows(self, full: nn.Module, path: Path) -> list[dict]:
-        b = self.branch
-        bases = [_base(ENSEMBLE_ROW, "ONE-E gated ensemble (full model)", "ensemble", "pytorch"),
-                 _base("full_branch_eager", f"full model, branch {b} output", "full_branch", "pytorch")]
-        if self.method == "vanilla":
-            reason = "vanilla run: one plain network, no branches or gate to ensemble"
-            return [{**base, "status": "skipped", "reason": reason} for base in bases]
-        heads = {ENSEMBLE_ROW: lambda out: out.teacher, "full_branch_eager": lambda out: out.branches[:, b]}
-        accuracy: dict[str, float] = {}
-
-        def measure(name: str) -> dict:
-            if not accuracy:
-                acc = self._evaluate(full, heads)
-                accuracy.update({ENSEMBLE_ROW: acc["teacher"], "full_branch_eager": acc["branches"][b]})
-            return {"accuracy": accuracy[name], **self._static(full, path),
-                    **self._torch_timing(lambda x: heads[name](full(x)))}
-
-        return [self._guard(base, lambda base=base: measure(base["name"])) for base in bases]
-
-    def _branch_eager(self, stripped: nn.Module, static: dict) -> dict:
-        def measure() -> dict:
-            acc = self._evaluate(stripped, {"branch_eager": lambda out: out})
-            return {"accuracy": acc["branches"][0], **static, **self._torch_timing(stripped)}
-
-        return self._guard(_base("branch_eager", "stripped branch", "branch", "pytorch"), measure)
-
-    def _compiled(self, stripped: nn.Module, static: dict) -> dict:
-        base = _base("branch_compile", "stripped branch, torch.compile (CUDA graphs)", "branch", "torch.compile")
-
-        def measure() -> dict:
-            if self.device.type != "cuda":
-                raise StageSkipped(f"torch.compile with CUDA graphs is measured on CUDA only; this bench runs on "
-                                   f"{self.device.type}")
-            compiled = torch.compile(stripped, mode="reduce-overhead")  # `.spec` reads through to `stripped`
-            acc = self._evaluate(compiled, {"branch_compile": lambda out: out})
-            return {"accuracy": acc["branches"][0], **static, **self._torch_timing(compiled)}
-
-        return self._guard(base, measure)
-
-    def _onnx_rows(self, static: dict) -> list[dict]:
-        entry = self.ctx.run.stage("export")
-        requested = (entry or {}).get("config", {}).get("export", {}).get("precisions",
-                                                                          self.ctx.cfg.export.precisions)
-        rows = []
-        for p in PRECISIONS:
-            base = _base(f"branch_onnx_{p}", f"stripped branch, ONNX Runtime {p}", "branch", "onnxruntime", p)
-            upstream = _upstream(entry, "export", f"onnx_{p}")
-            if upstream is None:
-                rows.append(self._guard(base, lambda p=p: self._onnx(f"branch_onnx_{p}",
-                                                                     self.ctx.input("export", f"onnx_{p}"), static)))
-            elif entry and entry.get("status") == "done" and p not in requested:
-                rows.append({**base, "status": "skipped", "reason": f"not exported: {p} is not in export.precisions"})
-            else:
-                rows.append({**base, **upstream})
-        return rows
-
-    def _tensorrt(self, static: dict) -> dict:
-        entry = self.ctx.run.stage("engine") or {}
-        precision = entry.get("config", {}).get("engine", {}).get("precision", self.ctx.cfg.engine.precision)
-        base = _base("branch_tensorrt", f"stripped branch, TensorRT {precision}", "branch", "tensorrt", precision)
-        upstream = _upstream(entry or None, "engine", "engine")
-        return {**base, **upstream} if upstream else self._guard(base, lambda: self._run_tensorrt(static))
-
-    # --- measuring ----------------------------------------------------------------------------------
-    def _guard(self, base: dict, measure: Callable[[], dict]) -> dict:
-        """One row: ok with its figures, skipped with the reason, or failed in the bench with the error."""
-        try:
-            return {**base, "status": "ok", **measure()}
-        except StageSkipped as exc:
-            return {**base, "status": "skipped", "reason": str(exc)}
-        except Exception as exc:  # one row's failure is recorded in its row; the other rows still run
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            self.ctx.console.print(f"[red]{base['name']} failed:[/red] {escape(reason)}")
-            return {**base, "status": "failed", "failed_in": "bench", "reason": reason}
-
-    def _evaluate(self, model: nn.Module, heads: dict[str, Callable]) -> dict:
-        """`pipeline.training.evaluate` (what training records), keeping each head's predictions for agreement."""
-        recorder = _Recorder(model, heads)
-        acc = evaluate(recorder, self.test, self.device, self.eval_batch)
-        self.preds.update({name: torch.cat(p) for name, p in recorder.preds.items()})
-        return acc
-
-    def _static(self, model: nn.Module, path: Path) -> dict:
-        flops = count_flops(model, self.inputs.x1)
-        return {"params": count_parameters(model), "flops": flops, "macs": flops // 2, "provider": "torch",
-                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size}
-
-    def _timing(self, one: Callable[[], Any], batch: Callable[[], Any] | None, cuda_events: bool) -> dict:
-        c = self.cfg
-        lat = latency(one, warmup=c.warmup, iterations=c.iterations, device=self.device, cuda_events=cuda_events)
-        figures: dict[str, Any] = {"latency_ms": {  # ms to the ns
-            "p50": round(lat.p50_ms, 6), "p90": round(lat.p90_ms, 6), "p99": round(lat.p99_ms, 6),
-            "mean": round(lat.mean_ms, 6), "warmup": c.warmup, "iterations": lat.iterations}}
-        if batch is not None:
-            warm = min(c.warmup, 3)
-            ips = throughput(batch, batch=c.throughput_batch, warmup=warm, iterations=c.throughput_iterations,
-                             device=self.device)
-            figures["throughput"] = {"images_per_s": round(ips, 1), "batch": c.throughput_batch, "warmup": warm,
-                                     "iterations": c.throughput_iterations}
-        return figures
-
-    def _torch_timing(self, call: Callable[[torch.Tensor], Any]) -> dict:
-        x1, xb = self.inputs.x1, self.inputs.xb
-        with torch.inference_mode():
-            return self._timing(lambda: call(x1), lambda: call(xb), cuda_events=True)
-
-    def _onnx(self, name: str, path: Path, static: dict) -> dict:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=onnx_providers(self.device))
-        inp, out = session.get_inputs()[0], session.get_outputs()[0].name
-        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        preds = [torch.from_numpy(np.asarray(session.run([out], {inp.name: images.numpy().astype(dtype)})[0])
-                                  .argmax(1)) for images, _ in self.test.batches(self.eval_batch)]
-        self.preds[name] = torch.cat(preds)
-        provider = session.get_providers()[0]
-        calls = [self._onnx_call(session, inp.name, out, x.astype(dtype), provider)
-                 for x in (self.inputs.x1_np, self.inputs.xb_np)]
-        return {**static, "accuracy": _accuracy(self.preds[name], self.labels), "provider": provider,
-                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size,
-                **self._timing(*calls, cuda_events=False)}
-
-    @staticmethod
-    def _onnx_call(session: Any, inp: str, out: str, x: np.ndarray, provider: str) -> Callable[[], Any]:
-        if provider != "CUDAExecutionProvider":
-            feed = {inp: x}
-            return lambda: session.run([out], feed)
-        import onnxruntime as ort  # on the GPU: input already on the device, like the torch rows
-
-        binding, value = session.io_binding(), ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-        binding.bind_ortvalue_input(inp, value)
-        binding.bind_output(out, "cuda")
-        return lambda value=value: session.run_with_iobinding(binding)  # `value` lives as long as the call
-
-    def _run_tensorrt(self, static: dict) -> dict:
-        if self.device.type != "cuda":
-            raise StageSkipped(f"a TensorRT engine runs on a CUDA GPU only; this bench runs on {self.device.type}")
-        from pipeline.deploy.tensorrt_runtime import TensorRTRunner
-
-        path = self.ctx.input("engine", "engine")
-        runner = TensorRTRunner(path)
-        lo, hi = runner.min_batch, runner.max_batch
-        preds = []
-        for images, _ in self.test.batches(min(self.eval_batch, hi)):
-            preds.append(runner(images.to(self.device)).argmax(1).cpu())
-        self.preds["branch_tensorrt"] = torch.cat(preds)
-        x1, xb = self.inputs.x1, self.inputs.xb
-        fits = lo <= self.cfg.throughput_batch <= hi
-        note = None if fits else f"throughput batch {self.cfg.throughput_batch} is outside the engine's {lo}..{hi}"
-        return {**static, "accuracy": _accuracy(self.preds["branch_tensorrt"], self.labels), "provider": "tensorrt",
-                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size, "note": note,
-                **self._timing(lambda: runner(x1), (lambda: runner(xb)) if fits else None, cuda_events=True)}
-
-    # --- derived figures ------------------------------------------------------------------------------
-    def _agreement(self, rows: list[dict]) -> None:
-        reference = self.preds.get("branch_eager")
-        for row in rows:
-            preds = self.preds.get(row["name"])
-            if row["status"] == "ok" and reference is not None and preds is not None:
-                row["agreement"] = float(100.0 * (preds == reference).double().mean())
-                row["images"] = len(preds)
-
-    @staticmethod
-    def _vs_fp32(rows: list[dict]) -> None:
-        fp32 = next(r for r in rows if r["name"] == BRANCH_ROW)
-        for row in rows:
-            if row["format"] == "onnxruntime" and row["precision"] != "fp32" and row["status"] == "ok":
-                ok = fp32["status"] == "ok"
-                row["vs_fp32"] = {"accuracy_delta": row["accuracy"] - fp32["accuracy"] if ok else None,
-                                  "speedup_p50": round(fp32["latency_ms"]["p50"] / row["latency_ms"]["p50"], 4)
-                                  if ok else None}
-
-    def _checks(self, rows: list[dict]) -> list[dict]:
-        """The bench's top-1 against what training recorded for the same model (full test set only)."""
-        recorded = self.ctx.summary("train").get("test", {})
-        if not self.full_test_set or not recorded:
-            return []
-        b = self.branch if self.method == "one" else 0
-        wanted = {ENSEMBLE_ROW: "teacher", "full_branch_eager": f"branches[{b}]", "branch_eager": f"branches[{b}]"}
-        checks = []
-        for row in rows:
-            head = wanted.get(row["name"])
-            if head is None or row["status"] != "ok":
-                continue
-            branches = recorded.get("branches", [])
-            train = recorded.get("teacher") if head == "teacher" else branches[b] if b < len(branches) else None
-            if train is not None:
-                checks.append({"row": row["name"], "train_head": head, "bench": row["accuracy"], "train": train,
-                               "equal": row["accuracy"] == train})
-        return checks
+def _inputs(test: ImageSet, batch_sizes: list[int], device: torch.device) -> dict[int, torch.Tensor]:
+    """The timing inputs, made once outside every timed region and shared by every row: batch 1 and
+    each throughput batch (the first test images, repeated if the test set is smaller)."""
+    sizes = sorted({1, *batch_sizes})
+    return {b: test.normalise(test.images[torch.arange(b) % len(test)]).contiguous().to(device) for b in sizes}
 
 
-def _base(name: str, label: str, model: str, fmt: str, precision: str = "fp32") -> dict:
-    return {"name": name, "label": label, "model": model, "format": fmt, "precision": precision}
+def _onnx_call(session: Any, provider: str) -> Callable[[np.ndarray], Any]:
+    inp, out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    if provider != "CUDAExecutionProvider":
+        return lambda x: session.run([out], {inp: x})
+    import onnxruntime as ort  # on the GPU: input copied to the device first, like the torch rows
+
+    bound: dict[int, Any] = {}
+
+    def call(x: np.ndarray) -> Any:
+        if id(x) not in bound:
+            binding, value = session.io_binding(), ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+            binding.bind_ortvalue_input(inp, value)
+            binding.bind_output(out, "cuda")
+            bound[id(x)] = (binding, value)  # `value` lives as long as its binding
+        return session.run_with_iobinding(bound[id(x)][0])
+
+    return call
 
 
-def _upstream(entry: dict | None, stage: str, key: str) -> dict | None:
-    """None when the stage finished with `key`; else the row's status and reason from the manifest."""
-    if entry is None:
-        return {"status": "skipped", "reason": f"the {stage} stage has not run"}
-    if entry.get("status") == "skipped":
-        return {"status": "skipped", "reason": f"{stage} skipped: {entry.get('reason', '')}"}
-    if entry.get("status") != "done":
-        return {"status": "failed", "failed_in": "export", "reason": f"{stage} failed: {entry.get('error', '')}"}
-    if key not in entry.get("outputs", {}):
-        return {"status": "failed", "failed_in": "export", "reason": f"{stage} recorded no {key}"}
-    return None
+def _base(model: str, fmt: str, precision: str = "fp32") -> dict:
+    label = LABELS[model] if fmt == "pytorch" else f"{LABELS[model].split(' (')[0]}, {FORMAT_NAMES[fmt]}" + (
+        f" {precision}" if fmt in ("onnxruntime", "tensorrt") else "")
+    return {"name": row_name(model, fmt, precision), "label": label, "model": model, "format": fmt,
+            "precision": precision}
 
 
-def _accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 in %, computed as `pipeline.training.evaluate` does."""
-    return float(100.0 * (preds == labels).sum().double() / max(len(labels), 1))
+def _empty_headline() -> dict:
+    return {"runtime": "", "strip": None, "runtime_gain": None, "precision_gain": None, "size_ratio": None,
+            "params_ratio": None, "flops_ratio": None, "ship": None}
 
 
-def _headline(rows: list[dict]) -> dict:
-    ens = next(r for r in rows if r["name"] == ENSEMBLE_ROW)
-    br = next(r for r in rows if r["name"] == BRANCH_ROW)
-    ok = ens["status"] == "ok" and br["status"] == "ok"
+def _headline(bench: BenchFile, max_drop: float) -> dict:
+    """The gain in parts: strip (same runtime and precision), runtime (same model), precision (same model
+    and runtime); what to ship."""
+    branch, ensemble = bench.row("branch_onnx_fp32"), bench.row("one_e_onnx_fp32")
+    strip = gain(branch, ensemble)
+    lower = [r for r in bench.rows if r.model == "branch" and r.format == "onnxruntime" and r.precision != "fp32"
+             and r.status == "ok" and r.vs_fp32 and r.vs_fp32.speedup_p50]
+    fastest = min(lower, key=lambda r: r.latency_ms.p50, default=None)
+    reasons = [f"{r.name} {r.status}: {r.reason}" for r in (ensemble, branch) if r is not None and r.status != "ok"]
 
     def ratio(key: str) -> float | None:
-        return round(ens[key] / br[key], 4) if ok and ens.get(key) and br.get(key) else None
+        a, b = getattr(ensemble, key, None) if ensemble else None, getattr(branch, key, None) if branch else None
+        return round(a / b, 4) if strip and a and b else None
 
-    reasons = [f"{r['name']} {r['status']}: {r['reason']}" for r in (ens, br) if r["status"] != "ok"]
-    return {"ensemble_row": ENSEMBLE_ROW, "branch_row": BRANCH_ROW,
-            "speedup_p50": round(ens["latency_ms"]["p50"] / br["latency_ms"]["p50"], 4) if ok else None,
+    return {"runtime": "onnxruntime fp32", "strip": strip and strip.model_dump(),
+            "runtime_gain": (g := gain(branch, bench.row("branch_eager"))) and g.model_dump(),
+            "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
             "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
-            "ensemble_accuracy": ens.get("accuracy"), "branch_accuracy": br.get("accuracy"),
-            "accuracy_delta": br["accuracy"] - ens["accuracy"] if ok else None,
-            "reason": "; ".join(reasons) or None}
+            "ship": ship_pick(bench.rows, max_drop).model_dump(), "reason": "; ".join(reasons) or None}

@@ -1,4 +1,6 @@
-"""engine stage: build a TensorRT engine from the exported ONNX of `engine.precision`.
+"""engine stage: build TensorRT engines from the exported ONNX of `engine.precision` (`auto`: the lowest
+precision the export accuracy guard deployed): the kept branch, and its ONE-E twin when
+`engine.ensemble` (for the like-for-like bench; servers get the branch).
 
 Targets TensorRT 10.x (10.12 or later, with the STRONGLY_TYPED network-creation flag) and 11.x (every
 network strongly typed; the flag is accepted and ignored). Precision is no builder flag: it is the
@@ -6,11 +8,12 @@ ONNX graph's own types (fp32, the fp16 conversion, or the Q/DQ int8 model), so t
 builds all three on both versions.
 
 Writes, under engine/:
-- model_<p>.plan       the serialized engine (nothing else inside it);
-- model_<p>.plan.json  its sidecar: TensorRT version, GPU, compute capability, precision, profile, ONNX
-                       sha256 and the check figures. A plan runs only with that TensorRT version on
-                       that GPU model;
-- build.log            the builder config (logged first), then every TensorRT message at INFO and up;
+- model_<p>.plan       the serialized engine (nothing else inside it); ensemble_<p>.plan for ONE-E;
+- model_<p>.plan.json  its sidecar: TensorRT version, GPU, compute capability, precision and why it was
+                       chosen, profile, ONNX sha256 and the check figures. A plan runs only with that
+                       TensorRT version on that GPU model;
+- build.log            the builder config (logged first), then every TensorRT message at INFO and up
+                       (ensemble_build.log for ONE-E);
 - timing.cache         tactic timings, reused by the next build on the same GPU and TensorRT.
 
 After the build the plan is deserialized and run on the validation images the export stage checks
@@ -40,7 +43,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import Config, EngineConfig
-from pipeline.deploy.onnx_io import read_onnx_io
+from pipeline.deploy.onnx_io import onnx_key, read_onnx_io
+from pipeline.deploy.runtime import parity
 from pipeline.deploy.tensorrt_runtime import import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_json, write_text
@@ -211,25 +215,46 @@ def _attach_timing_cache(config: Any, path: Path) -> tuple[Any, str]:
 
 def compare_outputs(got: np.ndarray, reference: np.ndarray, precision: str, cfg: EngineConfig) -> dict[str, Any]:
     """The engine's logits against ONNX Runtime's on the same ONNX file, with this precision's limit."""
-    if got.shape != reference.shape:
-        return {"images": len(reference), "passed": False,
-                "problem": f"output shape {list(got.shape)} where ONNX Runtime gives {list(reference.shape)}"}
-    got, reference = got.astype(np.float64), reference.astype(np.float64)
-    finite = bool(np.isfinite(got).all())
-    max_diff = float(np.abs(got - reference).max()) if finite else None
-    agreement = float((got.argmax(1) == reference.argmax(1)).mean())
-    figures: dict[str, Any] = {"images": len(reference), "max_abs_diff": max_diff, "top1_agreement": agreement}
-    if not finite:
-        problem = f"{int((~np.isfinite(got)).sum())} non-finite logits"
-    elif precision == "int8":
-        figures["min_top1_agreement"] = cfg.int8_min_agreement
+    figures, problems = parity(got, reference)
+    result: dict[str, Any] = {"images": len(reference), "max_abs_diff": None, "top1_agreement": None}
+    if problems or not figures:
+        return {**result, "passed": False, "problem": "; ".join(problems)}
+    max_diff, agreement = figures["max_abs_diff"], figures["top1_agreement"]
+    result.update(max_abs_diff=max_diff, top1_agreement=agreement)
+    if precision == "int8":
+        result["min_top1_agreement"] = cfg.int8_min_agreement
         problem = (f"top-1 agreement {agreement:.1%} < {cfg.int8_min_agreement:.1%} (engine.int8_min_agreement)"
                    if agreement < cfg.int8_min_agreement else None)
     else:
         atol, field = (cfg.fp16_atol, "fp16_atol") if precision == "fp16" else (cfg.fp32_atol, "fp32_atol")
-        figures["atol"] = atol
+        result["atol"] = atol
         problem = f"max abs logit diff {max_diff:.3g} > {atol:g} (engine.{field})" if max_diff > atol else None
-    return {**figures, "passed": problem is None, "problem": problem}
+    return {**result, "passed": problem is None, "problem": problem}
+
+
+def choose_precision(cfg: EngineConfig, export: dict[str, Any]) -> tuple[str, str]:
+    """(precision, why): engine.precision, or for `auto` the lowest precision whose ONNX the export
+    accuracy guard deployed (int8, else fp16, else fp32). A precision the guard rejected is never built."""
+    outputs, figures = export.get("outputs", {}), (export.get("summary") or {}).get("branch", {})
+    if cfg.precision != "auto":
+        if onnx_key("branch", cfg.precision) not in outputs:
+            why = figures.get(cfg.precision, {}).get("reason", "it was not exported")
+            raise PipelineError(f"engine.precision {cfg.precision}: that ONNX is not deployed ({why}); set "
+                                "engine.precision: auto to build the lowest precision that passed")
+        return cfg.precision, "engine.precision in the config"
+    notes = []
+    for precision in ("int8", "fp16"):
+        if onnx_key("branch", precision) in outputs:
+            drop = figures.get(precision, {}).get("drop")
+            return precision, "; ".join([*notes, f"auto: {precision} passed the export accuracy guard "
+                                                 f"({fmt_drop(drop)} on validation)"])
+        notes.append(f"{precision} " + (f"not deployed ({figures[precision]['reason']})" if precision in figures
+                                        else "not exported"))
+    return "fp32", "; ".join([*notes, "auto: fp32"])
+
+
+def fmt_drop(drop: float | None) -> str:
+    return "drop not recorded" if drop is None else f"{-drop:+.2f} top-1 points vs fp32"
 
 
 def validation_images(cfg: Config, profile: BatchProfile) -> torch.Tensor:
@@ -262,20 +287,41 @@ def verify_engine(plan_path: Path, onnx_path: Path, images: torch.Tensor, precis
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.engine
     trt = tensorrt_or_skip(cfg)
-    precision = cfg.precision
-    onnx_path = ctx.input("export", f"onnx_{precision}")
+    export = ctx.run.stage("export") or {}
+    precision, why = choose_precision(cfg, export)
+    ctx.console.print(escape(f"engine precision {precision}: {why}"))
+    subjects = ["branch"] + (["ensemble"] if cfg.ensemble and onnx_key("ensemble", precision) in
+                             export.get("outputs", {}) else [])
+    outputs: dict[str, Path] = {}
+    summary: dict[str, Any] = {"precision": precision, "why": why}
+    for subject in subjects:
+        info, info_path = _build_one(ctx, trt, subject, precision, why)
+        prefix = "" if subject == "branch" else f"{subject}_"
+        outputs.update({f"{prefix}engine": ctx.run.path("engine", info["plan"]), f"{prefix}engine_info": info_path,
+                        f"{prefix}build_log": ctx.run.path("engine", info["log"])})
+        summary[subject] = {k: info[k] for k in ("tensorrt", "gpu", "compute_capability", "precision", "profile",
+                                                 "plan_bytes", "build_s", "timing_cache", "check")}
+    return StageResult(outputs=outputs, summary=summary)
+
+
+def _build_one(ctx: StageContext, trt: ModuleType, subject: str, precision: str,
+               why: str) -> tuple[dict[str, Any], Path]:
+    """Build, record and check the engine of one exported subject (the branch, or ONE-E)."""
+    cfg = ctx.cfg.engine
+    onnx_path = ctx.input("export", onnx_key(subject, precision))
     profile = batch_profile(onnx_path, cfg)
     out = ctx.stage_dir("engine")
-    plan_path, log_path = out / f"model_{precision}.plan", out / BUILD_LOG
+    prefix = "" if subject == "branch" else f"{subject}_"
+    plan_path, log_path = out / f"{onnx_path.stem}.plan", out / f"{prefix}{BUILD_LOG}"  # model_int8.plan, ...
     built = build_engine(trt, onnx_path, plan_path, profile, workspace_mb=cfg.workspace_mb,
                          timing_cache=out / TIMING_CACHE, log_path=log_path, console=ctx.console)
     major, minor = torch.cuda.get_device_capability()
     info: dict[str, Any] = {
-        "plan": plan_path.name, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
-        "compute_capability": f"{major}.{minor}", "precision": precision, "profile": profile.to_dict(),
-        "onnx": str(onnx_path.relative_to(ctx.run.root)), "onnx_sha256": sha256_file(onnx_path),
-        "plan_sha256": sha256_file(plan_path), "plan_bytes": plan_path.stat().st_size,
-        "workspace_mb": cfg.workspace_mb, **built,
+        "plan": plan_path.name, "log": log_path.name, "model": subject, "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}", "precision": precision,
+        "precision_why": why, "profile": profile.to_dict(), "onnx": str(onnx_path.relative_to(ctx.run.root)),
+        "onnx_sha256": sha256_file(onnx_path), "plan_sha256": sha256_file(plan_path),
+        "plan_bytes": plan_path.stat().st_size, "workspace_mb": cfg.workspace_mb, **built,
         "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "check": None,
     }
     if cfg.verify:
@@ -285,11 +331,8 @@ def run(ctx: StageContext) -> StageResult:
     check = info["check"]
     if check is not None:
         if not check["passed"]:
-            raise PipelineError(f"the {precision} engine disagrees with ONNX Runtime on {check['images']} "
+            raise PipelineError(f"the {precision} {subject} engine disagrees with ONNX Runtime on {check['images']} "
                                 f"validation images: {check['problem']}; figures in {info_path}")
-        ctx.console.print(f"check: max abs logit diff {check['max_abs_diff']:.3g}, top-1 agreement "
+        ctx.console.print(f"{subject} check: max abs logit diff {check['max_abs_diff']:.3g}, top-1 agreement "
                           f"{check['top1_agreement']:.1%} on {check['images']} images")
-    summary = {key: info[key] for key in ("tensorrt", "gpu", "compute_capability", "precision", "profile",
-                                          "plan_bytes", "build_s", "timing_cache", "check")}
-    return StageResult(outputs={"engine": plan_path, "engine_info": info_path, "build_log": log_path},
-                       summary=summary)
+    return info, info_path

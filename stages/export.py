@@ -1,20 +1,25 @@
-"""Export the stripped branch to ONNX (fp32; fp16 and int8 converted from it) and check every file with
-ONNX Runtime against PyTorch on real validation images.
+"""Export the stripped branch (and the full model's ONE-E output) to ONNX, convert it to lower
+precisions, and judge every file with ONNX Runtime on real validation images.
 
     proto = export_onnx(single_net, example_batch, opset=20)   # input "input" (N dynamic), output "logits"
     figures = check_onnx(path, images, reference_logits, ["CPUExecutionProvider"], atol=1e-4, same_top1=True)
 
-Checks (all problems are collected, then one PipelineError gives every figure):
-- fp32: onnx.checker, names/types, max abs logit diff vs PyTorch <= export.atol, identical top-1;
-- fp16: the same with export.fp16_atol; top-1 agreement recorded;
-- int8: Q/DQ in front of every Conv/Gemm, zero points 0, top-1 agreement with PyTorch fp32 >=
-  export.int8_min_agreement; max diff recorded. Calibration uses TRAINING images only.
-Each check runs the check batch and a single image (a batch size other than the export's).
-Every file carries metadata_props (see `onnx_metadata`) and is written atomically.
+Checks, per subject (the branch; ONE-E when export.ensemble and the run is ONE):
+- fp32: onnx.checker, names/types, max abs logit diff vs PyTorch <= export.atol, identical top-1 (a
+  failure stops the stage: the graph does not compute what the network does);
+- fp16: the same with export.fp16_atol, then the accuracy guard;
+- int8 (TensorRT form) and int8_cpu (ONNX Runtime x86 form): Q/DQ structure, finite logits, then the
+  accuracy guard, over a search of calibration recipes (pipeline/deploy/quantize.py `recipes`): the first
+  within the bound is kept; every recipe tried is recorded. ONE-E's int8 twin uses the recipe the branch
+  kept. Calibration uses TRAINING images only.
+The accuracy guard: top-1 over the whole validation split against the fp32 ONNX on the same split; a
+model that loses more than export.max_accuracy_drop points is not written (not deployed), and the
+summary says why. Every file carries metadata_props (see `onnx_metadata`) and is written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -23,60 +28,61 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
+from rich.markup import escape
 from torch import nn
 
-from pipeline.deploy.quantize import calibration_images, nonzero_zero_points, quantize_int8, to_fp16, unquantized_nodes
+from pipeline.deploy.onnx_io import INPUT, OUTPUT, PRECISIONS, SUBJECTS, export_onnx, onnx_file_name, onnx_key, opset_of
+from pipeline.deploy.quantize import (
+    INT8_TARGETS,
+    Recipe,
+    calibration_images,
+    nonzero_zero_points,
+    quantize_int8,
+    recipes,
+    to_fp16,
+    unquantized_nodes,
+)
+from pipeline.deploy.runtime import ort_session, parity, run_split, top1_accuracy
 from pipeline.device import onnx_providers
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import atomic_path, sha256_file
 from pipeline.stage import StageContext, StageResult
 from pipeline.training import checkpoint
-from pipeline.training.data import load_datasets
+from pipeline.training.data import ImageSet, load_datasets
+from pipeline.training.models import ONENet
 
-INPUT, OUTPUT = "input", "logits"
-PRECISIONS = ("fp32", "fp16", "int8")
-HINTS = {  # what to do when a precision fails its check
-    "fp32": "the exported graph does not compute what PyTorch does: try another export.opset (or raise "
-            "export.atol if the difference is only rounding)",
-    "fp16": "the model loses too much in float16: deploy fp32, or raise export.fp16_atol",
-    "int8": "calibrate on more images (export.calibration_size), lower export.int8_min_agreement, or deploy fp16",
-}
+HINT = ("the exported graph does not compute what PyTorch does: try another export.opset (or raise export.atol if "
+        "the difference is only rounding)")
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    """The dynamo export of `model` (eval mode) with a dynamic batch dimension, pinned to `opset`."""
-    if len(example) < 2:  # torch.export specialises a dimension of size 1
-        example = example.repeat(2, 1, 1, 1)
-    try:
-        program = torch.onnx.export(model.eval(), (example,), input_names=[INPUT], output_names=[OUTPUT],
-                                    opset_version=opset, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                    dynamo=True, optimize=True, external_data=False, verbose=False)
-    except Exception as exc:  # the exporter raises many types; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise PipelineError(f"torch.onnx.export failed at opset {opset} ({type(exc).__name__}: {first[:300]}); "
-                            "try another export.opset") from exc
-    proto = program.model_proto
-    got = opset_of(proto)
-    if got != opset:
-        raise PipelineError(f"the exporter wrote opset {got} where export.opset is {opset}; pick an opset this "
-                            f"torch {torch.__version__} exports (18 to 23)")
-    return proto
+class EnsembleOutput(nn.Module):
+    """The full ONE model with one output, the gated ensemble's logits (ONE-E), for export."""
+
+    def __init__(self, full: ONENet):
+        super().__init__()
+        self.full, self.spec = full, full.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.full(x).teacher
 
 
-def opset_of(proto: onnx.ModelProto) -> int | None:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+class Rejected(Exception):
+    """A converted model that the accuracy guard does not deploy; the message says why."""
+
+    def __init__(self, reason: str, trials: list[dict[str, Any]] = ()):
+        super().__init__(reason)
+        self.trials = list(trials)
 
 
-def onnx_metadata(payload: dict[str, Any], checkpoint_sha256: str, precision: str) -> dict[str, str]:
+def onnx_metadata(payload: dict[str, Any], checkpoint_sha256: str) -> dict[str, str]:
     """What a consumer needs to feed the model and trace it back (values are strings; lists are JSON)."""
     data = payload["data"]
     return {"class_names": json.dumps(list(data["class_names"])), "input_shape": json.dumps(list(data["input_shape"])),
             "mean": json.dumps(list(data["mean"])), "std": json.dumps(list(data["std"])),
             "dataset": str(data["dataset"]), "arch": str(payload["spec"]["arch"]),
             "branch": str(payload["branch"]), "source_sha256": str(payload["source_sha256"]),
-            "checkpoint_sha256": checkpoint_sha256, "precision": precision, "producer": "one-pipeline"}
+            "checkpoint_sha256": checkpoint_sha256, "producer": "one-pipeline"}
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -96,41 +102,8 @@ def describe_io(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [one(v) for v in proto.graph.input], "outputs": [one(v) for v in proto.graph.output]}
 
 
-def compare(got: np.ndarray, reference: np.ndarray, atol: float | None) -> tuple[dict[str, Any], list[str]]:
-    """Figures and problems of one output against the PyTorch reference logits."""
-    if got.shape != reference.shape:
-        return {}, [f"output shape {list(got.shape)} where PyTorch gives {list(reference.shape)}"]
-    diff = np.abs(got.astype(np.float64) - reference)
-    max_diff = float(np.nan_to_num(diff, nan=np.inf).max())
-    agree = got.argmax(1) == reference.argmax(1)
-    problems = []
-    if not np.isfinite(got).all():
-        problems.append(f"{int((~np.isfinite(got)).sum())} non-finite logits")
-    if atol is not None and not max_diff <= atol:
-        over = int((np.nan_to_num(diff, nan=np.inf) > atol).sum())
-        problems.append(f"max abs logit diff {max_diff:.3g} > atol {atol:g} ({over} of {diff.size} values over)")
-    return {"max_abs_diff": max_diff, "top1_agreement": float(agree.mean()),
-            "top1_mismatches": [int(i) for i in np.flatnonzero(~agree)]}, problems
-
-
-def check_providers(device: torch.device) -> list:
-    """`onnx_providers(device)`, with CUDA's TF32 math off: the fp32 check compares to full fp32."""
-    return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in onnx_providers(device)]
-
-
-def session(path: Path, providers: list) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        raise PipelineError(f"ONNX Runtime cannot load {path.name} ({type(exc).__name__}: "
-                            f"{str(exc).strip()[:300]})") from exc
-
-
 def check_onnx(path: Path, images: torch.Tensor, reference: np.ndarray, providers: list, *,
-               atol: float | None, same_top1: bool = False, min_agreement: float | None = None,
-               label: str = "fp32") -> dict[str, Any]:
+               atol: float | None, same_top1: bool = False, label: str = "fp32") -> dict[str, Any]:
     """Run `path` with ONNX Runtime on `images` and on the first image alone; every problem against
     `reference` (PyTorch fp32 logits) is collected into one PipelineError. Returns the figures."""
     try:
@@ -138,7 +111,7 @@ def check_onnx(path: Path, images: torch.Tensor, reference: np.ndarray, provider
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise PipelineError(f"{label} ONNX fails onnx.checker ({str(exc).strip().splitlines()[0][:300]}); the "
                             "converter wrote an invalid graph: try another export.opset") from exc
-    sess = session(path, providers)
+    sess = ort_session(path, providers)
     problems = []
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if [i.name for i in inputs] != [INPUT] or [o.name for o in outputs] != [OUTPUT]:
@@ -151,7 +124,7 @@ def check_onnx(path: Path, images: torch.Tensor, reference: np.ndarray, provider
         batch = images.numpy()
         for size, feed, ref in ((len(batch), batch, reference), (1, batch[:1], reference[:1])):
             got = sess.run([OUTPUT], {INPUT: feed})[0]
-            found, issues = compare(got, ref, atol)
+            found, issues = parity(got, ref, atol)
             problems += [f"batch {size}: {issue}" for issue in issues]
             if size == len(batch):
                 figures = found
@@ -161,18 +134,16 @@ def check_onnx(path: Path, images: torch.Tensor, reference: np.ndarray, provider
         if same_top1 and mismatches:
             problems.append(f"top-1 differs on {len(mismatches)} of {len(batch)} images (indices "
                             f"{', '.join(map(str, mismatches[:10]))})")
-        if min_agreement is not None and figures and figures["top1_agreement"] < min_agreement:
-            problems.append(f"top-1 agreement with fp32 {figures['top1_agreement']:.1%} < "
-                            f"{min_agreement:.1%} (export.int8_min_agreement)")
     if problems:
         raise PipelineError(f"{label} ONNX check failed on {len(images)} validation images: {'; '.join(problems)}; "
-                            f"{HINTS.get(label, 'see the figures above')}")
+                            + (HINT if label.startswith("fp32") else f"leave {label} out of export.precisions"))
     return {**figures, "top1_mismatches": len(figures["top1_mismatches"]), "check_batches": [len(images), 1]}
 
 
 def _write_checked(proto: onnx.ModelProto, path: Path, metadata: dict[str, str],
                    check: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Save with metadata to a temporary file, check it, then rename it into place."""
+    """Save with metadata to a temporary file, check it, then rename it into place (nothing is left
+    behind when the check raises, Rejected included)."""
     set_metadata(proto, metadata)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -180,61 +151,170 @@ def _write_checked(proto: onnx.ModelProto, path: Path, metadata: dict[str, str],
     return {**figures, "bytes": path.stat().st_size, "opset": opset_of(proto), **describe_io(proto)}
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg.export
-    branch_path = ctx.input("strip", "model")
-    model, payload = checkpoint.load_model(branch_path)
-    if payload["spec"]["method"] != "single" or "branch" not in payload:
-        raise ArtifactError(f"{branch_path} is not a stripped branch; rerun with --force strip")
-    branch_sha = sha256_file(branch_path)
-    data = load_datasets(ctx.cfg.data)
-    images, _ = next(data.val.batches(min(cfg.check_size, len(data.val))))
-    with torch.no_grad():
-        reference = model(images).double().numpy()
-    providers = check_providers(ctx.device)
-    out_dir = ctx.stage_dir("export")
-    outputs: dict[str, Path] = {}
-    summary: dict[str, Any] = {"check_images": len(images), "providers": onnx_providers(ctx.device),
-                               "opset": cfg.opset, "branch": payload["branch"]}
+def check_providers(device: torch.device) -> list:
+    """`onnx_providers(device)`, with CUDA's TF32 math off: the fp32 check compares to full fp32."""
+    return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in onnx_providers(device)]
 
-    def produce(precision: str, make: Callable[[], onnx.ModelProto], **limits: Any) -> None:
+
+def guard(precision: str, accuracy: float, fp32_accuracy: float, images: int, bound: float) -> dict[str, Any]:
+    """The accuracy guard's verdict: top-1 on the validation split against fp32's on the same split."""
+    drop = round(fp32_accuracy - accuracy, 4)
+    verdict = {"val_accuracy": accuracy, "fp32_val_accuracy": fp32_accuracy, "drop": drop,
+               "max_accuracy_drop": bound, "passed": drop <= bound}
+    if not verdict["passed"]:
+        verdict["reason"] = (f"{precision} loses {drop:.2f} top-1 points on {images} validation images "
+                             f"({accuracy:.2f}% vs fp32 {fp32_accuracy:.2f}%) > export.max_accuracy_drop {bound:g}")
+    return verdict
+
+
+class _Export:
+    """One subject (the branch or ONE-E) through every requested precision."""
+
+    def __init__(self, ctx: StageContext, subject: str, model: nn.Module, metadata: dict[str, str],
+                 check_images: torch.Tensor, data: Any, calibration: ImageSet | None):
+        self.ctx, self.cfg, self.subject, self.model = ctx, ctx.cfg.export, subject, model
+        self.metadata, self.check_images, self.val, self.calibration = metadata, check_images, data.val, calibration
+        self.val_labels = self.val.labels.numpy()
+        self.providers = check_providers(ctx.device)
+        self.out_dir = ctx.stage_dir("export")
+        with torch.no_grad():
+            self.reference = model(check_images).double().numpy()
+        self.figures: dict[str, Any] = {}
+        self.outputs: dict[str, Path] = {}
+
+    def path(self, precision: str) -> Path:
+        return self.out_dir / onnx_file_name(self.subject, precision)
+
+    def val_accuracy(self, path: Path) -> float:
+        logits = run_split(ort_session(path, self.providers), self.val, self.ctx.cfg.train.eval_batch_size)
+        return top1_accuracy(logits, self.val_labels)
+
+    def write(self, precision: str, proto: onnx.ModelProto, verdict: dict[str, Any] | None = None,
+              **limits: Any) -> dict[str, Any]:
+        """Check `proto` (parity with PyTorch, then the guard unless its `verdict` is known) and write it."""
+        def check(tmp: Path) -> dict[str, Any]:
+            figures = check_onnx(tmp, self.check_images, self.reference, self.providers,
+                                 label=f"{precision} ({self.subject})", **limits)
+            if precision == "fp32":
+                return {**figures, "val_accuracy": self.val_accuracy(tmp)}
+            judged = verdict or self.judge(precision, tmp)
+            if not judged["passed"]:
+                raise Rejected(judged["reason"])
+            return {**figures, **judged}
+
+        figures = _write_checked(proto, self.path(precision), {**self.metadata, "precision": precision}, check)
+        self.outputs[onnx_key(self.subject, precision)] = self.path(precision)
+        return figures
+
+    def judge(self, precision: str, path: Path) -> dict[str, Any]:
+        return guard(precision, self.val_accuracy(path), self.figures["fp32"]["val_accuracy"], len(self.val),
+                     self.cfg.max_accuracy_drop)
+
+    def produce(self, precision: str, make: Callable[[], dict[str, Any]]) -> None:
         started = time.perf_counter()
-        path = out_dir / f"model_{precision}.onnx"
         try:
-            proto = make()
+            figures = make()
+        except Rejected as exc:
+            figures = {"passed": False, "reason": str(exc), **({"trials": exc.trials} if exc.trials else {})}
         except PipelineError:
             raise
         except Exception as exc:  # converters raise many types; all mean the same to the user
-            raise PipelineError(f"{precision} conversion failed ({type(exc).__name__}: {str(exc)[:300]}); leave "
-                                f"{precision} out of export.precisions") from exc
-        figures = _write_checked(proto, path, onnx_metadata(payload, branch_sha, precision),
-                                 lambda tmp: check_onnx(tmp, images, reference, providers, label=precision, **limits))
-        outputs[f"onnx_{precision}"] = path
-        summary[precision] = {**figures, "atol": limits.get("atol"), "seconds": round(time.perf_counter() - started, 2)}
-        ctx.console.print(f"{precision}: max abs logit diff {figures['max_abs_diff']:.3g}, top-1 agreement "
-                          f"{figures['top1_agreement']:.1%}, {figures['bytes'] / 1e6:.2f} MB")
+            raise PipelineError(f"{precision} conversion of the {self.subject} failed ({type(exc).__name__}: "
+                                f"{str(exc)[:300]}); leave {precision} out of export.precisions") from exc
+        self.figures[precision] = {**figures, "seconds": round(time.perf_counter() - started, 2)}
+        self.report(precision)
 
-    for precision in set(PRECISIONS) - set(cfg.precisions):  # no stale file from an earlier config
-        (out_dir / f"model_{precision}.onnx").unlink(missing_ok=True)
-    produce("fp32", lambda: export_onnx(model, images, cfg.opset), atol=cfg.atol, same_top1=True)
-    if "fp16" in cfg.precisions:
-        produce("fp16", lambda: to_fp16(onnx.load(str(outputs["onnx_fp32"]))), atol=cfg.fp16_atol)
-    if "int8" in cfg.precisions:
-        calibration = calibration_images(data.train, cfg.calibration_size, ctx.cfg.seed)
-        produce("int8", lambda: _int8(outputs["onnx_fp32"], calibration), atol=None,
-                min_agreement=cfg.int8_min_agreement)
-        summary["int8"].update(calibration_images=len(calibration), calibration_split="train",
-                               min_agreement=cfg.int8_min_agreement)
-    return StageResult(outputs=outputs, summary=summary)
+    def report(self, precision: str) -> None:
+        f, who = self.figures[precision], f"{self.subject} {precision}"
+        if not f.get("passed", True):
+            self.ctx.console.print(f"[yellow]{escape(who)} not deployed:[/yellow] {escape(f['reason'])}")
+            return
+        drop = f" ({-f['drop']:+.2f} points vs fp32)" if "drop" in f else ""
+        self.ctx.console.print(escape(f"{who}: validation top-1 {f['val_accuracy']:.2f}%{drop}, max abs logit diff "
+                                      f"{f['max_abs_diff']:.3g} on {len(self.check_images)} images, "
+                                      f"{f['bytes'] / 1e6:.2f} MB"))
+
+    def fp32(self) -> dict[str, Any]:
+        proto = export_onnx(self.model, self.check_images, self.cfg.opset)
+        return self.write("fp32", proto, atol=self.cfg.atol, same_top1=True)
+
+    def fp16(self) -> dict[str, Any]:
+        return self.write("fp16", to_fp16(onnx.load(str(self.path("fp32")))), atol=self.cfg.fp16_atol)
+
+    def int8(self, target: str, candidates: list[Recipe]) -> dict[str, Any]:
+        """Try `candidates` in order; write the first the guard passes. Every trial is recorded."""
+        trials: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="one-int8-") as tmp:
+            for recipe in candidates:
+                candidate = Path(tmp) / f"{target}.onnx"
+                kept = quantize_int8(self.path("fp32"), candidate, self.calibration, INPUT, target=target,
+                                     recipe=recipe)
+                _check_structure(onnx.load(str(candidate)), target, kept)
+                verdict = self.judge(target, candidate)
+                trials.append({"recipe": recipe.label, "method": recipe.method, "kept_float": kept,
+                               **{k: verdict[k] for k in ("val_accuracy", "drop", "passed")}})
+                if verdict["passed"]:
+                    figures = self.write(target, onnx.load(str(candidate)), verdict, atol=None)
+                    return {**figures, "recipe": {**dataclasses.asdict(recipe), "label": recipe.label},
+                            "kept_float": kept, "trials": trials,
+                            "target": INT8_TARGETS[target], "calibration_images": len(self.calibration),
+                            "calibration_split": "train"}
+        best = max(trials, key=lambda t: t["val_accuracy"]) if trials else None
+        reason = (f"no calibration recipe kept {target} within export.max_accuracy_drop "
+                  f"{self.cfg.max_accuracy_drop:g} top-1 points of fp32 on {len(self.val)} validation images "
+                  f"(best: {best['recipe']}, -{best['drop']:.2f} points)" if best else
+                  f"not tried: the branch's {target} search kept no recipe")
+        raise Rejected(reason, trials)
 
 
-def _int8(fp32_path: Path, calibration) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory(prefix="one-int8-") as tmp:
-        quantized = Path(tmp) / "model_int8.onnx"
-        quantize_int8(fp32_path, quantized, calibration, INPUT)
-        proto = onnx.load(str(quantized))
-    missing, asymmetric = unquantized_nodes(proto), nonzero_zero_points(proto)
+def _check_structure(proto: onnx.ModelProto, target: str, kept_float: list[str]) -> None:
+    """Q/DQ in front of every Conv/Gemm not kept in float; the TensorRT form also needs zero points 0."""
+    missing = unquantized_nodes(proto, kept_float)
+    asymmetric = nonzero_zero_points(proto) if target == "int8" else []
     if missing or asymmetric:
-        raise PipelineError(f"the int8 model is not fully Q/DQ-quantized: {len(missing)} Conv/Gemm without Q/DQ "
-                            f"({', '.join(missing[:5])}), {len(asymmetric)} non-zero zero points; TensorRT needs both")
-    return proto
+        raise PipelineError(f"the {target} model is not fully Q/DQ-quantized: {len(missing)} Conv/Gemm without Q/DQ "
+                            f"({', '.join(missing[:5])}), {len(asymmetric)} non-zero zero points (TensorRT needs "
+                            "none); leave it out of export.precisions")
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.export
+    branch_path = ctx.input("strip", "model")
+    branch, payload = checkpoint.load_model(branch_path)
+    if payload["spec"]["method"] != "single" or "branch" not in payload:
+        raise ArtifactError(f"{branch_path} is not a stripped branch; rerun with --force strip")
+    models: dict[str, nn.Module] = {"branch": branch}
+    if cfg.ensemble and ctx.summary("train").get("method", ctx.cfg.model.method) == "one":
+        full, _ = checkpoint.load_model(ctx.input("train", "model"))
+        models["ensemble"] = EnsembleOutput(full)
+    data = load_datasets(ctx.cfg.data)
+    check_images, _ = next(data.val.batches(min(cfg.check_size, len(data.val))))
+    int8_targets = [p for p in PRECISIONS if p.startswith("int8") and p in cfg.precisions]
+    calibration = calibration_images(data.train, cfg.calibration_size, ctx.cfg.seed) if int8_targets else None
+    metadata = onnx_metadata(payload, sha256_file(branch_path))
+    out_dir = ctx.stage_dir("export")
+    for subject in SUBJECTS:  # no stale file from an earlier config
+        for precision in PRECISIONS:
+            if subject not in models or precision not in cfg.precisions:
+                (out_dir / onnx_file_name(subject, precision)).unlink(missing_ok=True)
+    summary: dict[str, Any] = {"check_images": len(check_images), "validation_images": len(data.val),
+                               "providers": onnx_providers(ctx.device), "opset": cfg.opset, "branch": payload["branch"],
+                               "max_accuracy_drop": cfg.max_accuracy_drop}
+    outputs: dict[str, Path] = {}
+    kept_recipes: dict[str, list[Recipe]] = {}
+    for subject, model in models.items():
+        meta = {**metadata, "model": "one-e" if subject == "ensemble" else "branch"}
+        job = _Export(ctx, subject, model, meta, check_images, data, calibration)
+        job.produce("fp32", job.fp32)
+        if "fp16" in cfg.precisions:
+            job.produce("fp16", job.fp16)
+        for target in int8_targets:
+            candidates = kept_recipes.get(target, recipes(cfg.calibration_methods))
+            job.produce(target, lambda t=target, c=candidates: job.int8(t, c))
+            recipe = job.figures[target].get("recipe")
+            if subject == "branch":  # ONE-E's twin is quantized the way the branch was
+                kept_recipes[target] = [Recipe(recipe["method"], recipe["keep_float"])] if recipe else []
+        summary[subject] = job.figures
+        outputs.update(job.outputs)
+    summary["deployed"] = [p for p in PRECISIONS if onnx_key("branch", p) in outputs]
+    return StageResult(outputs=outputs, summary=summary)

@@ -11,22 +11,27 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from pipeline.deploy.benchfile import (
-    FORMAT_NAMES,
     BenchFile,
+    Gain,
     fmt,
+    gain,
     headline_text,
+    pareto_front,
     reason_lines,
     rich_table,
+    row_name,
+    runtime_text,
     short_label,
     table_cells,
     table_headers,
 )
+from pipeline.deploy.quantize import INT8_TARGETS
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.rundir import atomic_path, write_text
 from pipeline.stage import StageContext, StageResult
 
 PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
-COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue"}
+COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "baseline": "tab:green"}
 MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^"}
 
 
@@ -37,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
     bench = load_bench(ctx.input("bench", "bench"))
     out = ctx.stage_dir("report")
     report, plot = out / "report.md", out / "accuracy_vs_latency.png"
-    write_text(report, markdown(bench, plot.name))
+    write_text(report, markdown(bench, plot.name, ctx.summary("export")))
     write_plot(bench, plot)
     ctx.console.print(rich_table(bench))
     ctx.console.print(escape(headline_text(bench)))
@@ -56,24 +61,21 @@ def load_bench(path: Path) -> BenchFile:
         raise ArtifactError(f"{path} does not follow the bench schema ({first}); rerun with --force bench") from None
 
 
-def markdown(bench: BenchFile, plot_name: str) -> str:
-    s = bench.settings
-    lines = [f"# Benchmark: {bench.run}", "", "## Headline", "", *_headline(bench), "",
+def markdown(bench: BenchFile, plot_name: str, export: dict | None = None) -> str:
+    env = bench.environment
+    lines = [f"# Benchmark: {bench.run}", "",
+             f"Measured on {env.get('cpu') or 'an unnamed CPU'} ({env.get('cpu_count')} cores), GPU: "
+             f"{env.get('cuda') or 'none'}, {bench.threads} thread(s) for every row. Timings move with the CPU "
+             "and with whatever else runs on it: compare rows of one report, not figures across machines.", "",
+             "## Headline", "", *_headline(bench), "", *_ship(bench), "",
              f"![accuracy vs batch-1 latency]({plot_name})", "", "## Results", "",
-             f"Latency at batch 1 over {s.get('iterations')} calls after {s.get('warmup')} warm-up calls; "
-             f"throughput at batch {s.get('throughput_batch')}. Top-1 on {bench.test_images} test images; "
-             "agreement: share of top-1 predictions equal to the stripped branch's in PyTorch. "
-             "FLOPs per image, counted by `torch.utils.flop_counter` (ONNX and TensorRT rows share the "
-             "PyTorch model's count).", ""]
-    headers = table_headers(bench)
-    lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i < 4 else "---:"
-                                                               for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in table_cells(row)) + " |" for row in bench.rows]
-    compared = [r for r in bench.rows if r.vs_fp32 is not None]
-    if compared:
-        lines += ["", "## Lower precision vs fp32 (ONNX Runtime)", ""]
-        lines += [f"- {r.label}: top-1 {_points(r.vs_fp32.accuracy_delta)} vs fp32; at batch 1 (p50) "
-                  f"{_speed(r.vs_fp32.speedup_p50)}." for r in compared]
+             f"Latency at batch 1 over {bench.settings.get('iterations')} calls after {bench.settings.get('warmup')} "
+             f"warm-up calls; throughput at batches {', '.join(map(str, bench.batch_sizes))}. Top-1 on "
+             f"{bench.test_images} test images; agreement: share of top-1 predictions equal to the same model's in "
+             "PyTorch eager. FLOPs per image, counted by `torch.utils.flop_counter` (ONNX and TensorRT rows share "
+             "the PyTorch model's count).", ""]
+    lines += _table(table_headers(bench), [table_cells(bench, row) for row in bench.rows], left=3)
+    lines += _strip_by_batch(bench) + _baseline(bench) + _precision(bench, export or {})
     skipped = reason_lines(bench)
     if skipped:
         lines += ["", "## Skipped and failed rows", "", *[f"- {line}" for line in skipped]]
@@ -81,13 +83,136 @@ def markdown(bench: BenchFile, plot_name: str) -> str:
         lines += ["", "## Checks", ""]
         lines += [f"- {c.row}: top-1 {c.bench:.4f}% {'equals' if c.equal else 'DIFFERS FROM'} the {c.train:.4f}% "
                   f"training recorded (test, {c.train_head})." for c in bench.checks]
-    env = bench.environment
-    lines += ["", "## Environment", "", f"- device: {bench.device}, {bench.threads} thread(s) for every row, "
-              f"{env.get('cpu_count')} CPU cores, GPU: {env.get('cuda') or 'none'}",
+    lines += ["", "## Environment", "", f"- device: {bench.device}, CPU: {env.get('cpu')}, {env.get('cpu_count')} "
+              f"cores, GPU: {env.get('cuda') or 'none'}",
               "- " + ", ".join(f"{k} {env.get(k) or 'not installed'}"
                                for k in ("python", "torch", "onnx", "onnxruntime", "tensorrt")),
               f"- platform: {env.get('platform')}", ""]
     return "\n".join(lines)
+
+
+def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i < left else "---:"
+                                                             for i in range(len(headers))) + "|",
+            *["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]]
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _gain_line(title: str, g: Gain | None, bench: BenchFile, missing: str) -> str:
+    if g is None:
+        return f"- **{title}:** {missing}."
+    row, versus = bench.row(g.row), bench.row(g.versus)
+    thr = f", {_times(g.throughput_ratio)} the images/s at batch {g.batch}" if g.batch else ""
+    return (f"- **{title}:** {short_label(row)} vs {short_label(versus)}: {_times(g.speedup_p50)} faster at batch 1 "
+            f"(p50 {row.latency_ms.p50:.3f} vs {versus.latency_ms.p50:.3f} ms){thr}; top-1 "
+            f"{_points(g.accuracy_delta)} ({row.accuracy:.2f}% vs {versus.accuracy:.2f}%).")
+
+
+def _headline(bench: BenchFile) -> list[str]:
+    h = bench.headline
+    lines = [headline_text(bench), ""]
+    lines.append(_gain_line("Strip gain (same runtime, same precision)", h.strip, bench,
+                            f"not measured ({h.reason or 'the ONE-E or branch ONNX row did not run'})"))
+    if h.strip:
+        lines.append(f"  The branch file is {fmt(h.size_ratio)}x smaller ({fmt(h.params_ratio)}x fewer parameters, "
+                     f"{fmt(h.flops_ratio)}x fewer FLOPs).")
+    lines.append(_gain_line("Runtime gain (same model)", h.runtime_gain, bench, "not measured"))
+    lines.append(_gain_line("Precision gain (same model, same runtime)", h.precision_gain, bench,
+                            "no lower precision of the branch was deployed and measured"))
+    return lines
+
+
+def _ship(bench: BenchFile) -> list[str]:
+    ship = bench.headline.ship
+    if ship is None:
+        return []
+    head = ["## What to ship on this machine", ""]
+    if ship.row is None:
+        return head + [f"Nothing to pick: {ship.reason}."]
+    row = bench.row(ship.row)
+    served = f", Triton model `{ship.triton_model}`" if ship.triton_model else ""
+    return head + [f"**{short_label(row)}**: `{ship.file}`{served}. Why: {ship.reason}. The bound is measured on "
+                   f"the test set from `{ship.reference_row}` (bench.ship_max_accuracy_drop); lower precisions "
+                   "passed the export accuracy guard on the validation split first."]
+
+
+def _strip_by_batch(bench: BenchFile) -> list[str]:
+    """Branch vs ONE-E in every runtime and precision where both ran, at every batch size."""
+    pairs = [(bench.row(r.name.replace("branch_", "one_e_", 1)), r) for r in bench.rows
+             if r.model == "branch" and r.status == "ok"]
+    pairs = [(e, b) for e, b in pairs if e is not None and e.status == "ok"]
+    if not pairs:
+        return []
+    headers = ["runtime", "top-1 ONE-E / branch", "p50 ms ONE-E / branch", "batch-1 speed-up",
+               *[f"img/s @{b} (ratio)" for b in bench.batch_sizes]]
+    rows = []
+    for ens, br in pairs:
+        g = gain(br, ens)
+        cells = [runtime_text(br), f"{ens.accuracy:.2f} / {br.accuracy:.2f}",
+                 f"{ens.latency_ms.p50:.3f} / {br.latency_ms.p50:.3f}", _times(g.speedup_p50)]
+        for b in bench.batch_sizes:
+            e, k = ens.images_per_s(b), br.images_per_s(b)
+            cells.append(f"{fmt(e, '.0f')} / {fmt(k, '.0f')} ({_times(k / e) if e and k else '-'})")
+        rows.append(cells)
+    return ["", "## The kept branch against ONE-E, runtime by runtime", "",
+            "Each line changes only the model (the full ensemble -> its kept branch). Where the ratio grows "
+            "with the batch, a batching server gains more from stripping than one-image latency shows.", "",
+            *_table(headers, rows, left=3)]
+
+
+def _baseline(bench: BenchFile) -> list[str]:
+    base = {r.format: r for r in bench.rows if r.model == "baseline"}
+    if not base:
+        return []
+    lines = ["", "## ONE against the same network trained alone", "",
+             f"Baseline run: `{bench.baseline}`."]
+    for fmt_name in ("pytorch", "onnxruntime"):
+        mine, theirs = bench.row(row_name("branch", fmt_name)), base.get(fmt_name)
+        if mine is None or theirs is None or mine.status != "ok" or theirs.status != "ok":
+            continue
+        delta = mine.accuracy - theirs.accuracy
+        verdict = "better" if delta > 0 else "worse" if delta < 0 else "the same"
+        lines.append(f"- {runtime_text(mine)}: the kept ONE branch {mine.accuracy:.2f}% vs trained alone "
+                     f"{theirs.accuracy:.2f}% top-1 ({_points(delta)}: ONE is {verdict} on this test set, one seed "
+                     f"each); p50 {mine.latency_ms.p50:.3f} vs {theirs.latency_ms.p50:.3f} ms (the same network).")
+    skipped = [f"- {r.label}: {r.reason}" for r in base.values() if r.status != "ok"]
+    return lines + skipped
+
+
+def _precision(bench: BenchFile, export: dict) -> list[str]:
+    """Lower precisions: what each is for, what the guard measured, every calibration recipe tried."""
+    lines = []
+    compared = [r for r in bench.rows if r.vs_fp32 is not None]
+    if compared:
+        lines += ["", "## Lower precision against fp32 (same model, same runtime)", ""]
+        lines += [f"- {short_label(r)}: top-1 {_points(r.vs_fp32.accuracy_delta)}; batch 1 "
+                  f"{_speed(r.vs_fp32.speedup_p50)}; {_times(r.vs_fp32.throughput_ratio)} fp32's images/s at the "
+                  "largest batch." for r in compared]
+    fp16 = bench.row(row_name("branch", "onnxruntime", "fp16"))
+    if bench.device == "cpu" and fp16 is not None and fp16.vs_fp32 is not None:
+        lines.append(f"- fp16 on this CPU: {_speed(fp16.vs_fp32.speedup_p50)} at batch 1. CPUs have no fp16 "
+                     "arithmetic in ONNX Runtime's kernels (the graph computes in float32 between casts), so fp16 "
+                     "buys nothing here; the fp16 file is for GPUs (TensorRT, the Triton onnxruntime backend).")
+    summary = export.get("branch") or {}
+    guarded = {p: f for p, f in summary.items() if p != "fp32" and isinstance(f, dict) and "passed" in f}
+    if not guarded:
+        return lines
+    lines += ["", "## Export accuracy guard (validation split, against the fp32 ONNX)", "",
+              f"Bound: {export.get('max_accuracy_drop')} top-1 points on {export.get('validation_images')} "
+              "validation images (export.max_accuracy_drop). int8 is TensorRT's form (symmetric Q/DQ); int8_cpu "
+              "is ONNX Runtime's x86 CPU form (uint8 activations, every Conv an integer kernel).", ""]
+    rows = []
+    for precision, f in guarded.items():
+        for trial in f.get("trials") or [{"recipe": "-", "val_accuracy": f.get("val_accuracy"), "drop": f.get("drop"),
+                                          "passed": f.get("passed")}]:
+            rows.append([precision, INT8_TARGETS.get(precision, "GPUs (TensorRT) and CPUs"), trial["recipe"],
+                         fmt(trial.get("val_accuracy")), _points(-trial["drop"]) if trial.get("drop") is not None
+                         else "-", "deployed" if trial.get("passed") and f.get("passed") else "rejected"
+                         if not trial.get("passed") else "passed (an earlier recipe was kept)"])
+    return lines + _table(["precision", "for", "calibration recipe", "val top-1 %", "vs fp32", "verdict"], rows, 3)
 
 
 def _speed(speedup: float | None) -> str:
@@ -97,55 +222,42 @@ def _speed(speedup: float | None) -> str:
 
 
 def _points(delta: float | None) -> str:
-    return "-" if delta is None else f"{delta:+.2f} points"
-
-
-def _headline(bench: BenchFile) -> list[str]:
-    h = bench.headline
-    if h.speedup_p50 is None:
-        return [f"No headline: {h.reason or 'the ensemble or the branch row did not run'}."]
-    ens, br = bench.row(h.ensemble_row), bench.row(h.branch_row)
-    delta = h.accuracy_delta
-    direction = "lower" if delta < 0 else "higher"
-    cost = "the same top-1 accuracy" if delta == 0 else f"**{abs(delta):.2f} points {direction}**"
-    return [
-        f"- **Speed:** the kept branch in {FORMAT_NAMES[br.format]} {br.precision} answers one image in "
-        f"{br.latency_ms.p50:.3f} ms (p50) against {ens.latency_ms.p50:.3f} ms for the full ONE ensemble (ONE-E) "
-        "in PyTorch eager: "
-        f"**{h.speedup_p50:.2f}x faster**.",
-        f"- **Size:** {br.file_bytes / 1e6:.3f} MB against {ens.file_bytes / 1e6:.3f} MB on disk: "
-        f"**{fmt(h.size_ratio)}x smaller** ({fmt(h.params_ratio)}x fewer parameters, "
-        f"{fmt(h.flops_ratio)}x fewer FLOPs).",
-        f"- **Accuracy:** {h.branch_accuracy:.2f}% top-1 against {h.ensemble_accuracy:.2f}% for the ensemble: {cost}.",
-    ]
+    return "-" if delta is None else f"{delta + 0.0:+.2f} points"  # + 0.0: no "-0.00"
 
 
 def write_plot(bench: BenchFile, path: Path) -> None:
-    """Top-1 against batch-1 p50 latency, whiskers to p99; log x when latencies span over 10x."""
+    """Top-1 against batch-1 p50 latency, whiskers to p99, the Pareto front joined and labelled, the
+    ship pick starred; log x when latencies span over 10x."""
     rows = [r for r in bench.rows if r.status == "ok" and r.accuracy is not None and r.latency_ms]
+    front = pareto_front(rows)
+    ship = bench.headline.ship.row if bench.headline.ship else None
     fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI, layout="constrained")  # no pyplot: no window, no global state
     ax = fig.subplots()
     for number, row in enumerate(rows, start=1):  # numbered points, named in the legend: labels never collide
         lat = row.latency_ms
-        ax.errorbar(lat.p50, row.accuracy, xerr=[[0], [max(lat.p99 - lat.p50, 0)]], fmt=MARKERS[row.format],
-                    color=COLOURS[row.model], markersize=8, capsize=3,
-                    label=f"{number}: {short_label(row)}, {lat.p50:.3f} ms, {row.accuracy:.2f}%")
+        marker = "*" if row.name == ship else MARKERS[row.format]
+        ax.errorbar(lat.p50, row.accuracy, xerr=[[0], [max(lat.p99 - lat.p50, 0)]], fmt=marker,
+                    color=COLOURS[row.model], markersize=14 if row.name == ship else 8, capsize=3,
+                    label=f"{number}: {short_label(row)}, {lat.p50:.3f} ms, {row.accuracy:.2f}%"
+                          + (" (Pareto)" if row in front else "") + (" SHIP" if row.name == ship else ""))
         ax.annotate(str(number), (lat.p50, row.accuracy), textcoords="offset points",
                     xytext=(0, 8 if number % 2 else -15), ha="center", fontsize=9, fontweight="bold")
-    h = bench.headline
-    ens, br = bench.row(h.ensemble_row), bench.row(h.branch_row)
-    if h.speedup_p50 is not None:
-        ax.annotate("", xy=(br.latency_ms.p50, br.accuracy), xytext=(ens.latency_ms.p50, ens.accuracy),
-                    arrowprops={"arrowstyle": "->", "linestyle": "--", "color": "grey"})
+    if len(front) > 1:
+        ordered = sorted(front, key=lambda r: r.latency_ms.p50)
+        ax.step([r.latency_ms.p50 for r in ordered], [r.accuracy for r in ordered], where="post", color="grey",
+                linestyle="--", linewidth=1, label="Pareto front (no row is both faster and more accurate)")
     latencies = [r.latency_ms.p50 for r in rows]
     if latencies and max(latencies) / max(min(latencies), 1e-12) > 10:
         ax.set_xscale("log")
     ax.margins(x=0.15, y=0.2)
     if rows:
-        ax.legend(fontsize=7, loc="best", title="p50 latency at batch 1, top-1", title_fontsize=7)
-    title = f"{bench.run}: accuracy vs latency on {bench.device}, {bench.threads} thread(s)"
-    if h.speedup_p50 is not None:
-        title += f"\nbranch {h.speedup_p50:.1f}x faster than ONE-E, {_points(h.accuracy_delta)} top-1"
+        ax.legend(fontsize=6, loc="best", title="p50 latency at batch 1, top-1", title_fontsize=7)
+    strip = bench.headline.strip
+    where = bench.environment.get("cpu") or bench.device
+    title = f"{bench.run}: accuracy vs latency, {where}, {bench.threads} thread(s)"
+    if strip is not None:
+        title += f"\nbranch {_times(strip.speedup_p50)} faster than ONE-E in {bench.headline.runtime}, " \
+                 f"{_points(strip.accuracy_delta)} top-1"
     ax.set(title=title, xlabel="batch-1 latency, p50 (ms); whisker to p99", ylabel="top-1 accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     if not rows:

@@ -4,10 +4,12 @@
       README.txt
       <name>_onnx/        config.pbtxt, labels.txt, 1/model.onnx   platform onnxruntime_onnx (fp32 ONNX)
       <name>_onnx_fp16/   ... 1/model.onnx                          (when export.precisions has fp16)
-      <name>_onnx_int8/   ... 1/model.onnx                          (Q/DQ ONNX, when exported)
+      <name>_onnx_int8/   ... 1/model.onnx                          (symmetric Q/DQ ONNX: TensorRT's form)
+      <name>_onnx_int8_cpu/ ... 1/model.onnx                        (uint8 Q/DQ ONNX on CPU instances: x86's form)
       <name>_trt/         ... 1/model.plan                          platform tensorrt_plan (when engine is done)
 
-<name> is triton.model_name or the run name. Inputs and outputs (names, data types, dims without the
+<name> is triton.model_name or the run name. Only the models the export accuracy guard deployed are
+written. Inputs and outputs (names, data types, dims without the
 batch) are read from the ONNX file each model comes from (the plan: the ONNX it was built from); the
 output with one value per class gets `label_filename: "labels.txt"` (class names from the ONNX
 metadata `class_names`) for Triton's classification extension. The ONNX models ask for TensorRT as
@@ -28,7 +30,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from pipeline.deploy.onnx_io import OnnxSignature, TensorSpec, read_onnx_io
+from pipeline.deploy.onnx_io import PRECISIONS, OnnxSignature, TensorSpec, onnx_key, read_onnx_io, triton_model_name
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
@@ -45,6 +47,7 @@ class ModelEntry:
     signature: OnnxSignature
     max_batch_size: int
     header: list[str]
+    kind: str | None = None  # instance kind; None: KIND_AUTO (GPU where there is one, else CPU)
 
 
 def label_output(signature: OnnxSignature) -> str | None:
@@ -74,10 +77,9 @@ def config_text(entry: ModelEntry, *, dynamic_batching: bool, max_queue_delay_us
              *tensors("input", entry.signature.inputs), *tensors("output", entry.signature.outputs)]
     if dynamic_batching:
         lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
-    # a plan runs on a GPU only; ONNX models keep KIND_AUTO (the default): GPU where there is one, else CPU
-    kind = ["    kind: KIND_GPU"] if entry.platform == "tensorrt_plan" else []
+    kind = [f"    kind: {entry.kind}"] if entry.kind else []
     lines += ["instance_group [", "  {", f"    count: {instance_count}", *kind, "  }", "]"]
-    if tensorrt_accelerator and entry.platform == "onnxruntime_onnx":
+    if tensorrt_accelerator and entry.platform == "onnxruntime_onnx" and entry.kind != "KIND_CPU":
         lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator: [",
                   '      { name: "tensorrt" }', "    ]", "  }", "}"]
     return "\n".join(lines) + "\n"
@@ -104,14 +106,16 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
+    """The branch's ONNX models the export accuracy guard deployed; the x86 int8 form on CPU instances."""
     entries = []
-    for precision in ctx.cfg.export.precisions:
-        path = ctx.input("export", f"onnx_{precision}")
-        name = f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"
+    deployed = (ctx.run.stage("export") or {}).get("outputs", {})
+    for precision in [p for p in PRECISIONS if onnx_key("branch", p) in deployed]:
+        path = ctx.input("export", onnx_key("branch", precision))
         header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
                   f"(sha256 {sha256_file(path)[:16]})"]
-        entries.append(ModelEntry(name, "onnxruntime_onnx", path, read_onnx_io(path), ctx.cfg.triton.max_batch_size,
-                                  header))
+        entries.append(ModelEntry(triton_model_name(base, precision), "onnxruntime_onnx", path, read_onnx_io(path),
+                                  ctx.cfg.triton.max_batch_size, header,
+                                  "KIND_CPU" if precision == "int8_cpu" else None))
     return entries
 
 
@@ -129,7 +133,7 @@ def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | 
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
                             "rerun with --force engine")
     low, high = info["profile"]["min"][0], info["profile"]["max"][0]
-    name = f"{base}_trt"
+    name = triton_model_name(base, info["precision"], tensorrt=True)
     if low > 1:
         notes.append(f"no {name} model: the engine's profile starts at batch {low}, and Triton sends batches "
                      "from 1; rebuild with engine.min_batch=1")
@@ -142,7 +146,7 @@ def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | 
     header = [f"{MARKER}: TensorRT {info['tensorrt']} plan ({info['precision']}) built on {info['gpu']} "
               f"(compute capability {info['compute_capability']}) from {onnx_path.relative_to(ctx.run.root)};",
               "# it runs only with that TensorRT version on that GPU model: pick the Triton image that ships it"]
-    return ModelEntry(name, "tensorrt_plan", plan, read_onnx_io(onnx_path), max_batch, header)
+    return ModelEntry(name, "tensorrt_plan", plan, read_onnx_io(onnx_path), max_batch, header, "KIND_GPU")
 
 
 def _remove_stale(repo: Path, keep: set[str]) -> list[str]:

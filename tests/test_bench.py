@@ -13,44 +13,45 @@ import pytest
 import torch
 
 from pipeline.config import Config, validate_config
-from pipeline.deploy.benchfile import BenchFile, Check, Headline, LatencyMs, Row, Throughput, VsFP32
-from pipeline.errors import StageSkipped
+from pipeline.deploy.benchfile import (
+    SCHEMA_VERSION,
+    BenchFile,
+    Check,
+    Gain,
+    Headline,
+    LatencyMs,
+    Row,
+    Ship,
+    Throughput,
+    VsFP32,
+    headline_text,
+    pareto_front,
+    ship_pick,
+)
+from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, run_stages, stage_def
 from pipeline.training.data import load_datasets
 from stages import bench as bench_stage
-from tests.conftest import make_ctx
+from tests.conftest import copy_run, make_ctx, tiny_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
-FAST_BENCH = {"warmup": 1, "iterations": 3, "throughput_batch": 8, "throughput_iterations": 2, "threads": 1}
-ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "branch_compile", "branch_onnx_fp32",
-             "branch_onnx_fp16", "branch_onnx_int8", "branch_tensorrt"]
+FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1}
+ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile", "branch_compile",
+             *[f"{m}_onnx_{p}" for p in ("fp32", "fp16", "int8", "int8_cpu") for m in ("one_e", "branch")],
+             "one_e_tensorrt", "branch_tensorrt"]
 
 
-def tiny_at(cfg: Config, root: Path, **sections: dict) -> Config:
-    """The tiny config with output_root `root` and some sections changed."""
-    raw = cfg.model_dump(mode="json")
-    raw["output_root"] = str(root)
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value}
-    return validate_config(raw)
-
-
-def exported(trained_run, root: Path, precisions: list[str], copy: bool = True,
-             **sections: dict) -> tuple[Config, RunDir]:
-    """The real chain up to the engine stage (skipped where TensorRT or a GPU is missing), on a copy of
-    the shared trained run or trained afresh."""
-    cfg = tiny_at(trained_run[0], root, export={"precisions": precisions}, bench=FAST_BENCH, **sections)
-    if copy:
-        shutil.copytree(trained_run[1].root, cfg.run_dir)
-    run = RunDir(cfg.run_dir)
-    run_stages(cfg, run, make_ctx(cfg, run), until="engine")
-    return cfg, run
+def benched_copy(exported_run, root: Path, **sections: dict) -> tuple[Config, RunDir]:
+    """A copy of the shared exported run taken through the engine stage (skipped where TensorRT or a GPU
+    is missing), with the fast bench settings."""
+    return copy_run(exported_run[:2], root, "engine", bench={**FAST_BENCH, **sections.pop("bench", {})},
+                    **sections)
 
 
 @pytest.fixture(scope="module")
-def benched(trained_run, tmp_path_factory):
-    cfg, run = exported(trained_run, tmp_path_factory.mktemp("bench"), ["fp32", "fp16", "int8"])
+def benched(exported_run, tmp_path_factory):
+    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("bench"))
     threads_before = torch.get_num_threads()
     assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
     data = json.loads(run.output("bench", "bench").read_text())
@@ -72,42 +73,47 @@ def documented_fields(section: str) -> set[str]:
 def test_bench_json_follows_the_documented_schema(benched):
     _, _, data, _ = benched
     bench = BenchFile.model_validate(data)  # the schema in code: types, statuses, reasons, unique names
-    assert bench.schema_version == 1
+    assert bench.schema_version == SCHEMA_VERSION == 2
+    assert f"schema version {SCHEMA_VERSION}" in DOC.read_text().splitlines()[0]  # they move together
     assert documented_fields("Top level") == set(BenchFile.model_fields)
     assert documented_fields("Row") == set(Row.model_fields)
     assert documented_fields("Headline") == set(Headline.model_fields)
     body = DOC.read_text()
-    for model in (LatencyMs, Throughput, VsFP32, Check):
+    for model in (LatencyMs, Throughput, VsFP32, Check, Gain, Ship):
         assert all(f"`{name}`" in body for name in model.model_fields), model.__name__
     for row in data["rows"]:  # every row carries every documented field, even when null
         assert set(row) == set(Row.model_fields)
 
 
 def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
-    _, _, data, _ = benched
+    _, run, data, _ = benched
     by_name = rows(data)
     assert [r["name"] for r in data["rows"]] == ROW_NAMES
-    for name in ("one_e_eager", "full_branch_eager", "branch_eager", "branch_onnx_fp32", "branch_onnx_fp16",
-                 "branch_onnx_int8"):
+    measured = [n for n in ROW_NAMES if "compile" not in n and "tensorrt" not in n]
+    for name in measured:
         row = by_name[name]
         assert row["status"] == "ok", (name, row["reason"])
         assert row["latency_ms"]["iterations"] == 3 and row["latency_ms"]["batch"] == 1
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
-        assert row["throughput"]["batch"] == 8 and row["throughput"]["images_per_s"] > 0
+        assert [t["batch"] for t in row["throughput"]] == [1, 8]
+        assert all(t["images_per_s"] > 0 for t in row["throughput"])
         assert row["params"] > 0 and row["flops"] > 0 and row["macs"] == row["flops"] // 2
-        assert row["file_bytes"] == (benched[1].root / row["file"]).stat().st_size
-    compile_row, trt = by_name["branch_compile"], by_name["branch_tensorrt"]
-    assert compile_row["status"] == "skipped" and "CUDA" in compile_row["reason"]
-    engine = benched[1].stage("engine")
-    assert trt["status"] == "skipped"
-    if engine["status"] == "skipped":  # no TensorRT or no GPU: the engine stage's own reason
-        assert trt["reason"] == f"engine skipped: {engine['reason']}"
-    else:  # an engine was built, but this bench runs on the CPU
-        assert "CUDA GPU only" in trt["reason"]
+        assert row["file_bytes"] == (run.root / row["file"]).stat().st_size
+    for name in ("one_e_compile", "branch_compile"):
+        assert by_name[name]["status"] == "skipped" and "CUDA" in by_name[name]["reason"]
+    engine = run.stage("engine")
+    for name in ("one_e_tensorrt", "branch_tensorrt"):
+        assert by_name[name]["status"] == "skipped"
+        if engine["status"] == "skipped":  # no TensorRT or no GPU: the engine stage's own reason
+            assert by_name[name]["reason"] == f"engine skipped: {engine['reason']}"
     assert by_name["branch_onnx_fp32"]["provider"] == "CPUExecutionProvider"
-    # the ONNX rows share the stripped PyTorch model's counts; the full model is bigger
-    assert by_name["branch_onnx_int8"]["flops"] == by_name["branch_eager"]["flops"] < by_name["one_e_eager"]["flops"]
-    assert by_name["branch_onnx_fp32"]["params"] == by_name["branch_eager"]["params"]
+    assert by_name["one_e_onnx_int8"]["file"] == "export/ensemble_int8.onnx"
+    # every form shares its PyTorch model's counts; the full model is bigger
+    for model in ("branch", "one_e"):
+        assert len({by_name[f"{model}_{how}"]["flops"] for how in ("eager", "onnx_fp32", "onnx_int8_cpu")}) == 1
+    assert by_name["branch_eager"]["flops"] < by_name["one_e_eager"]["flops"]
+    assert by_name["branch_onnx_int8"]["triton_model"] == "tiny_onnx_int8" and by_name["one_e_eager"][
+        "triton_model"] is None
 
 
 def test_accuracies_equal_what_training_recorded(benched):
@@ -122,40 +128,88 @@ def test_accuracies_equal_what_training_recorded(benched):
     assert {c["row"] for c in data["checks"]} == {"one_e_eager", "full_branch_eager", "branch_eager"}
     assert all(c["equal"] for c in data["checks"])
     assert data["test_images"] == len(load_datasets(cfg.data).test)
-    # agreement with the stripped branch in PyTorch: itself, and the full model's same branch, exactly
+    # agreement with the same model in PyTorch eager: itself, the full model's same branch, fp32 ONNX
     assert by_name["branch_eager"]["agreement"] == 100.0 == by_name["full_branch_eager"]["agreement"]
-    assert by_name["branch_onnx_fp32"]["agreement"] >= 95.0
-    assert by_name["branch_onnx_fp32"]["images"] == data["test_images"]
+    assert by_name["one_e_eager"]["agreement"] == 100.0
+    for name in ("branch_onnx_fp32", "one_e_onnx_fp32"):
+        assert by_name[name]["agreement"] >= 95.0 and by_name[name]["images"] == data["test_images"]
 
 
-def test_lower_precision_rows_state_cost_and_speedup_vs_fp32(benched):
+def test_lower_precision_rows_compare_with_fp32_of_the_same_model_and_runtime(benched):
     _, _, data, _ = benched
     by_name = rows(data)
-    fp32 = by_name["branch_onnx_fp32"]
-    for name in ("branch_onnx_fp16", "branch_onnx_int8"):
-        row = by_name[name]
-        assert row["vs_fp32"]["accuracy_delta"] == pytest.approx(row["accuracy"] - fp32["accuracy"])
-        assert row["vs_fp32"]["speedup_p50"] == pytest.approx(fp32["latency_ms"]["p50"] / row["latency_ms"]["p50"],
-                                                              rel=1e-3)
-    assert fp32["vs_fp32"] is None and by_name["branch_eager"]["vs_fp32"] is None
+    for model in ("branch", "one_e"):
+        fp32 = by_name[f"{model}_onnx_fp32"]
+        for precision in ("fp16", "int8", "int8_cpu"):
+            row = by_name[f"{model}_onnx_{precision}"]
+            assert row["vs_fp32"]["row"] == fp32["name"]
+            assert row["vs_fp32"]["accuracy_delta"] == pytest.approx(row["accuracy"] - fp32["accuracy"], abs=1e-4)
+            assert row["vs_fp32"]["speedup_p50"] == pytest.approx(
+                fp32["latency_ms"]["p50"] / row["latency_ms"]["p50"], rel=1e-3)
+            ratio = row["throughput"][-1]["images_per_s"] / fp32["throughput"][-1]["images_per_s"]
+            assert row["vs_fp32"]["throughput_ratio"] == pytest.approx(ratio, rel=1e-3)
+        assert fp32["vs_fp32"] is None
+    assert by_name["branch_eager"]["vs_fp32"] is None
 
 
-def test_headline_is_the_summary_and_compares_branch_with_ensemble(benched):
+def test_headline_splits_the_gain_into_strip_runtime_and_precision(benched):
     _, run, data, _ = benched
     head, by_name = data["headline"], rows(data)
-    ens, br = by_name["one_e_eager"], by_name["branch_onnx_fp32"]
-    assert head["speedup_p50"] == pytest.approx(ens["latency_ms"]["p50"] / br["latency_ms"]["p50"], rel=1e-3)
+    strip, ens, br = head["strip"], by_name["one_e_onnx_fp32"], by_name["branch_onnx_fp32"]
+    assert head["runtime"] == "onnxruntime fp32" and (strip["row"], strip["versus"]) == (br["name"], ens["name"])
+    assert strip["speedup_p50"] == pytest.approx(ens["latency_ms"]["p50"] / br["latency_ms"]["p50"], rel=1e-3)
+    assert strip["batch"] == 8 and strip["throughput_ratio"] == pytest.approx(
+        br["throughput"][-1]["images_per_s"] / ens["throughput"][-1]["images_per_s"], rel=1e-3)
+    assert strip["accuracy_delta"] == pytest.approx(br["accuracy"] - ens["accuracy"], abs=1e-4)
     assert head["size_ratio"] == pytest.approx(ens["file_bytes"] / br["file_bytes"], rel=1e-3)
-    assert head["accuracy_delta"] == pytest.approx(br["accuracy"] - ens["accuracy"])
     assert head["params_ratio"] > 1 and head["flops_ratio"] > 1 and head["reason"] is None
+    assert (head["runtime_gain"]["row"], head["runtime_gain"]["versus"]) == ("branch_onnx_fp32", "branch_eager")
+    fastest = min((by_name[f"branch_onnx_{p}"] for p in ("fp16", "int8", "int8_cpu")),
+                  key=lambda r: r["latency_ms"]["p50"])
+    assert (head["precision_gain"]["row"], head["precision_gain"]["versus"]) == (fastest["name"], br["name"])
+    assert head["ship"]["reference_row"] == "branch_onnx_fp32" and head["ship"]["row"] is not None
     assert run.stage("bench")["summary"] == head
+    assert "In ONNX Runtime fp32, the kept branch answers one image" in headline_text(BenchFile.model_validate(data))
+
+
+def _row(name: str, accuracy: float, p50: float, ips: float = 100.0, status: str = "ok", **fields) -> Row:
+    model, fmt = fields.pop("model", "branch"), fields.pop("format", "onnxruntime")
+    figures = {"accuracy": accuracy, "latency_ms": LatencyMs(p50=p50, p90=p50, p99=p50, mean=p50, warmup=0,
+                                                             iterations=3),
+               "throughput": [Throughput(images_per_s=ips, batch=64, warmup=0, iterations=1)]} if status == "ok" \
+        else {"reason": "not deployed"}
+    return Row(name=name, label=name, model=model, format=fmt, precision=fields.pop("precision", "fp32"),
+               status=status, file=f"export/{name}.onnx", triton_model=f"m_{name}", **figures, **fields)
+
+
+def test_ship_pick_takes_the_fastest_deployed_branch_form_within_the_bound():
+    rows_ = [_row("branch_onnx_fp32", 90.0, 1.0), _row("branch_onnx_fp16", 89.8, 0.9, precision="fp16"),
+             _row("branch_onnx_int8_cpu", 89.0, 0.5, precision="int8_cpu"),  # fastest, but 1 point down
+             _row("branch_onnx_int8", 0.0, 0.1, status="skipped", precision="int8"),  # rejected by the guard
+             _row("one_e_onnx_fp32", 95.0, 0.01, model="ensemble"),  # not the branch
+             _row("branch_eager", 90.0, 0.05, format="pytorch")]  # not a file a server runs
+    pick = ship_pick(rows_, max_drop=0.5)
+    assert (pick.row, pick.file, pick.triton_model) == ("branch_onnx_fp16", "export/branch_onnx_fp16.onnx",
+                                                       "m_branch_onnx_fp16")
+    assert "over the bound: branch_onnx_int8_cpu" in pick.reason and "-0.20 points" in pick.reason
+    assert ship_pick(rows_, max_drop=1.0).row == "branch_onnx_int8_cpu"
+    ties = [_row("branch_onnx_fp32", 90.0, 1.0, ips=100), _row("branch_tensorrt", 90.0, 1.0, ips=300,
+                                                                format="tensorrt")]
+    assert ship_pick(ties, 0.5).row == "branch_tensorrt"  # equal latency: more throughput wins
+    none = ship_pick([_row("branch_onnx_fp32", 0.0, 1.0, status="skipped")], 0.5)
+    assert none.row is None and "did not run" in none.reason
+
+
+def test_pareto_front_keeps_rows_no_other_row_beats_on_both_axes():
+    a, b, c, d = (_row("a", 90.0, 1.0), _row("b", 91.0, 2.0), _row("c", 89.0, 3.0), _row("d", 91.0, 2.0))
+    assert [r.name for r in pareto_front([a, b, c, d])] == ["a", "b", "d"]  # c is beaten by a; b and d tie
 
 
 def test_one_thread_count_for_every_row_and_restored_after(benched):
     cfg, _, data, threads_before = benched
     assert data["threads"] == cfg.bench.threads == 1
-    assert data["environment"]["torch_threads"] == 1
-    assert data["settings"]["iterations"] == 3
+    assert data["environment"]["torch_threads"] == 1 and data["environment"]["cpu"]
+    assert data["settings"]["iterations"] == 3 and data["batch_sizes"] == [1, 8]
     assert torch.get_num_threads() == threads_before
 
 
@@ -167,7 +221,7 @@ def test_test_limit_and_a_row_that_fails_in_the_bench(benched, monkeypatch):
     real = onnxruntime.InferenceSession
 
     def broken_int8(path, *args, **kwargs):
-        if str(path).endswith("int8.onnx"):
+        if str(path).endswith("model_int8.onnx"):
             raise RuntimeError("cannot load this model\nsecond line")
         return real(path, *args, **kwargs)
 
@@ -179,39 +233,64 @@ def test_test_limit_and_a_row_that_fails_in_the_bench(benched, monkeypatch):
     assert data["test_images"] == 40 and by_name["branch_eager"]["images"] == 40
     assert data["checks"] == []  # training's figures are over the whole test set
     int8 = by_name["branch_onnx_int8"]
-    assert (int8["status"], int8["failed_in"], int8["reason"]) == ("failed", "bench",
-                                                                   "RuntimeError: cannot load this model")
-    assert by_name["branch_onnx_fp32"]["status"] == "ok"
+    assert (int8["status"], int8["failed_in"]) == ("failed", "bench")
+    assert int8["reason"].startswith("PipelineError: ONNX Runtime cannot load model_int8.onnx (RuntimeError: cannot")
+    assert by_name["branch_onnx_fp32"]["status"] == "ok" and by_name["one_e_onnx_int8"]["status"] == "ok"
     BenchFile.model_validate(data)
 
 
-def test_rows_whose_upstream_stage_did_not_produce_them():
-    assert bench_stage._upstream(None, "engine", "engine") == {"status": "skipped",
-                                                              "reason": "the engine stage has not run"}
-    skipped = bench_stage._upstream({"status": "skipped", "reason": "no GPU"}, "engine", "engine")
-    assert skipped == {"status": "skipped", "reason": "engine skipped: no GPU"}
-    failed = bench_stage._upstream({"status": "failed", "error": "parser error"}, "export", "onnx_int8")
-    assert failed == {"status": "failed", "failed_in": "export", "reason": "export failed: parser error"}
-    assert bench_stage._upstream({"status": "done", "outputs": {"engine": {}}}, "engine", "engine") is None
-    row = Row(name="x", label="x", model="branch", format="tensorrt", precision="int8", **failed)
-    assert row.failed_in == "export"
-    with pytest.raises(ValueError, match="needs a reason"):
-        Row(name="x", label="x", model="branch", format="tensorrt", precision="int8", status="skipped")
+def test_a_model_the_guard_rejected_is_a_skipped_row_that_says_why(exported_run, tmp_path):
+    cfg, run = benched_copy(exported_run, tmp_path)
+    manifest = json.loads(run.manifest_path.read_text())
+    export = manifest["stages"]["export"]
+    del export["outputs"]["onnx_int8"]
+    export["summary"]["branch"]["int8"] = {"passed": False, "reason": "int8 loses 3.10 top-1 points on 64 images"}
+    run.manifest_path.write_text(json.dumps(manifest))
+    data = json.loads(bench_stage.run(make_ctx(cfg, run)).outputs["bench"].read_text())
+    row = rows(data)["branch_onnx_int8"]
+    assert (row["status"], row["reason"]) == ("skipped", "not deployed: int8 loses 3.10 top-1 points on 64 images")
+    assert data["headline"]["ship"]["row"] != "branch_onnx_int8"
+
+
+def test_a_baseline_run_adds_the_same_network_trained_alone(benched, tmp_path):
+    """Attached with one config field; here the baseline is this run itself, so its network is the kept
+    branch and every figure that does not depend on timing must match."""
+    cfg, run, _, _ = benched
+    with_baseline = validate_config({**cfg.model_dump(mode="json"), "bench": {**FAST_BENCH,
+                                                                               "baseline": str(run.root)}})
+    data = json.loads(bench_stage.run(make_ctx(with_baseline, run)).outputs["bench"].read_text())
+    by_name = rows(data)
+    assert [r["name"] for r in data["rows"]][-2:] == ["baseline_eager", "baseline_onnx_fp32"]
+    assert data["baseline"] == str(run.root)
+    for how in ("eager", "onnx_fp32"):
+        baseline, branch = by_name[f"baseline_{how}"], by_name[f"branch_{how}"]
+        assert baseline["status"] == "ok" and baseline["accuracy"] == branch["accuracy"]
+        assert baseline["params"] == branch["params"] and baseline["agreement"] == 100.0
+    other = tmp_path / "other"
+    shutil.copytree(run.root, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["stages"]["train"]["config"]["data"]["dataset"] = "fashion-mnist"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    for baseline, message in ((other, "was trained on other data"), (tmp_path / "nothing", "no finished training")):
+        wrong = validate_config({**cfg.model_dump(mode="json"), "bench": {**FAST_BENCH, "baseline": str(baseline)}})
+        with pytest.raises(UsageError, match=message):
+            bench_stage.run(make_ctx(wrong, run))
 
 
 @pytest.mark.slow
 def test_vanilla_run_skips_the_ensemble_rows(trained_run, tmp_path):
-    cfg, run = exported(trained_run, tmp_path, ["fp32"], copy=False, model={"method": "vanilla"},
-                        train={"epochs": 1}, data={"synthetic_size": 160})
-    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
+    cfg = validate_config(tiny_dict(tmp_path, model={"method": "vanilla"}, train={"epochs": 1},
+                                    data={"synthetic_size": 160}, bench=FAST_BENCH))
+    run = RunDir(cfg.run_dir)
+    run_stages(cfg, run, make_ctx(cfg, run), until="bench")
     data = json.loads(run.output("bench", "bench").read_text())
     by_name = rows(data)
     assert data["method"] == "vanilla" and data["branch"] == 0
-    for name in ("one_e_eager", "full_branch_eager"):
+    for name in ("one_e_eager", "full_branch_eager", "one_e_compile", "one_e_onnx_fp32", "one_e_tensorrt"):
         assert by_name[name]["status"] == "skipped" and "vanilla" in by_name[name]["reason"]
     assert by_name["branch_eager"]["accuracy"] == run.stage("train")["summary"]["test"]["branches"][0]
     assert [c["row"] for c in data["checks"]] == ["branch_eager"] and data["checks"][0]["equal"]
-    assert data["headline"]["speedup_p50"] is None and "vanilla" in data["headline"]["reason"]
+    assert data["headline"]["strip"] is None and "vanilla" in data["headline"]["reason"]
     assert by_name["branch_onnx_int8"]["status"] == "skipped" and "export.precisions" in by_name["branch_onnx_int8"][
         "reason"]
 

@@ -364,7 +364,36 @@ def test_stage_writes_plan_sidecar_and_log(tmp_path, tiny_onnx, monkeypatch):
     assert info["onnx_sha256"] == sha256_file(target) and info["plan_sha256"] == sha256_file(result.outputs["engine"])
     assert info["profile"]["max"] == [8, 1, 16, 16] and info["check"] is None
     assert result.outputs["engine"].read_bytes() == b"PLAN"  # nothing added to the plan itself
-    assert result.summary["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert result.summary["branch"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert info["precision_why"] == result.summary["why"] == "int8 not exported; fp16 not exported; auto: fp32"
+
+
+def _export_entry(deployed: list[str], rejected: dict[str, str]) -> dict:
+    return {"outputs": {f"onnx_{p}": {} for p in deployed},
+            "summary": {"branch": {**{p: {"passed": True, "drop": 0.1} for p in deployed},
+                                   **{p: {"passed": False, "reason": why} for p, why in rejected.items()}}}}
+
+
+@pytest.mark.parametrize("setting, deployed, rejected, expected", [
+    ("auto", ["fp32", "fp16", "int8"], {}, ("int8", "auto: int8 passed the export accuracy guard (-0.10 top-1 "
+                                                    "points vs fp32 on validation)")),
+    ("auto", ["fp32", "fp16"], {"int8": "int8 loses 3 points"},
+     ("fp16", "int8 not deployed (int8 loses 3 points); auto: fp16 passed the export accuracy guard (-0.10 top-1 "
+              "points vs fp32 on validation)")),
+    ("auto", ["fp32", "int8_cpu"], {}, ("fp32", "int8 not exported; fp16 not exported; auto: fp32")),
+    ("fp16", ["fp32", "fp16", "int8"], {}, ("fp16", "engine.precision in the config")),
+])
+def test_engine_precision_is_the_lowest_the_guard_deployed(tmp_path, setting, deployed, rejected, expected):
+    cfg = validate_config({"export": {"precisions": ["fp32", "fp16", "int8"]}, "engine": {"precision": setting}})
+    assert engine.choose_precision(cfg.engine, _export_entry(deployed, rejected)) == expected
+
+
+def test_an_engine_is_never_built_from_a_model_the_guard_rejected(tmp_path):
+    raw = {"name": "deploy", "output_root": str(tmp_path), "export": {"precisions": ["fp32", "int8"]},
+           "engine": {"precision": "int8"}}
+    with pytest.raises(PipelineError, match=r"engine.precision int8: that ONNX is not deployed \(int8 loses 3 "
+                                            r"points\); set engine.precision: auto"):
+        engine.choose_precision(validate_config(raw).engine, _export_entry(["fp32"], {"int8": "int8 loses 3 points"}))
 
 
 # --- GPU + TensorRT ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,49 +14,26 @@ import torch
 from onnx import numpy_helper
 
 from pipeline.deploy import quantize
-from pipeline.deploy.quantize import nonzero_zero_points, unquantized_nodes
+from pipeline.deploy.quantize import Recipe, calibration_images, nonzero_zero_points, unquantized_nodes
+from pipeline.deploy.runtime import parity
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir, sha256_file
-from pipeline.runner import run_stages
+from pipeline.rundir import sha256_file
 from pipeline.training import checkpoint
 from pipeline.training.data import load_datasets
-from stages.export import _write_checked, check_onnx, compare
-from tests.conftest import make_ctx
+from stages.export import _write_checked, check_onnx
+from tests.conftest import ANY_ACCURACY, copy_run
 
 CPU = ["CPUExecutionProvider"]
-INT8_MIN_AGREEMENT = 0.9  # the tiny model after 2 epochs, on all 64 validation images
 
 
-class Replay(quantize.CalibrationDataReader):
-    def __init__(self, batches: list[dict]):
-        self.batches = iter(batches)
-
-    def get_next(self) -> dict | None:
-        return next(self.batches, None)
+def export_copy(trained_run, dest: Path, **export) -> tuple:
+    """A copy of the trained run taken through export with `export` settings."""
+    return copy_run(trained_run, dest, "export", export=export)
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    """A copy of the trained run taken through export (fp32, fp16, int8), with every calibration batch
-    that reached ONNX Runtime's quantizer recorded."""
-    cfg, run = trained_run
-    dest = tmp_path_factory.mktemp("export")
-    shutil.copytree(run.root, dest / cfg.name)
-    export = cfg.export.model_copy(update={"precisions": ["fp32", "fp16", "int8"]})
-    cfg = cfg.model_copy(update={"output_root": dest, "export": export})
-    run = RunDir(cfg.run_dir)
-    fed: list[np.ndarray] = []
-    real = quantize.quantize_static
-
-    def spy(model_in, model_out, reader, **kwargs):
-        batches = list(iter(reader.get_next, None))
-        fed.extend(b["input"] for b in batches)
-        return real(model_in, model_out, Replay(batches), **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(quantize, "quantize_static", spy)
-        run_stages(cfg, run, make_ctx(cfg, run), until="export")
-    return cfg, run, fed
+def exported(exported_run):
+    return exported_run
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +64,39 @@ def test_fp32_matches_pytorch_at_other_batch_sizes(exported, reference):
         assert got.shape == (size, 4)
         assert np.abs(got - logits[:size]).max() <= 1e-4
         assert (got.argmax(1) == logits[:size].argmax(1)).all()
-    summary = run.stage("export")["summary"]["fp32"]
+    summary = run.stage("export")["summary"]["branch"]["fp32"]
     assert summary["max_abs_diff"] <= cfg.export.atol and summary["top1_agreement"] == 1.0
     assert summary["inputs"] == [{"name": "input", "shape": ["batch", 3, 16, 16], "dtype": "float32"}]
     assert summary["outputs"] == [{"name": "logits", "shape": ["batch", 4], "dtype": "float32"}]
     assert summary["bytes"] == path.stat().st_size
 
 
+def test_one_e_onnx_equals_the_full_models_gated_ensemble(exported, reference):
+    cfg, run, _ = exported
+    full, _ = checkpoint.load_model(run.output("train", "model"))
+    images, _ = reference
+    with torch.no_grad():
+        teacher = full.eval()(images).teacher.numpy()
+    got = run_onnx(run.output("export", "ensemble_onnx_fp32"), images)
+    assert np.abs(got - teacher).max() <= cfg.export.atol
+    assert (got.argmax(1) == teacher.argmax(1)).all()
+    assert not np.allclose(teacher, reference[1], atol=1e-2)  # the ensemble, not the kept branch
+    assert set(run.stage("export")["summary"]["ensemble"]) == {"fp32", "fp16", "int8", "int8_cpu"}
+
+
 def test_metadata_round_trip(exported):
     cfg, run, _ = exported
     data = load_datasets(cfg.data)
     branch = checkpoint.load(run.output("strip", "model"))
-    for precision in cfg.export.precisions:
-        path = run.output("export", f"onnx_{precision}")
+    for key in run.stage("export")["outputs"]:
+        path = run.output("export", key)
         meta = ort.InferenceSession(str(path), providers=CPU).get_modelmeta().custom_metadata_map
         assert meta == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert json.loads(meta["class_names"]) == data.class_names
         assert json.loads(meta["input_shape"]) == list(data.input_shape)
         assert json.loads(meta["mean"]) == list(data.mean) and json.loads(meta["std"]) == list(data.std)
-        assert meta["dataset"] == "synthetic" and meta["precision"] == precision
+        assert meta["dataset"] == "synthetic" and meta["precision"] == key.rsplit("onnx_", 1)[1]
+        assert meta["model"] == ("one-e" if key.startswith("ensemble") else "branch")
         assert int(meta["branch"]) == branch["branch"] == run.stage("select")["summary"]["branch"]
         assert meta["source_sha256"] == sha256_file(run.output("train", "model"))
         assert meta["checkpoint_sha256"] == sha256_file(run.output("strip", "model"))
@@ -123,35 +114,69 @@ def test_fp16_within_tolerance(exported, reference):
     images, logits = reference
     got = run_onnx(path, images)
     assert np.abs(got - logits).max() <= cfg.export.fp16_atol == 0.05
-    summary = run.stage("export")["summary"]["fp16"]
-    assert summary["max_abs_diff"] <= 0.05 and summary["top1_agreement"] >= 0.9
+    summary = run.stage("export")["summary"]["branch"]["fp16"]
+    assert summary["max_abs_diff"] <= 0.05 and summary["passed"]
 
 
-def test_int8_has_qdq_around_every_conv_and_gemm(exported, reference):
+def _conv_gemm(model: onnx.ModelProto) -> list:
+    return [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+
+
+def test_tensorrt_int8_has_symmetric_qdq_around_every_conv_and_gemm(exported):
     cfg, run, _ = exported
     path = run.output("export", "onnx_int8")
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
-    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
-    assert len(nodes) == 22 and unquantized_nodes(model) == [] and nonzero_zero_points(model) == []
+    assert len(_conv_gemm(model)) == 22 and unquantized_nodes(model) == [] and nonzero_zero_points(model) == []
     weights = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    for node in nodes:  # weights stored as int8 behind a DequantizeLinear
+    for node in _conv_gemm(model):  # weights stored as int8 behind a DequantizeLinear
         assert weights[producers[node.input[1]].input[0]].data_type == onnx.TensorProto.INT8
-    images, logits = reference
-    got = run_onnx(path, images)
-    agreement = float((got.argmax(1) == logits.argmax(1)).mean())
-    assert agreement >= INT8_MIN_AGREEMENT, agreement
-    summary = run.stage("export")["summary"]["int8"]
-    assert summary["top1_agreement"] >= cfg.export.int8_min_agreement
+    summary = run.stage("export")["summary"]["branch"]["int8"]
+    assert summary["recipe"]["label"] == "minmax, every layer int8"  # the first recipe: any accuracy passes
     assert summary["calibration_images"] == cfg.export.calibration_size and summary["calibration_split"] == "train"
 
 
-def test_calibration_reads_only_training_images(exported):
+def test_cpu_int8_runs_every_conv_as_an_integer_kernel_after_ort_optimisation(exported, tmp_path):
+    """The x86 form: uint8 activations (asymmetric), int8 weights; ONNX Runtime fuses every Q/DQ Conv into
+    QLinearConv (the TensorRT form keeps some in float on x86, which is why both forms exist)."""
+    _, run, _ = exported
+    path = run.output("export", "onnx_int8_cpu")
+    model = onnx.load(str(path))
+    assert unquantized_nodes(model) == [] and len(nonzero_zero_points(model)) > 0  # asymmetric activations
+    activations = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    types = {i.data_type for i in model.graph.initializer if i.name in activations}
+    assert types == {onnx.TensorProto.UINT8}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=CPU)
+    optimised = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    assert convs == 21 and optimised.count("QLinearConv") == convs and "Conv" not in optimised
+
+
+def test_lower_precision_accuracy_is_measured_on_the_whole_validation_split(exported):
+    cfg, run, _ = exported
+    data = load_datasets(cfg.data)
+    summary = run.stage("export")["summary"]
+    assert summary["validation_images"] == len(data.val) == 64
+    fp32 = summary["branch"]["fp32"]["val_accuracy"]
+    for precision in ("fp16", "int8", "int8_cpu"):
+        figures = summary["branch"][precision]
+        logits = run_onnx(run.output("export", f"onnx_{precision}"), data.val.normalise(data.val.images))
+        accuracy = float(100.0 * (logits.argmax(1) == data.val.labels.numpy()).mean())
+        assert figures["val_accuracy"] == pytest.approx(accuracy) and figures["fp32_val_accuracy"] == fp32
+        assert figures["drop"] == pytest.approx(fp32 - accuracy, abs=1e-3)
+        assert figures["passed"] and figures["max_accuracy_drop"] == ANY_ACCURACY
+    assert summary["deployed"] == ["fp32", "fp16", "int8", "int8_cpu"]
+
+
+def test_calibration_reads_only_training_images_balanced_over_classes(exported):
     cfg, _, fed = exported
     data = load_datasets(cfg.data)
     calibration = np.concatenate(fed)
-    assert len(calibration) == cfg.export.calibration_size == 32
+    assert cfg.export.calibration_size == 32 and len(calibration) == 4 * 32  # int8, int8_cpu; branch, ONE-E
 
     def normalised(split) -> set[bytes]:
         return {img.numpy().tobytes() for img in split.normalise(split.images)}
@@ -160,8 +185,64 @@ def test_calibration_reads_only_training_images(exported):
     seen = {img.tobytes() for img in calibration}
     assert len(seen) == 32 and seen <= train
     assert not seen & val and not seen & test
-    again = quantize.calibration_images(data.train, 32, cfg.seed)  # deterministic
+    again = calibration_images(data.train, 32, cfg.seed)  # deterministic
     assert {img.numpy().tobytes() for img in again.normalise(again.images)} == seen
+    assert again.labels.bincount().tolist() == [8, 8, 8, 8]  # balanced over the 4 classes
+    assert len(calibration_images(data.train, 10_000, cfg.seed)) == len(data.train)  # all, if fewer
+
+
+def test_guard_rejects_a_damaged_quantization_and_nothing_deploys_it(trained_run, tmp_path, monkeypatch):
+    """Calibration on four images of one class loses about 20 points on the tiny model (75% vs 95%), far
+    beyond any CPU's kernel differences: the guard rejects it with the bound and the measured drop."""
+    train = load_datasets(trained_run[0].data).train
+    one_class = train.subset((train.labels == 0).nonzero().flatten()[:4])
+    monkeypatch.setattr("stages.export.calibration_images", lambda *args: one_class)
+    cfg, run = export_copy(trained_run, tmp_path, precisions=["fp32", "int8"], calibration_methods=["minmax"])
+    entry = run.stage("export")
+    figures = entry["summary"]["branch"]["int8"]
+    assert entry["status"] == "done" and figures["passed"] is False
+    assert re.fullmatch(r"no calibration recipe kept int8 within export\.max_accuracy_drop 0\.5 top-1 points of "
+                        r"fp32 on 64 validation images \(best: .+, -(\d+\.\d\d) points\)", figures["reason"])
+    assert [t["passed"] for t in figures["trials"]] == [False, False]  # minmax; minmax keeping layers float
+    assert min(t["drop"] for t in figures["trials"]) > cfg.export.max_accuracy_drop
+    assert "onnx_int8" not in entry["outputs"] and not run.path("export", "model_int8.onnx").exists()
+    assert entry["summary"]["deployed"] == ["fp32"]
+    assert entry["summary"]["ensemble"]["int8"]["reason"] == "not tried: the branch's int8 search kept no recipe"
+
+
+def test_search_keeps_the_first_recipe_that_passes_and_records_every_trial(trained_run, tmp_path, monkeypatch):
+    """The first recipe is made to calibrate on black images (about 44 points lost); the second, real, loses
+    a few points at most on any CPU: with a 15-point bound the search must keep the second."""
+    real = quantize.quantize_int8
+
+    def damaged_minmax(fp32_path, out_path, images, input_name="input", *, target, recipe):
+        if recipe.method == "minmax":
+            images = images.subset(range(4))
+            images.images = torch.zeros_like(images.images)
+        return real(fp32_path, out_path, images, input_name, target=target, recipe=recipe)
+
+    monkeypatch.setattr("stages.export.quantize_int8", damaged_minmax)
+    _, run = export_copy(trained_run, tmp_path, precisions=["fp32", "int8_cpu"], max_accuracy_drop=15.0,
+                         calibration_methods=["minmax", "percentile"], ensemble=False)
+    figures = run.stage("export")["summary"]["branch"]["int8_cpu"]
+    assert [(t["method"], t["passed"]) for t in figures["trials"]] == [("minmax", False), ("percentile", True)]
+    assert figures["recipe"] == {"method": "percentile", "keep_float": False, "label": "percentile, every layer int8"}
+    assert figures["trials"][0]["drop"] > 15.0 >= figures["drop"] == figures["trials"][1]["drop"]
+    assert run.output("export", "onnx_int8_cpu").exists() and "ensemble" not in run.stage("export")["summary"]
+
+
+def test_keeping_sensitive_layers_in_float_leaves_them_unquantized(exported, tmp_path):
+    cfg, run, _ = exported
+    images = calibration_images(load_datasets(cfg.data).train, 32, cfg.seed)
+    out = tmp_path / "kept.onnx"
+    kept = quantize.quantize_int8(run.output("export", "onnx_fp32"), out, images, target="int8",
+                                  recipe=Recipe("minmax", keep_float=True))
+    model = onnx.load(str(out))
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    classifier = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    assert kept == [first_conv.name, classifier.name]
+    assert unquantized_nodes(model) == [f"Conv {first_conv.name}", f"Gemm {classifier.name}"]
+    assert unquantized_nodes(model, kept) == []
 
 
 def test_qdq_check_finds_an_unquantized_conv_and_a_zero_point(exported):
@@ -213,10 +294,7 @@ def test_check_collects_every_mismatch(exported, reference):
     message = str(info.value)
     assert "batch 8: max abs logit diff" in message and "batch 1: max abs logit diff" in message
     assert "top-1 differs on 8 of 8 images" in message and "export.opset" in message
-    with pytest.raises(PipelineError, match=r"agreement with fp32 0\.0% < 90\.0%.*calibration_size"):
-        check_onnx(run.output("export", "onnx_int8"), images[:8], shuffled[:8], CPU, atol=None, min_agreement=0.9,
-                   label="int8")
-    figures, problems = compare(logits[:4], logits[:4], atol=1e-4)
+    figures, problems = parity(logits[:4], logits[:4], atol=1e-4)
     assert problems == [] and figures["top1_agreement"] == 1.0 and figures["max_abs_diff"] == 0.0
 
 
@@ -237,13 +315,16 @@ def test_failed_check_writes_nothing(exported, tmp_path):
 def test_summary_per_precision(exported):
     cfg, run, _ = exported
     summary = run.stage("export")["summary"]
-    assert set(run.stage("export")["outputs"]) == {"onnx_fp32", "onnx_fp16", "onnx_int8"}
-    for precision in ("fp32", "fp16", "int8"):
-        figures = summary[precision]
-        assert figures["opset"] == cfg.export.opset
-        assert figures["bytes"] == run.output("export", f"onnx_{precision}").stat().st_size
-        assert 0.0 <= figures["top1_agreement"] <= 1.0 and figures["max_abs_diff"] >= 0.0
-    assert summary["int8"]["bytes"] < summary["fp32"]["bytes"]
+    assert set(run.stage("export")["outputs"]) == {f"{prefix}onnx_{p}" for prefix in ("", "ensemble_")
+                                                   for p in ("fp32", "fp16", "int8", "int8_cpu")}
+    for subject in ("branch", "ensemble"):
+        for precision in ("fp32", "fp16", "int8", "int8_cpu"):
+            figures = summary[subject][precision]
+            prefix = "" if subject == "branch" else "ensemble_"
+            assert figures["opset"] == cfg.export.opset
+            assert figures["bytes"] == run.output("export", f"{prefix}onnx_{precision}").stat().st_size
+            assert 0.0 <= figures["top1_agreement"] <= 1.0 and figures["max_abs_diff"] >= 0.0
+        assert summary[subject]["int8"]["bytes"] < summary[subject]["fp32"]["bytes"]
 
 
 def test_calibration_ranges_cover_every_batch(exported, tmp_path):

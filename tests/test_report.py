@@ -16,14 +16,14 @@ from pipeline.runner import execute, stage_def
 from stages import report as report_stage
 from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, write_plot
 from tests.conftest import make_ctx
-from tests.test_bench import exported
+from tests.test_bench import benched_copy
 
 PLOT_PIXELS = (round(PLOT_SIZE_IN[0] * PLOT_DPI), round(PLOT_SIZE_IN[1] * PLOT_DPI))
 
 
 @pytest.fixture(scope="module")
-def reported(trained_run, tmp_path_factory):
-    cfg, run = exported(trained_run, tmp_path_factory.mktemp("report"), ["fp32", "int8"])
+def reported(exported_run, tmp_path_factory):
+    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("report"))
     ctx = make_ctx(cfg, run)
     assert execute(cfg, stage_def("bench"), run, ctx) == "done"
     assert execute(cfg, stage_def("report"), run, ctx) == "done"
@@ -42,21 +42,36 @@ def assert_png(path: Path) -> None:
 def test_report_markdown_has_headline_table_reasons_and_environment(reported):
     run, bench = reported
     text = run.output("report", "report").read_text()
-    head = bench["headline"]
-    assert f"**{head['speedup_p50']:.2f}x faster**" in text
-    assert f"**{head['size_ratio']:.2f}x smaller**" in text
-    assert f"{head['branch_accuracy']:.2f}% top-1 against {head['ensemble_accuracy']:.2f}%" in text
-    table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| variant | format | precision | status | size MB | top-1 % | agree % | p50 ms")
+    head, by_name = bench["headline"], {r["name"]: r for r in bench["rows"]}
+    strip = head["strip"]
+    assert text.splitlines()[2].startswith(f"Measured on {bench['environment']['cpu']} (")
+    assert f"In ONNX Runtime fp32, the kept branch answers one image {strip['speedup_p50']:.2f}x faster" in text
+    assert (f"- **Strip gain (same runtime, same precision):** branch, ONNX Runtime fp32 vs ONE-E, ONNX Runtime fp32: "
+            f"{strip['speedup_p50']:.2f}x faster at batch 1") in text
+    assert f"The branch file is {head['size_ratio']:.2f}x smaller" in text
+    assert "- **Runtime gain (same model):** branch, ONNX Runtime fp32 vs branch, PyTorch eager" in text
+    assert "- **Precision gain (same model, same runtime):** branch, ONNX Runtime " in text
+    ship = by_name[head["ship"]["row"]]
+    assert "## What to ship on this machine" in text
+    assert f"`{ship['file']}`, Triton model `{ship['triton_model']}`" in text
+    results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in results.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| variant | runtime | status | size MB | top-1 % | agree % | p50 ms | p99 ms | "
+                               "img/s @1 | img/s @8 |")
     assert len(table) == 1 + len(bench["rows"])  # the header and one line per row
-    ensemble = next(line for line in table if line.startswith("| ONE-E gated ensemble"))
-    one_e = next(r for r in bench["rows"] if r["name"] == "one_e_eager")
+    ensemble = next(line for line in table if line.startswith("| ONE-E gated ensemble (full model) |"))
+    one_e = by_name["one_e_eager"]
     assert f"| {one_e['accuracy']:.2f} |" in ensemble and f"| {one_e['params']:,} |" in ensemble
+    by_runtime = text.split("## The kept branch against ONE-E, runtime by runtime", 1)[1].split("\n## ", 1)[0]
+    assert len([line for line in by_runtime.splitlines() if line.startswith("| ")]) == 1 + 5  # header, eager, 4 ORT
     assert "## Skipped and failed rows" in text
     for row in bench["rows"]:
         if row["status"] != "ok":
             assert row["reason"] in text
-    assert "stripped branch, ONNX Runtime int8: top-1" in text and "than fp32" in text
+    assert "- branch, ONNX Runtime int8_cpu: top-1" in text and "than fp32" in text
+    assert "- fp16 on this CPU: " in text and "the fp16 file is for GPUs" in text
+    guard = text.split("## Export accuracy guard", 1)[1].split("\n## ", 1)[0]
+    assert "| int8_cpu | ONNX Runtime on x86 CPUs" in guard and "| minmax, every layer int8 |" in guard
     assert f"onnxruntime {bench['environment']['onnxruntime']}" in text and "tensorrt not installed" in text
     assert "](accuracy_vs_latency.png)" in text
 
@@ -73,14 +88,15 @@ def test_report_without_a_headline_says_why(reported, tmp_path):
     for row in data["rows"]:
         if row["model"] != "branch":
             row.update({key: None for key in row if key not in ("name", "label", "model", "format", "precision")})
-            row.update(status="skipped", reason="vanilla run: one plain network, no branches or gate to ensemble")
-    data["headline"].update(speedup_p50=None, size_ratio=None, params_ratio=None, flops_ratio=None,
-                            ensemble_accuracy=None, accuracy_delta=None,
-                            reason="one_e_eager skipped: vanilla run")
+            row.update(status="skipped", reason="vanilla run: one plain network, no branches or gate to ensemble",
+                       throughput=[])
+    data["headline"].update(strip=None, size_ratio=None, params_ratio=None, flops_ratio=None,
+                            reason="one_e_onnx_fp32 skipped: vanilla run")
     bench = BenchFile.model_validate(data)
     text = markdown(bench, "plot.png")
-    assert "No headline: one_e_eager skipped: vanilla run." in text
-    assert "| ONE-E gated ensemble (full model) | PyTorch eager | fp32 | skipped |" in text
+    assert "No headline: one_e_onnx_fp32 skipped: vanilla run." in text
+    assert "| ONE-E gated ensemble (full model) | PyTorch eager | skipped |" in text
+    assert "## The kept branch against ONE-E" not in text
     write_plot(bench, tmp_path / "plot.png")
     assert_png(tmp_path / "plot.png")
 
@@ -90,8 +106,8 @@ def test_plot_with_no_measured_row(reported, tmp_path):
     data = json.loads(json.dumps(data))
     for row in data["rows"]:
         row.update({key: None for key in row if key not in ("name", "label", "model", "format", "precision")})
-        row.update(status="failed", failed_in="export", reason="export failed: boom")
-    data["headline"].update({k: None for k in data["headline"] if k not in ("ensemble_row", "branch_row")})
+        row.update(status="failed", failed_in="export", reason="export failed: boom", throughput=[])
+    data["headline"].update({k: None for k in data["headline"] if k != "runtime"})
     bench = BenchFile.model_validate(data)
     write_plot(bench, tmp_path / "plot.png")
     assert_png(tmp_path / "plot.png")

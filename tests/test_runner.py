@@ -11,7 +11,7 @@ from pipeline.rundir import RunDir
 from pipeline.runner import STAGE_NAMES
 
 runner = CliRunner()
-FAST = {"bench": {"warmup": 1, "iterations": 3, "throughput_batch": 8, "throughput_iterations": 2, "threads": 1,
+FAST = {"bench": {"warmup": 1, "iterations": 3, "batch_sizes": [8], "throughput_iterations": 2, "threads": 1,
                   "test_limit": 64}}
 
 
@@ -22,8 +22,9 @@ def full_run(trained_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     shutil.copytree(run.root, root / "runs" / cfg.name)
     raw = {**yaml.safe_load(cfg.to_yaml()), **FAST, "output_root": str(root / "runs")}
-    raw["export"] = {**raw["export"], "precisions": ["fp32", "int8"]}
-    raw["engine"] = {**raw["engine"], "precision": "int8"}
+    # fp32 only: these tests are about the runner and caching, not about int8 numerics (which differ
+    # between CPUs: tests/test_export.py covers quantization with bounds that hold on every x86 CPU)
+    raw["export"] = {**raw["export"], "precisions": ["fp32"], "ensemble": False}
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["run", str(config)])
@@ -40,7 +41,7 @@ def test_run_produces_every_artifact(full_run):
     statuses = {name: run.stage(name)["status"] for name in STAGE_NAMES}
     assert statuses["engine"] == "skipped" and "TensorRT" in run.stage("engine")["reason"]
     assert all(s == "done" for n, s in statuses.items() if n != "engine"), statuses
-    for path in ("export/model_fp32.onnx", "export/model_int8.onnx", "bench/bench.json", "report/report.md",
+    for path in ("export/model_fp32.onnx", "bench/bench.json", "report/report.md",
                  "report/accuracy_vs_latency.png", "config.yaml"):
         assert run.path(path).exists(), path
     assert list(run.path("triton").glob("*/config.pbtxt"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from pipeline.config import Config, validate_config
+from pipeline.config import validate_config
 from pipeline.deploy.onnx_io import read_onnx_io
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir, sha256_file
@@ -257,31 +257,28 @@ def test_disabled_stage_is_skipped(tmp_path, tiny_onnx):
 
 
 @pytest.mark.slow
-def test_after_the_real_export(tmp_path, trained_run):
-    """The chain train -> select -> strip -> export (fp32, fp16, int8) -> engine -> triton on a copy of the
-    tiny run: one model per exported file, each config agreeing with its file."""
+def test_after_the_real_export(tmp_path, exported_run):
+    """The chain export (every precision) -> engine -> triton on a copy of the tiny run: one model per
+    deployed file, each config agreeing with its file, the x86 int8 form on CPU instances."""
     from pipeline.deploy.tensorrt_runtime import import_tensorrt
-    from pipeline.runner import run_stages
+    from tests.conftest import copy_run
 
-    cfg, run = trained_run
-    root = tmp_path / "runs"
-    shutil.copytree(run.root, root / cfg.name)
-    raw = cfg.model_dump(mode="json")
-    raw.update(output_root=str(root), export={**raw["export"], "precisions": ["fp32", "fp16", "int8"]})
-    cfg = Config.model_validate(raw)
-    copy = RunDir(cfg.run_dir)
-    statuses = run_stages(cfg, copy, StageContext(cfg, copy, torch.device("cpu")), until="triton")
-
+    _, copy = copy_run(exported_run[:2], tmp_path / "runs", "triton")
     has_engine = import_tensorrt()[0] is not None and torch.cuda.is_available()
-    assert statuses["engine"] == ("done" if has_engine else "skipped")
+    assert copy.stage("engine")["status"] == ("done" if has_engine else "skipped")
     summary = copy.stage("triton")["summary"]
-    expected = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8"}
+    expected = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8",
+                "tiny_onnx_int8_cpu": "int8_cpu"}
     assert summary["models"] == {**{m: "onnxruntime_onnx" for m in expected},
                                  **({"tiny_trt": "tensorrt_plan"} if has_engine else {})}
     for model, precision in expected.items():
         onnx_path = copy.output("export", f"onnx_{precision}")
         message = parse(copy.path("triton", model, "config.pbtxt"))
         assert config_io(message) == onnx_io(onnx_path)
+        cpu_only = precision == "int8_cpu"  # uint8 activations: ONNX Runtime's x86 form, not for TensorRT
+        kinds = model_config_pb2.ModelInstanceGroup
+        assert [g.kind for g in message.instance_group] == [kinds.KIND_CPU if cpu_only else kinds.KIND_AUTO]
+        assert bool(message.optimization.execution_accelerators.gpu_execution_accelerator) is not cpu_only
         labels = copy.path("triton", model, "labels.txt").read_text().splitlines()
         meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
         assert labels == json.loads(meta["class_names"]) and len(labels) == message.output[0].dims[0]

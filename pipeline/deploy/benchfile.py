@@ -12,9 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.markup import escape
 from rich.table import Table
 
-SCHEMA_VERSION = 1
-ENSEMBLE_ROW = "one_e_eager"  # the headline compares these two rows
-BRANCH_ROW = "branch_onnx_fp32"
+SCHEMA_VERSION = 2
+ENSEMBLE_ROW = "one_e_eager"
+BRANCH_ROW = "branch_eager"
+MODELS = {"ensemble": "one_e", "full_branch": "full_branch", "branch": "branch", "baseline": "baseline"}
+Precision = Literal["fp32", "fp16", "int8", "int8_cpu"]
+
+
+def row_name(model: str, fmt: str, precision: str = "fp32") -> str:
+    """one_e_eager, branch_onnx_int8, branch_tensorrt, baseline_onnx_fp32, ..."""
+    how = {"pytorch": "eager", "torch.compile": "compile", "tensorrt": "tensorrt"}.get(fmt, f"onnx_{precision}")
+    return f"{MODELS[model]}_{how}"
 
 
 class Strict(BaseModel):
@@ -39,16 +47,19 @@ class Throughput(Strict):
 
 
 class VsFP32(Strict):
+    """A lower-precision row against the same model's fp32 row in the same runtime."""
+    row: str
     accuracy_delta: float | None  # this row's top-1 minus the fp32 row's, percentage points
     speedup_p50: float | None  # fp32 batch-1 p50 / this row's
+    throughput_ratio: float | None  # this row's images/s / fp32's, at the largest batch both ran
 
 
 class Row(Strict):
     name: str
     label: str
-    model: Literal["ensemble", "full_branch", "branch"]
+    model: Literal["ensemble", "full_branch", "branch", "baseline"]
     format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt"]
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Precision
     status: Literal["ok", "skipped", "failed"]
     reason: str | None = None
     failed_in: Literal["export", "bench"] | None = None
@@ -62,9 +73,10 @@ class Row(Strict):
     agreement: float | None = Field(None, ge=0, le=100)
     images: int | None = Field(None, ge=1)
     latency_ms: LatencyMs | None = None
-    throughput: Throughput | None = None
+    throughput: list[Throughput] = []
     provider: str | None = None
     vs_fp32: VsFP32 | None = None
+    triton_model: str | None = None  # the Triton model that serves this file, where the triton stage writes one
 
     @model_validator(mode="after")
     def _consistent(self) -> Row:
@@ -79,6 +91,9 @@ class Row(Strict):
             raise ValueError(f"row {self.name}: failed_in is set exactly when status is failed")
         return self
 
+    def images_per_s(self, batch: int) -> float | None:
+        return next((t.images_per_s for t in self.throughput if t.batch == batch), None)
+
 
 class Check(Strict):
     row: str
@@ -88,21 +103,39 @@ class Check(Strict):
     equal: bool
 
 
+class Gain(Strict):
+    """`row` against `versus`: one change at a time (the model, the runtime or the precision)."""
+    row: str
+    versus: str
+    speedup_p50: float | None  # versus batch-1 p50 / row's
+    throughput_ratio: float | None  # row images/s / versus's, at `batch`
+    batch: int | None  # the largest batch both rows ran
+    accuracy_delta: float | None  # row minus versus, top-1 points
+
+
+class Ship(Strict):
+    row: str | None  # the pick; None when no form qualifies
+    reference_row: str  # the fp32 branch the accuracy bound is measured from
+    max_accuracy_drop: float
+    file: str | None = None
+    triton_model: str | None = None
+    reason: str  # why this one, or why none
+
+
 class Headline(Strict):
-    ensemble_row: str
-    branch_row: str
-    speedup_p50: float | None  # ensemble batch-1 p50 / branch batch-1 p50
-    size_ratio: float | None  # ensemble file bytes / branch file bytes
+    runtime: str  # where the strip gain is measured, e.g. "onnxruntime fp32"
+    strip: Gain | None  # kept branch vs ONE-E, same runtime and precision
+    runtime_gain: Gain | None  # kept branch: ONNX Runtime fp32 vs PyTorch eager
+    precision_gain: Gain | None  # kept branch in ONNX Runtime: fastest deployed lower precision vs fp32
+    size_ratio: float | None  # ONE-E file bytes / branch file bytes (same runtime and precision)
     params_ratio: float | None
     flops_ratio: float | None
-    ensemble_accuracy: float | None
-    branch_accuracy: float | None
-    accuracy_delta: float | None  # branch minus ensemble, percentage points
+    ship: Ship | None
     reason: str | None = None  # why some figures are null
 
 
 class BenchFile(Strict):
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     run: str
     method: Literal["one", "vanilla"]
     branch: int = Field(ge=0)
@@ -110,8 +143,10 @@ class BenchFile(Strict):
     threads: int = Field(ge=1)
     test_images: int = Field(ge=1)
     eval_batch_size: int = Field(ge=1)
+    batch_sizes: list[int]
     settings: dict[str, Any]
     environment: dict[str, Any]
+    baseline: str | None  # the bench.baseline run directory, as given
     checks: list[Check]
     rows: list[Row]
     headline: Headline
@@ -123,19 +158,65 @@ class BenchFile(Strict):
             raise ValueError(f"row names repeat: {names}")
         return self
 
-    def row(self, name: str) -> Row | None:
+    def row(self, name: str | None) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
+
+
+def gain(row: Row | None, versus: Row | None) -> Gain | None:
+    """`row` against `versus` when both ran; None otherwise."""
+    if row is None or versus is None or row.status != "ok" or versus.status != "ok":
+        return None
+    batches = sorted({t.batch for t in row.throughput} & {t.batch for t in versus.throughput})
+    batch = batches[-1] if batches else None
+    return Gain(row=row.name, versus=versus.name,
+                speedup_p50=round(versus.latency_ms.p50 / row.latency_ms.p50, 4) if row.latency_ms.p50 else None,
+                throughput_ratio=round(row.images_per_s(batch) / versus.images_per_s(batch), 4) if batch else None,
+                batch=batch, accuracy_delta=round(row.accuracy - versus.accuracy, 4))
+
+
+def ship_pick(rows: list[Row], max_drop: float) -> Ship:
+    """What to ship on this machine: the fastest deployable form of the kept branch (a file a server
+    runs: ONNX Runtime or TensorRT) whose test top-1 is within `max_drop` points of the branch's fp32
+    ONNX; fastest by batch-1 p50, then by throughput at the largest batch."""
+    reference = next((r for r in rows if r.name == row_name("branch", "onnxruntime")), None)
+    ref_name = row_name("branch", "onnxruntime")
+    if reference is None or reference.status != "ok":
+        return Ship(row=None, reference_row=ref_name, max_accuracy_drop=max_drop,
+                    reason="the fp32 ONNX branch row did not run, so no form can be measured against it")
+    candidates = [r for r in rows if r.model == "branch" and r.format in ("onnxruntime", "tensorrt")
+                  and r.status == "ok" and r.accuracy >= reference.accuracy - max_drop]
+    best_batch = max((t.batch for r in candidates for t in r.throughput), default=None)
+    pick = min(candidates, key=lambda r: (r.latency_ms.p50, -(r.images_per_s(best_batch) or 0)))
+    others = sorted(r.name for r in rows if r.model == "branch" and r.format in ("onnxruntime", "tensorrt")
+                    and r.status == "ok" and r not in candidates)
+    reason = (f"fastest at batch 1 (p50 {pick.latency_ms.p50:.3f} ms) of {len(candidates)} deployed forms within "
+              f"{max_drop:g} top-1 points of {ref_name} ({pick.accuracy - reference.accuracy:+.2f} points)")
+    if others:
+        reason += f"; over the bound: {', '.join(others)}"
+    return Ship(row=pick.name, reference_row=ref_name, max_accuracy_drop=max_drop, file=pick.file,
+                triton_model=pick.triton_model, reason=reason)
+
+
+def pareto_front(rows: list[Row]) -> list[Row]:
+    """Measured rows no other row beats on both batch-1 p50 latency and top-1 (ties kept)."""
+    ok = [r for r in rows if r.status == "ok"]
+    return [r for r in ok if not any(o.latency_ms.p50 <= r.latency_ms.p50 and o.accuracy >= r.accuracy
+                                     and (o.latency_ms.p50, o.accuracy) != (r.latency_ms.p50, r.accuracy) for o in ok)]
 
 
 FORMAT_NAMES = {"pytorch": "PyTorch eager", "torch.compile": "torch.compile", "onnxruntime": "ONNX Runtime",
                 "tensorrt": "TensorRT"}
+WHO = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch", "baseline": "baseline"}
+
+
+def runtime_text(row: Row) -> str:
+    """E.g. "PyTorch eager" or "ONNX Runtime int8_cpu"."""
+    return FORMAT_NAMES[row.format] + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
 
 
 def short_label(row: Row) -> str:
     """E.g. "ONE-E, PyTorch eager" or "branch, ONNX Runtime int8"."""
-    who = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch"}[row.model]
-    precision = f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else ""
-    return f"{who}, {FORMAT_NAMES[row.format]}{precision}"
+    return f"{WHO[row.model]}, {runtime_text(row)}"
 
 
 def fmt(value: float | int | None, spec: str = ".2f") -> str:
@@ -149,59 +230,64 @@ def status_text(row: Row) -> str:
     return row.status
 
 
-def table_cells(row: Row) -> list[str]:
-    lat, thr = row.latency_ms, row.throughput
-    return [row.label, FORMAT_NAMES[row.format], row.precision, status_text(row),
+def table_cells(bench: BenchFile, row: Row) -> list[str]:
+    lat = row.latency_ms
+    return [row.label, runtime_text(row), status_text(row),
             fmt(row.file_bytes / 1e6 if row.file_bytes is not None else None, ".3f"),
-            fmt(row.accuracy), fmt(row.agreement), fmt(lat and lat.p50, ".3f"), fmt(lat and lat.p90, ".3f"),
-            fmt(lat and lat.p99, ".3f"), fmt(thr and thr.images_per_s, ".0f"), fmt(row.params, ","),
+            fmt(row.accuracy), fmt(row.agreement), fmt(lat and lat.p50, ".3f"), fmt(lat and lat.p99, ".3f"),
+            *[fmt(row.images_per_s(b), ".0f") for b in bench.batch_sizes], fmt(row.params, ","),
             fmt(row.flops / 1e6 if row.flops is not None else None, ".2f")]
 
 
 def table_headers(bench: BenchFile) -> list[str]:
-    batch = bench.settings.get("throughput_batch", "N")
-    return ["variant", "format", "precision", "status", "size MB", "top-1 %", "agree %", "p50 ms", "p90 ms",
-            "p99 ms", f"img/s @{batch}", "params", "MFLOPs"]
+    return ["variant", "runtime", "status", "size MB", "top-1 %", "agree %", "p50 ms", "p99 ms",
+            *[f"img/s @{b}" for b in bench.batch_sizes], "params", "MFLOPs"]
 
 
 def rich_table(bench: BenchFile) -> Table:
     """The terminal's table: the columns that decide, narrow enough for 80 columns (report.md has all)."""
-    batch = bench.settings.get("throughput_batch", "N")
+    batch = bench.batch_sizes[-1]
     table = Table(title=f"bench: {bench.run} on {bench.device}, {bench.threads} thread(s), "
                         f"{bench.test_images} test images")
-    for i, header in enumerate(["variant", "status", "top-1", "agree", "p50 ms", "p99 ms", f"img/s@{batch}", "MB"]):
+    for i, header in enumerate(["variant", "status", "top-1", "p50 ms", "p99 ms", f"img/s@{batch}", "MB"]):
         table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i == 0)
     colour = {"ok": "green", "skipped": "yellow", "failed": "red"}
     for row in bench.rows:
-        lat, thr = row.latency_ms, row.throughput
+        lat = row.latency_ms
         table.add_row(escape(_tiny_label(row)), f"[{colour[row.status]}]{escape(status_text(row))}[/]",
-                      fmt(row.accuracy), fmt(row.agreement), fmt(lat and lat.p50, ".3f"), fmt(lat and lat.p99, ".3f"),
-                      fmt(thr and thr.images_per_s, ".0f"),
+                      fmt(row.accuracy), fmt(lat and lat.p50, ".3f"), fmt(lat and lat.p99, ".3f"),
+                      fmt(row.images_per_s(batch), ".0f"),
                       fmt(row.file_bytes / 1e6 if row.file_bytes is not None else None, ".2f"))
     return table
 
 
 def _tiny_label(row: Row) -> str:
-    who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch"}[row.model]
+    who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch", "baseline": "baseline"}[row.model]
     how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT"}[row.format]
     return f"{who} {how}" + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
 
 
+def _times(g: Gain) -> str:
+    return f"{g.speedup_p50:.2f}x" if g.speedup_p50 is not None else "-"
+
+
 def headline_text(bench: BenchFile) -> str:
-    """The trade-off in one plain sentence (or why it cannot be given)."""
+    """The strip gain in one plain sentence, naming the runtime it is measured in (or why it cannot be)."""
     h = bench.headline
-    if h.speedup_p50 is None:
+    if h.strip is None:
         return f"No headline: {h.reason or 'the ensemble or the branch row did not run'}."
-    ens, br = bench.row(h.ensemble_row), bench.row(h.branch_row)
-    delta = h.accuracy_delta
-    cost = ("no accuracy change" if delta == 0 else
-            f"{abs(delta):.2f} points {'less' if delta < 0 else 'more'} top-1 accuracy")
-    return (f"The kept branch ({br.label}) is {h.speedup_p50:.2f}x faster than the ONE-E ensemble in PyTorch "
-            f"eager at batch 1 (p50 {br.latency_ms.p50:.3f} ms vs {ens.latency_ms.p50:.3f} ms), "
-            f"{fmt(h.size_ratio)}x smaller on disk ({fmt(h.params_ratio)}x fewer parameters), with {cost} "
-            f"({h.branch_accuracy:.2f}% vs {h.ensemble_accuracy:.2f}%).")
+    br, ens = bench.row(h.strip.row), bench.row(h.strip.versus)
+    text = (f"In {runtime_text(br)}, the kept branch answers one image {_times(h.strip)} faster than the ONE-E "
+            f"ensemble (p50 {br.latency_ms.p50:.3f} vs {ens.latency_ms.p50:.3f} ms) with "
+            f"{h.strip.accuracy_delta:+.2f} top-1 points ({br.accuracy:.2f}% vs {ens.accuracy:.2f}%)")
+    if h.runtime_gain:
+        text += f"; ONNX Runtime vs PyTorch eager adds {_times(h.runtime_gain)}"
+    if h.precision_gain:
+        p = bench.row(h.precision_gain.row).precision
+        text += f"; {p} vs fp32 adds {_times(h.precision_gain)} ({h.precision_gain.accuracy_delta:+.2f} points)"
+    return text + "."
 
 
 def reason_lines(bench: BenchFile) -> list[str]:
-    """`label (format precision): status: reason` for every row that did not run."""
+    """`label: status: reason` for every row that did not run."""
     return [f"{r.label}: {status_text(r)}: {r.reason}" for r in bench.rows if r.status != "ok"]

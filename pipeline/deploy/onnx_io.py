@@ -1,5 +1,6 @@
-"""The inputs, outputs and class names of an exported ONNX file, in Triton's terms (the triton and
-engine stages read them from the file rather than assume them)."""
+"""ONNX files as the stages share them: the export itself, the names of what export writes, and a
+file's inputs, outputs and class names in Triton's terms (the triton and engine stages read them from
+the file rather than assume them)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import json
 from pathlib import Path
 
 import onnx
+import torch
+from torch import nn
 
 from pipeline.errors import ArtifactError, PipelineError
+
+INPUT, OUTPUT = "input", "logits"  # the names every exported file uses
 
 # ONNX TensorProto element type -> Triton DataType (model_config.proto)
 ONNX_TO_TRITON = {
@@ -19,6 +24,30 @@ ONNX_TO_TRITON = {
     onnx.TensorProto.UINT16: "TYPE_UINT16", onnx.TensorProto.UINT32: "TYPE_UINT32",
     onnx.TensorProto.UINT64: "TYPE_UINT64", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.STRING: "TYPE_STRING",
 }
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """The dynamo export of `model` (eval mode) with a dynamic batch dimension, pinned to `opset`."""
+    if len(example) < 2:  # torch.export specialises a dimension of size 1
+        example = example.repeat(2, 1, 1, 1)
+    try:
+        program = torch.onnx.export(model.eval(), (example,), input_names=[INPUT], output_names=[OUTPUT],
+                                    opset_version=opset, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    dynamo=True, optimize=True, external_data=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types; all mean the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PipelineError(f"torch.onnx.export failed at opset {opset} ({type(exc).__name__}: {first[:300]}); "
+                            "try another export.opset") from exc
+    proto = program.model_proto
+    got = opset_of(proto)
+    if got != opset:
+        raise PipelineError(f"the exporter wrote opset {got} where export.opset is {opset}; pick an opset this "
+                            f"torch {torch.__version__} exports (18 to 23)")
+    return proto
+
+
+def opset_of(proto: onnx.ModelProto) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,3 +97,25 @@ def read_onnx_io(path: Path) -> OnnxSignature:
                                 "rerun with --force export")
         names = tuple(names)
     return OnnxSignature(inputs, outputs, names)
+
+
+# What the export stage writes, named once for the stages that read it. The stripped branch is the
+# deployed model; the full model's gated ensemble (ONE-E) is exported beside it for like-for-like benches.
+SUBJECTS = ("branch", "ensemble")
+PRECISIONS = ("fp32", "fp16", "int8", "int8_cpu")  # int8: TensorRT's Q/DQ form; int8_cpu: ONNX Runtime's on x86
+
+
+def onnx_key(subject: str, precision: str) -> str:
+    """The export stage's output name: onnx_int8 (branch), ensemble_onnx_int8 (ONE-E)."""
+    return f"onnx_{precision}" if subject == "branch" else f"{subject}_onnx_{precision}"
+
+
+def onnx_file_name(subject: str, precision: str) -> str:
+    return f"{'model' if subject == 'branch' else subject}_{precision}.onnx"
+
+
+def triton_model_name(base: str, precision: str, tensorrt: bool = False) -> str:
+    """The Triton model the triton stage writes for the branch: <base>_onnx, <base>_onnx_int8, <base>_trt."""
+    if tensorrt:
+        return f"{base}_trt"
+    return f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"

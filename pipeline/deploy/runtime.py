@@ -1,0 +1,68 @@
+"""ONNX Runtime sessions and output comparison, done one way for export, engine and bench.
+
+    session = ort_session(path, providers, threads=2)     # errors only in the log; PipelineError if unloadable
+    logits = run_split(session, images_set, batch=512)     # every image of a split, in order
+    figures, problems = parity(got, reference, atol=1e-4)  # max abs diff, top-1 agreement, non-finite count
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.errors import PipelineError
+from pipeline.training.data import ImageSet
+
+
+def ort_session(path: Path, providers: list, threads: int | None = None) -> ort.InferenceSession:
+    """A session on `providers`; `threads` pins intra-op threads (inter-op 1, sequential) for timing."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        raise PipelineError(f"ONNX Runtime cannot load {Path(path).name} ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:300]})") from exc
+
+
+def input_dtype(session: ort.InferenceSession) -> type:
+    return np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+
+def run_logits(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    inp = session.get_inputs()[0]
+    return session.run([session.get_outputs()[0].name], {inp.name: images.astype(input_dtype(session))})[0]
+
+
+def run_split(session: ort.InferenceSession, split: ImageSet, batch: int) -> np.ndarray:
+    """Logits for every image of `split`, in order."""
+    return np.concatenate([run_logits(session, images.numpy()) for images, _ in split.batches(batch)])
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 in percent, as `pipeline.training.evaluate` computes it."""
+    return float(100.0 * (logits.argmax(1) == labels).sum() / max(len(labels), 1))
+
+
+def parity(got: np.ndarray, reference: np.ndarray, atol: float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Figures and problems of one output against a reference: shape, non-finite values, max abs
+    difference (over `atol` is a problem when given), top-1 agreement and the mismatching indices."""
+    if got.shape != reference.shape:
+        return {}, [f"output shape {list(got.shape)} where the reference gives {list(reference.shape)}"]
+    diff = np.nan_to_num(np.abs(got.astype(np.float64) - reference.astype(np.float64)), nan=np.inf)
+    max_diff = float(diff.max())
+    agree = got.argmax(1) == reference.argmax(1)
+    problems = []
+    if not np.isfinite(got).all():
+        problems.append(f"{int((~np.isfinite(got)).sum())} non-finite logits")
+    if atol is not None and not max_diff <= atol:
+        problems.append(f"max abs logit diff {max_diff:.3g} > atol {atol:g} ({int((diff > atol).sum())} of "
+                        f"{diff.size} values over)")
+    return {"max_abs_diff": max_diff, "top1_agreement": float(agree.mean()),
+            "top1_mismatches": [int(i) for i in np.flatnonzero(~agree)]}, problems
