@@ -153,6 +153,8 @@ class BenchConfig(Section):
     throughput_iterations: int = Field(20, ge=1, description="Timed calls at throughput_batch per row")
     threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
     test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
+    served: bool = Field(True, description="Add a row measured through a real Triton server (skipped with a reason "
+                                          "until `python -m pipeline.deploy.triton_server setup` has run)")
 
 
 class Config(Section):

@@ -30,6 +30,7 @@ from pipeline.deploy.benchfile import (
     reason_lines,
     rich_table,
 )
+from pipeline.deploy.served import served_row
 from pipeline.deploy.timing import count_flops, latency, throughput
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped
@@ -121,7 +122,7 @@ class _Bench:
         branch_static = self._static(stripped, branch_path)
         rows = [*self._full_rows(full, full_path), self._branch_eager(stripped, branch_static),
                 self._compiled(stripped, branch_static), *self._onnx_rows(branch_static),
-                self._tensorrt(branch_static)]
+                self._tensorrt(branch_static), self._served(branch_static)]
         self._agreement(rows)
         self._vs_fp32(rows)
         return BenchFile.model_validate({
@@ -193,6 +194,17 @@ class _Bench:
         base = _base("branch_tensorrt", f"stripped branch, TensorRT {precision}", "branch", "tensorrt", precision)
         upstream = _upstream(entry or None, "engine", "engine")
         return {**base, **upstream} if upstream else self._guard(base, lambda: self._run_tensorrt(static))
+
+    def _served(self, static: dict) -> dict:
+        """The fp32 ONNX model through a real Triton server (pipeline/deploy/served.py)."""
+        base = _base("branch_triton_fp32", "stripped branch, Triton server fp32 (HTTP)", "branch", "triton")
+
+        def measure() -> dict:
+            images = np.concatenate([x.numpy() for x, _ in self.test.batches(self.eval_batch)])
+            figures = served_row(self.ctx, images, self.labels.numpy())
+            self.preds[base["name"]] = torch.from_numpy(figures.pop("predictions"))
+            return {**static, **figures}
+        return self._guard(base, measure)
 
     # --- measuring ----------------------------------------------------------------------------------
     def _guard(self, base: dict, measure: Callable[[], dict]) -> dict:

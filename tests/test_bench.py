@@ -24,7 +24,7 @@ from tests.conftest import make_ctx
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
 FAST_BENCH = {"warmup": 1, "iterations": 3, "throughput_batch": 8, "throughput_iterations": 2, "threads": 1}
 ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "branch_compile", "branch_onnx_fp32",
-             "branch_onnx_fp16", "branch_onnx_int8", "branch_tensorrt"]
+             "branch_onnx_fp16", "branch_onnx_int8", "branch_tensorrt", "branch_triton_fp32"]
 
 
 def tiny_at(cfg: Config, root: Path, **sections: dict) -> Config:
@@ -104,6 +104,8 @@ def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
         assert trt["reason"] == f"engine skipped: {engine['reason']}"
     else:  # an engine was built, but this bench runs on the CPU
         assert "CUDA GPU only" in trt["reason"]
+    served = by_name["branch_triton_fp32"]  # tested with a real server in tests/test_server.py
+    assert served["status"] == "skipped" and "triton stage has not run" in served["reason"]
     assert by_name["branch_onnx_fp32"]["provider"] == "CPUExecutionProvider"
     # the ONNX rows share the stripped PyTorch model's counts; the full model is bigger
     assert by_name["branch_onnx_int8"]["flops"] == by_name["branch_eager"]["flops"] < by_name["one_e_eager"]["flops"]

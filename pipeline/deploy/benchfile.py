@@ -47,7 +47,7 @@ class Row(Strict):
     name: str
     label: str
     model: Literal["ensemble", "full_branch", "branch"]
-    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt"]
+    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt", "triton"]
     precision: Literal["fp32", "fp16", "int8"]
     status: Literal["ok", "skipped", "failed"]
     reason: str | None = None
@@ -128,7 +128,7 @@ class BenchFile(Strict):
 
 
 FORMAT_NAMES = {"pytorch": "PyTorch eager", "torch.compile": "torch.compile", "onnxruntime": "ONNX Runtime",
-                "tensorrt": "TensorRT"}
+                "tensorrt": "TensorRT", "triton": "Triton server"}
 
 
 def short_label(row: Row) -> str:
@@ -183,7 +183,8 @@ def rich_table(bench: BenchFile) -> Table:
 
 def _tiny_label(row: Row) -> str:
     who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch"}[row.model]
-    how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT"}[row.format]
+    how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT",
+           "triton": "Triton"}[row.format]
     return f"{who} {how}" + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
 
 
