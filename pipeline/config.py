@@ -169,6 +169,8 @@ class BenchConfig(Section):
     throughput_iterations: int = Field(20, ge=1, description="Timed calls per batch size per row")
     threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
     test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
+    served: bool = Field(True, description="Add a row measured through a real Triton server (skipped with a reason "
+                                          "until `python -m pipeline.deploy.triton_server setup` has run)")
     baseline: Path | None = Field(None, description="Another run directory (e.g. a model.method: vanilla run of "
                                                      "the same backbone) whose network is benched beside this one")
     ship_max_accuracy_drop: float = Field(0.5, ge=0, description="What to ship: the fastest deployed form of the "

@@ -43,7 +43,8 @@ STAGES = (
              "export ONNX (branch and ONE-E; fp32, fp16, int8 forms) and guard its accuracy"),
     StageDef("engine", ("engine",), ("export",), "engine", "build a TensorRT engine"),
     StageDef("triton", ("triton",), ("export", "engine"), "triton", "write a Triton model repository"),
-    StageDef("bench", ("bench",), ("train", "strip", "export", "engine"), "bench", "measure every deployed form"),
+    StageDef("bench", ("bench",), ("train", "strip", "export", "engine", "triton"), "bench",
+             "measure every deployed form"),
     StageDef("report", (), ("bench", "export"), "report", "write report.md and the plot"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

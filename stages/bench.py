@@ -38,6 +38,7 @@ from pipeline.deploy.benchfile import (
 )
 from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, onnx_key, triton_model_name
 from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
+from pipeline.deploy.served import served_row
 from pipeline.deploy.timing import count_flops, latency, throughput
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped, UsageError
@@ -137,7 +138,7 @@ class _Bench:
         rows = [*self._eager_rows(full, stripped), *self._compiled_rows(full, stripped)]
         for precision in PRECISIONS:
             rows += [self._onnx_row("ensemble", precision), self._onnx_row("branch", precision)]
-        rows += [self._tensorrt_row("ensemble"), self._tensorrt_row("branch")]
+        rows += [self._tensorrt_row("ensemble"), self._tensorrt_row("branch"), self._served_row()]
         if baseline is not None:
             rows += self._baseline_rows(*baseline)
         self._derived(rows)
@@ -211,6 +212,16 @@ class _Bench:
         if model == "branch" and self.triton_base:
             row["triton_model"] = triton_model_name(self.triton_base, precision, tensorrt=True)
         return row
+
+    def _served_row(self) -> dict:
+        """The fp32 ONNX model through a real Triton server (pipeline/deploy/served.py)."""
+        def measure() -> dict:
+            images = np.concatenate([x.numpy() for x, _ in self.test.batches(self.eval_batch)])
+            figures = served_row(self.ctx, images, self.labels.numpy())
+            self.preds[row_name("branch", "triton")] = torch.from_numpy(figures.pop("predictions"))
+            return {**self.static["branch"], **figures}
+
+        return self._guard(_base("branch", "triton"), measure)
 
     def _baseline_rows(self, model: nn.Module, path: Path) -> list[dict]:
         model = model.to(self.device)
@@ -442,7 +453,7 @@ def _onnx_call(session: Any, provider: str) -> Callable[[np.ndarray], Any]:
 
 def _base(model: str, fmt: str, precision: str = "fp32") -> dict:
     label = LABELS[model] if fmt == "pytorch" else f"{LABELS[model].split(' (')[0]}, {FORMAT_NAMES[fmt]}" + (
-        f" {precision}" if fmt in ("onnxruntime", "tensorrt") else "")
+        f" {precision}" if fmt in ("onnxruntime", "tensorrt", "triton") else "")
     return {"name": row_name(model, fmt, precision), "label": label, "model": model, "format": fmt,
             "precision": precision}
 

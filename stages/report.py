@@ -32,7 +32,7 @@ from pipeline.stage import StageContext, StageResult
 
 PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
 COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "baseline": "tab:green"}
-MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^"}
+MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^", "triton": "v"}
 
 
 def run(ctx: StageContext) -> StageResult:

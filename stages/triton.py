@@ -163,7 +163,10 @@ def _remove_stale(repo: Path, keep: set[str]) -> list[str]:
 
 def _readme(entries: list[ModelEntry], notes: list[str]) -> str:
     lines = ["Triton Inference Server model repository written by one-pipeline (triton stage).", "",
-             "Serve it:  tritonserver --model-repository <this folder>   (see docs/DEPLOY.md)", "", "Models:"]
+             "Serve it:  tritonserver --model-repository <this folder>   (see docs/DEPLOY.md)",
+             "CPU-only:  add --exit-on-error=false --strict-readiness=false when a tensorrt_plan model is here",
+             "           (it needs a GPU; the ONNX models are served, the plan model stays UNAVAILABLE)", "",
+             "Models:"]
     for e in entries:
         ins = ", ".join(f"{t.name} {t.data_type} {list(t.dims)}" for t in e.signature.inputs)
         outs = ", ".join(f"{t.name} {t.data_type} {list(t.dims)}" for t in e.signature.outputs)

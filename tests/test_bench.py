@@ -39,7 +39,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
 FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1}
 ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile", "branch_compile",
              *[f"{m}_onnx_{p}" for p in ("fp32", "fp16", "int8", "int8_cpu") for m in ("one_e", "branch")],
-             "one_e_tensorrt", "branch_tensorrt"]
+             "one_e_tensorrt", "branch_tensorrt", "branch_triton_fp32"]
 
 
 def benched_copy(exported_run, root: Path, **sections: dict) -> tuple[Config, RunDir]:
@@ -106,6 +106,8 @@ def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
         assert by_name[name]["status"] == "skipped"
         if engine["status"] == "skipped":  # no TensorRT or no GPU: the engine stage's own reason
             assert by_name[name]["reason"] == f"engine skipped: {engine['reason']}"
+    served = by_name["branch_triton_fp32"]  # tested with a real server in tests/test_server.py
+    assert served["status"] == "skipped" and "triton stage has not run" in served["reason"]
     assert by_name["branch_onnx_fp32"]["provider"] == "CPUExecutionProvider"
     assert by_name["one_e_onnx_int8"]["file"] == "export/ensemble_int8.onnx"
     # every form shares its PyTorch model's counts; the full model is bigger

@@ -21,7 +21,8 @@ Precision = Literal["fp32", "fp16", "int8", "int8_cpu"]
 
 def row_name(model: str, fmt: str, precision: str = "fp32") -> str:
     """one_e_eager, branch_onnx_int8, branch_tensorrt, baseline_onnx_fp32, ..."""
-    how = {"pytorch": "eager", "torch.compile": "compile", "tensorrt": "tensorrt"}.get(fmt, f"onnx_{precision}")
+    how = {"pytorch": "eager", "torch.compile": "compile", "tensorrt": "tensorrt",
+           "triton": f"triton_{precision}"}.get(fmt, f"onnx_{precision}")
     return f"{MODELS[model]}_{how}"
 
 
@@ -58,7 +59,7 @@ class Row(Strict):
     name: str
     label: str
     model: Literal["ensemble", "full_branch", "branch", "baseline"]
-    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt"]
+    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt", "triton"]
     precision: Precision
     status: Literal["ok", "skipped", "failed"]
     reason: str | None = None
@@ -205,7 +206,7 @@ def pareto_front(rows: list[Row]) -> list[Row]:
 
 
 FORMAT_NAMES = {"pytorch": "PyTorch eager", "torch.compile": "torch.compile", "onnxruntime": "ONNX Runtime",
-                "tensorrt": "TensorRT"}
+                "tensorrt": "TensorRT", "triton": "Triton server"}
 WHO = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch", "baseline": "baseline"}
 
 
@@ -263,7 +264,8 @@ def rich_table(bench: BenchFile) -> Table:
 
 def _tiny_label(row: Row) -> str:
     who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch", "baseline": "baseline"}[row.model]
-    how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT"}[row.format]
+    how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT",
+           "triton": "Triton"}[row.format]
     return f"{who} {how}" + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
 
 

@@ -1,0 +1,119 @@
+"""What the server adds: accuracy, latency and throughput of one model measured through Triton's HTTP API.
+
+The client is tritonclient (KServe v2 over HTTP, binary tensors), one connection per client thread, on
+the same machine as the server: the figures include serialization, the HTTP round trip, Triton's
+scheduler (dynamic batching) and the backend, which the in-process rows do not.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.deploy.timing import latency
+from pipeline.deploy.triton_server import serve
+from pipeline.errors import StageSkipped
+from pipeline.stage import StageContext
+
+
+class ServedModel:
+    """One model on a running server; `predict` returns the first output's arrays."""
+
+    def __init__(self, http_url: str, model: str):
+        import tritonclient.http as httpclient
+
+        self._http, self.url, self.model = httpclient, http_url, model
+        self._local = threading.local()  # a tritonclient HTTP client is not thread-safe: one per thread
+        meta = self.client().get_model_metadata(model)
+        self.input, self.input_type = meta["inputs"][0]["name"], meta["inputs"][0]["datatype"]
+        self.output = meta["outputs"][0]["name"]
+
+    def client(self) -> Any:
+        if not hasattr(self._local, "client"):
+            self._local.client = self._http.InferenceServerClient(self.url, network_timeout=120)
+        return self._local.client
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        tensor = self._http.InferInput(self.input, list(images.shape), self.input_type)
+        tensor.set_data_from_numpy(images, binary_data=True)
+        output = self._http.InferRequestedOutput(self.output, binary_data=True)
+        return self.client().infer(self.model, [tensor], outputs=[output]).as_numpy(self.output)
+
+
+def served_predictions(served: ServedModel, images: np.ndarray, batch: int) -> np.ndarray:
+    """Top-1 class of every image, sent in requests of at most `batch` images."""
+    return np.concatenate([served.predict(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
+
+
+def concurrent_throughput(served: ServedModel, images: np.ndarray, *, concurrency: int, warmup: int,
+                          iterations: int) -> float:
+    """Images per second with `concurrency` clients each sending `iterations` requests of `images`."""
+    def client_loop(count: int) -> None:
+        for _ in range(count):
+            served.predict(images)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client_loop, [warmup] * concurrency))  # every thread's connection open and warm
+        start = time.perf_counter()
+        list(pool.map(client_loop, [iterations] * concurrency))
+        elapsed = time.perf_counter() - start
+    return len(images) * iterations * concurrency / elapsed
+
+
+def measure_served(http_url: str, model: str, images: np.ndarray, labels: np.ndarray, *, max_batch: int,
+                   throughput_batch: int, concurrency: int = 8, warmup: int = 10, iterations: int = 100,
+                   throughput_iterations: int = 20) -> dict:
+    """Bench-row figures for `model` on the server at `http_url`: top-1 over `images` (sent in requests of
+    max_batch), batch-1 latency at concurrency 1, and images/s at `concurrency` clients sending batches of
+    throughput_batch. `predictions` holds each image's top-1 (for agreement with the other rows)."""
+    served = ServedModel(http_url, model)
+    predictions = served_predictions(served, images, max_batch)
+    one = images[:1]
+    lat = latency(lambda: served.predict(one), warmup=warmup, iterations=iterations, device=torch.device("cpu"))
+    batch = images[:throughput_batch]
+    ips = concurrent_throughput(served, batch, concurrency=concurrency, warmup=min(warmup, 3),
+                                iterations=throughput_iterations)
+    correct = int(np.sum(predictions == labels))  # top-1 % as pipeline.training.evaluate computes it
+    return {"predictions": predictions, "accuracy": float(100.0 * correct / max(len(labels), 1)),
+            "images": len(images),
+            "latency_ms": {"p50": round(lat.p50_ms, 6), "p90": round(lat.p90_ms, 6), "p99": round(lat.p99_ms, 6),
+                           "mean": round(lat.mean_ms, 6), "warmup": warmup, "iterations": lat.iterations},
+            "throughput": [{"images_per_s": round(ips, 1), "batch": len(batch), "warmup": min(warmup, 3),
+                            "iterations": throughput_iterations * concurrency}]}
+
+
+SERVED_CONCURRENCY = 8
+
+
+def served_row(ctx: StageContext, images: np.ndarray, labels: np.ndarray) -> dict:
+    """The bench's served row: the fp32 ONNX model of the run's Triton repository, served by a tritonserver
+    started here with only that model loaded. StageSkipped with the reason when it cannot run here; the
+    server environment is never installed by a run (450 MB of downloads): `SETUP_COMMAND` does that."""
+    cfg = ctx.cfg.bench
+    if not cfg.served:
+        raise StageSkipped("bench.served is false in the config")
+    entry = ctx.run.stage("triton") or {}
+    if entry.get("status") != "done":
+        why = f"is {entry['status']}" if entry else "has not run"
+        raise StageSkipped(f"the triton stage {why}: no repository to serve")
+    model = next((m for m, platform in entry.get("summary", {}).get("models", {}).items()
+                  if platform == "onnxruntime_onnx" and m.endswith("_onnx")), None)
+    if model is None:
+        raise StageSkipped("the Triton repository has no fp32 ONNX model")
+    model_file = ctx.input("triton", f"{model}/1/model.onnx")
+    repository = ctx.run.path("triton")
+    with serve(repository, models=[model], log=ctx.stage_dir("bench") / "tritonserver.log") as endpoints:
+        figures = measure_served(endpoints.http, model, images, labels,
+                                 max_batch=entry["summary"]["max_batch_size"][model],
+                                 throughput_batch=cfg.batch_sizes[-1], concurrency=SERVED_CONCURRENCY,
+                                 warmup=cfg.warmup, iterations=cfg.iterations,
+                                 throughput_iterations=cfg.throughput_iterations)
+    return {**figures, "file": str(model_file.relative_to(ctx.run.root)), "file_bytes": model_file.stat().st_size,
+            "provider": f"tritonserver {endpoints.backend}",
+            "note": f"through tritonserver over HTTP on this machine: latency with 1 client at batch 1, "
+                    f"throughput with {SERVED_CONCURRENCY} clients at batch {figures['throughput'][0]['batch']}"}

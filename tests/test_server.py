@@ -1,0 +1,230 @@
+"""A real tritonserver on the tiny run's Triton repository (marker `server`).
+
+The server is the `tritonserver` binary of nvidia-pytriton, in its own environment (created once by
+`pipeline.deploy.triton_server.setup_env`), with the test stand-in for the onnxruntime backend; with
+ONE_PIPELINE_TRITONSERVER set, the command it names instead (NVIDIA's container, docs/DEPLOY.md). The
+repository is the one the triton stage wrote, unchanged. Clients: tritonclient over HTTP and gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from pipeline.config import Config
+from pipeline.deploy import triton_server
+from pipeline.deploy.onnx_io import read_onnx_io
+from pipeline.deploy.served import ServedModel, served_predictions
+from pipeline.errors import PipelineError, StageSkipped
+from pipeline.rundir import RunDir
+from pipeline.training.data import load_datasets
+from stages.triton import ModelEntry, config_text
+from tests.conftest import copy_run
+
+httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'tritonclient[grpc,http]'")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="pip install 'tritonclient[grpc,http]'")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+MODELS = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8", "tiny_onnx_int8_cpu": "int8_cpu"}
+MAX_BATCH = 128  # triton.max_batch_size's default, which the tiny config keeps
+STOP_BOUND_S = 30
+# NVIDIA's container (ONE_PIPELINE_TRITONSERVER) runs the ONNX models on a GPU with TensorRT (TF32 kernels):
+# close to ONNX Runtime on the CPU, not equal. The stand-in runs ONNX Runtime on the CPU: equal classes.
+EXTERNAL = bool(triton_server.external_command())
+LOGITS_ATOL = 2e-2 if EXTERNAL else 1e-4
+
+
+@pytest.fixture(scope="session")
+def server_env() -> triton_server.ServerEnv | None:
+    """The environment (made once, reused across sessions); None when ONE_PIPELINE_TRITONSERVER names a
+    server command instead. Setup fails the test in CI and skips it elsewhere (e.g. offline)."""
+    if triton_server.external_command():
+        return None
+    try:
+        return triton_server.setup_env()
+    except PipelineError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"server environment: {exc}")
+        pytest.skip(f"server environment: {exc}")
+
+
+def start(repository: Path, env, log: Path, **options) -> triton_server.TritonServer:
+    server = triton_server.TritonServer(repository, env=env, command=triton_server.external_command(), log=log,
+                                        **options)
+    server.start(timeout_s=180)
+    return server
+
+
+def stop(server: triton_server.TritonServer) -> None:
+    server.stop(timeout_s=STOP_BOUND_S)
+    assert server.process.poll() is not None, "tritonserver still runs after stop()"
+
+
+@pytest.fixture(scope="module")
+def served_run(exported_run, server_env, tmp_path_factory) -> tuple[Config, RunDir]:
+    """A copy of the exported tiny run (every precision) taken through triton and bench (served row on)."""
+    cfg, copy = copy_run(exported_run[:2], tmp_path_factory.mktemp("served"), "bench",
+                         bench={"served": True, "throughput_iterations": 2})
+    assert copy.stage("triton")["status"] == "done" and copy.stage("bench")["status"] == "done"
+    return cfg, copy
+
+
+@pytest.fixture(scope="module")
+def server(served_run, server_env, tmp_path_factory):
+    server = start(served_run[1].path("triton"), server_env, tmp_path_factory.mktemp("log") / "server.log")
+    yield server.endpoints
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def test_split(served_run) -> tuple[np.ndarray, np.ndarray]:
+    """The tiny run's normalised test images and labels, in the order bench uses."""
+    cfg = served_run[0]
+    batches = list(load_datasets(cfg.data).test.batches(cfg.train.eval_batch_size))
+    return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
+
+
+def onnxruntime_logits(run: RunDir, precision: str, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(run.output("export", f"onnx_{precision}")), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input": images})[0]
+
+
+def images_of(test_split, count: int) -> np.ndarray:
+    """`count` test images (repeated when the split is smaller)."""
+    images = test_split[0]
+    return np.ascontiguousarray(np.resize(images, (count, *images.shape[1:])))
+
+
+def http_infer(endpoints, model: str, images: np.ndarray, **output) -> np.ndarray:
+    tensor = httpclient.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    with httpclient.InferenceServerClient(endpoints.http) as client:
+        result = client.infer(model, [tensor], outputs=[httpclient.InferRequestedOutput("logits", **output)])
+    return result.as_numpy("logits")
+
+
+def grpc_infer(endpoints, model: str, images: np.ndarray, **output) -> np.ndarray:
+    tensor = grpcclient.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    with grpcclient.InferenceServerClient(endpoints.grpc) as client:
+        result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("logits", **output)])
+    return result.as_numpy("logits")
+
+
+def assert_same_logits(served: np.ndarray, local: np.ndarray) -> None:
+    """The stand-in's ONNX Runtime is another build than the project's: equal classes, logits to 1e-4."""
+    np.testing.assert_allclose(served, local, rtol=1e-4, atol=LOGITS_ATOL)
+    if not EXTERNAL:
+        assert np.array_equal(served.argmax(1), local.argmax(1))
+
+
+@pytest.mark.server
+def test_every_model_is_ready_over_http_and_grpc(server):
+    with httpclient.InferenceServerClient(server.http) as http, grpcclient.InferenceServerClient(server.grpc) as grpc:
+        assert http.is_server_live() and http.is_server_ready() and grpc.is_server_ready()
+        for model in MODELS:
+            assert http.is_model_ready(model) and grpc.is_model_ready(model), model
+            assert int(http.get_model_config(model)["max_batch_size"]) == MAX_BATCH
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("batch", [1, MAX_BATCH])
+def test_batch_one_and_the_largest_batch_answer_as_onnxruntime(server, served_run, test_split, batch):
+    images = images_of(test_split, batch)
+    local = onnxruntime_logits(served_run[1], "fp32", images)
+    assert_same_logits(http_infer(server, "tiny_onnx", images), local)
+    assert_same_logits(grpc_infer(server, "tiny_onnx", images), local)
+
+
+@pytest.mark.server
+def test_one_past_the_largest_batch_is_refused(server, test_split):
+    images = images_of(test_split, MAX_BATCH + 1)
+    for infer in (http_infer, grpc_infer):
+        with pytest.raises(InferenceServerException, match=f"batch-size must be <= {MAX_BATCH}"):
+            infer(server, "tiny_onnx", images)
+
+
+@pytest.mark.server
+def test_concurrent_requests_each_get_their_own_answer(server, served_run, test_split):
+    """16 requests of different sizes from 8 threads: the dynamic batcher may merge them, and each answer
+    must still be its own request's."""
+    served = ServedModel(server.http, "tiny_onnx")
+    batches = [images_of(test_split, 40)[i:i + size] for i, size in enumerate(range(1, 17))]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(served.predict, batches))
+    for images, answer in zip(batches, answers):
+        assert_same_logits(answer, onnxruntime_logits(served_run[1], "fp32", images))
+
+
+@pytest.mark.server
+def test_classification_extension_answers_with_the_labels(server, served_run, test_split):
+    labels = served_run[1].path("triton", "tiny_onnx", "labels.txt").read_text().splitlines()
+    images = images_of(test_split, 5)
+    top3 = np.argsort(-onnxruntime_logits(served_run[1], "fp32", images), axis=1)[:, :3]
+    for infer in (http_infer, grpc_infer):
+        answer = infer(server, "tiny_onnx", images, class_count=3)
+        assert answer.shape == (5, 3)
+        entries = [[value.decode().split(":") for value in row] for row in answer]  # b"score:index:label"
+        assert [[int(index) for _, index, _ in row] for row in entries] == top3.tolist()
+        assert all(label == labels[int(index)] for row in entries for _, index, label in row)
+
+
+@pytest.mark.server
+def test_accuracy_through_the_server_equals_the_bench_rows(server, served_run, test_split):
+    images, labels = test_split
+    bench = {row["name"]: row for row in json.loads(served_run[1].output("bench", "bench").read_text())["rows"]}
+    one_image = 100.0 / len(labels) if EXTERNAL else 0.0
+    for model, precision in MODELS.items():
+        predictions = served_predictions(ServedModel(server.http, model), images, MAX_BATCH)
+        accuracy = float(100.0 * int(np.sum(predictions == labels)) / len(labels))
+        assert abs(accuracy - bench[f"branch_onnx_{precision}"]["accuracy"]) <= one_image, model
+    row = bench["branch_triton_fp32"]  # bench's own served row, through its own server
+    assert row["status"] == "ok", row["reason"]
+    assert abs(row["accuracy"] - bench["branch_onnx_fp32"]["accuracy"]) <= one_image
+    assert row["agreement"] is not None
+    assert row["format"] == "triton" and row["latency_ms"]["batch"] == 1 and row["throughput"][0]["images_per_s"] > 0
+    assert row["file"] == "triton/tiny_onnx/1/model.onnx"
+
+
+@pytest.mark.server
+def test_a_cpu_only_server_serves_the_onnx_models_beside_a_plan_model(served_run, server_env, test_split,
+                                                                     tmp_path):
+    """A repository with a KIND_GPU plan model (a dummy file: no machine here can load it): with default
+    flags the server refuses to start; with the documented CPU-only flags it serves the ONNX models."""
+    repository = tmp_path / "repository"
+    shutil.copytree(served_run[1].path("triton", "tiny_onnx"), repository / "tiny_onnx")
+    onnx_file = repository / "tiny_onnx" / "1" / "model.onnx"
+    plan = ModelEntry("tiny_trt", "tensorrt_plan", onnx_file, read_onnx_io(onnx_file), 16, ["# dummy plan"])
+    (repository / "tiny_trt" / "1").mkdir(parents=True)
+    (repository / "tiny_trt" / "1" / "model.plan").write_bytes(b"not a serialized engine")
+    (repository / "tiny_trt" / "config.pbtxt").write_text(config_text(
+        plan, dynamic_batching=True, max_queue_delay_us=100, instance_count=1, tensorrt_accelerator=False))
+
+    with pytest.raises(PipelineError, match="failed to load"):
+        start(repository, server_env, tmp_path / "default.log")
+
+    server = start(repository, server_env, tmp_path / "cpu_only.log", cpu_only=True)
+    try:
+        with httpclient.InferenceServerClient(server.endpoints.http) as client:
+            assert client.is_server_ready() and client.is_model_ready("tiny_onnx")
+            assert not client.is_model_ready("tiny_trt")
+        images = images_of(test_split, 4)
+        assert_same_logits(http_infer(server.endpoints, "tiny_onnx", images),
+                           onnxruntime_logits(served_run[1], "fp32", images))
+    finally:
+        stop(server)
+
+
+def test_without_the_environment_serving_is_skipped_with_the_setup_command(tmp_path, monkeypatch):
+    monkeypatch.setenv(triton_server.ENV_VARIABLE, str(tmp_path / "none"))
+    monkeypatch.delenv(triton_server.COMMAND_VARIABLE, raising=False)
+    with pytest.raises(StageSkipped, match="python -m pipeline.deploy.triton_server setup"):
+        with triton_server.serve(tmp_path):
+            pass
