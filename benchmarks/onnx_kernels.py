@@ -1,14 +1,12 @@
 """Which ONNX Runtime kernels run, and where the time goes, for each exported model of a run.
 
     python benchmarks/onnx_kernels.py artifacts/edge            # batch 1, 200 profiled calls per model
-    python benchmarks/onnx_kernels.py artifacts/edge --u8       # also an asymmetric-uint8 CPU variant
 
 ONNX Runtime fuses Q/DQ pairs around Conv/Gemm into integer kernels (QLinearConv, ...) only where it has
 one for the data types; the rest runs as float ops plus (de)quantize steps. This prints, per model, the
 time share of each executed op type from ORT's own profiler, so a missing INT8 speed-up can be traced
-to the kernels that actually ran. `--u8` also quantizes model_fp32.onnx with asymmetric uint8
-activations (ONNX Runtime's preferred x86 form; TensorRT needs the symmetric int8 the pipeline
-exports) on the run's calibration images, and profiles it beside the others.
+to the kernels that actually ran (model_int8_cpu.onnx, the x86 form, against model_int8.onnx, the
+TensorRT form, shows why both are exported).
 """
 
 from __future__ import annotations
@@ -53,26 +51,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--u8", action="store_true", help="add an asymmetric uint8-activation int8 variant")
     args = parser.parse_args()
     models = sorted((args.run_dir / "export").glob("model_*.onnx"))
     if not models:
         raise SystemExit(f"no export/model_*.onnx under {args.run_dir}; run `one-pipeline export` first")
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.u8:
-            models.append(_u8_variant(args.run_dir, Path(tmp) / "model_int8_u8_asymmetric.onnx"))
-        _report(models, args)
-
-
-def _u8_variant(run_dir: Path, out: Path) -> Path:
-    from pipeline.config import load_config
-    from pipeline.deploy.quantize import calibration_images, quantize_int8
-    from pipeline.training.data import load_datasets
-
-    cfg = load_config(run_dir / "config.yaml")
-    images = calibration_images(load_datasets(cfg.data).train, cfg.export.calibration_size, cfg.seed)
-    quantize_int8(run_dir / "export" / "model_fp32.onnx", out, images, symmetric_activations=False)
-    return out
+    _report(models, args)
 
 
 def _report(models: list[Path], args: argparse.Namespace) -> None:

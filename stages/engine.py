@@ -44,7 +44,7 @@ from rich.markup import escape
 
 from pipeline.config import Config, EngineConfig
 from pipeline.deploy.onnx_io import onnx_key, read_onnx_io
-from pipeline.deploy.runtime import parity
+from pipeline.deploy.runtime import ort_session, parity, run_logits
 from pipeline.deploy.tensorrt_runtime import import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_json, write_text
@@ -270,13 +270,9 @@ def validation_images(cfg: Config, profile: BatchProfile) -> torch.Tensor:
 def verify_engine(plan_path: Path, onnx_path: Path, images: torch.Tensor, precision: str,
                   cfg: EngineConfig) -> dict[str, Any]:
     """Deserialize the plan, run `images` through it and through ONNX Runtime (CPU) on the same ONNX."""
-    import onnxruntime as ort
-
     from pipeline.deploy.tensorrt_runtime import TensorRTRunner
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feed = images.numpy().astype(np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32)
-    reference = session.run(None, {session.get_inputs()[0].name: feed})[0]
+    reference = run_logits(ort_session(onnx_path, ["CPUExecutionProvider"]), images.numpy())
     runner = TensorRTRunner(plan_path, check_sidecar=False)
     with torch.no_grad():
         got = runner(images.cuda())
