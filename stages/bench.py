@@ -47,7 +47,7 @@ from pipeline.stage import StageContext, StageResult
 from pipeline.training.checkpoint import load_model
 from pipeline.training.data import ImageSet, load_datasets
 from pipeline.training.evaluate import evaluate
-from pipeline.training.models import count_parameters
+from pipeline.training.models import EnsembleNet, count_parameters
 
 LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
           "branch": "stripped branch", "baseline": "baseline: the same network trained alone"}
@@ -119,7 +119,6 @@ class _Bench:
         self.full_test_set = len(self.test) == len(full_test)
         self.labels = torch.cat([labels for _, labels in self.test.batches(self.eval_batch)])
         self.inputs = _inputs(self.test, self.cfg.batch_sizes, self.device)
-        self.export = ctx.run.stage("export") or {}
         self.triton_base = ctx.cfg.triton.model_name or ctx.cfg.name if ctx.cfg.triton.enabled else None
 
     # --- the rows --------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ class _Bench:
         full, stripped = full.to(self.device), stripped.to(self.device)
         self.static = {"branch": self._static(stripped, branch_path)}
         if self.method == "one":
-            self.static["ensemble"] = self._static(_Head(full, lambda out: out.teacher), full_path)
+            self.static["ensemble"] = self._static(EnsembleNet(full), full_path)
         rows = [*self._eager_rows(full, stripped), *self._compiled_rows(full, stripped)]
         for precision in PRECISIONS:
             rows += [self._onnx_row("ensemble", precision), self._onnx_row("branch", precision)]
@@ -178,10 +177,10 @@ class _Bench:
             if self.device.type != "cuda":
                 raise StageSkipped(f"torch.compile with CUDA graphs is measured on CUDA only; this bench runs on "
                                    f"{self.device.type}")
-            net = _Head(full, lambda out: out.teacher) if model == "ensemble" else stripped
+            net = EnsembleNet(full) if model == "ensemble" else stripped
             compiled = torch.compile(net, mode="reduce-overhead")
             name = row_name(model, "torch.compile")
-            acc = self._evaluate(_Spec(compiled, net.spec), {name: lambda out: out})
+            acc = self._evaluate(compiled, {name: lambda out: out})  # `.spec` reads through to `net`
             return {"accuracy": acc["branches"][0], **self.static[model], **self._torch_timing(compiled)}
 
         return [self._guard(_base(m, "torch.compile"), lambda m=m: measure(m),
@@ -386,28 +385,6 @@ class _Bench:
                 checks.append({"row": row["name"], "train_head": head, "bench": row["accuracy"], "train": train,
                                "equal": row["accuracy"] == train})
         return checks
-
-
-class _Head(nn.Module):
-    """One output of the full ONE model (e.g. the gated ensemble), as a plain network."""
-
-    def __init__(self, full: nn.Module, head: Callable[[Any], torch.Tensor]):
-        super().__init__()
-        self.full, self.head, self.spec = full, head, full.spec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.full(x))
-
-
-class _Spec(nn.Module):
-    """A callable with a `.spec` for `evaluate` (torch.compile's wrapper)."""
-
-    def __init__(self, net: Callable, spec: Any):
-        super().__init__()
-        self.net, self.spec = net, spec
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.net(x)
 
 
 class _Recorder(nn.Module):

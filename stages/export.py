@@ -50,21 +50,10 @@ from pipeline.rundir import atomic_path, sha256_file
 from pipeline.stage import StageContext, StageResult
 from pipeline.training import checkpoint
 from pipeline.training.data import ImageSet, load_datasets
-from pipeline.training.models import ONENet
+from pipeline.training.models import EnsembleNet
 
 HINT = ("the exported graph does not compute what PyTorch does: try another export.opset (or raise export.atol if "
         "the difference is only rounding)")
-
-
-class EnsembleOutput(nn.Module):
-    """The full ONE model with one output, the gated ensemble's logits (ONE-E), for export."""
-
-    def __init__(self, full: ONENet):
-        super().__init__()
-        self.full, self.spec = full, full.spec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.full(x).teacher
 
 
 class Rejected(Exception):
@@ -214,7 +203,8 @@ class _Export:
         started = time.perf_counter()
         try:
             figures = make()
-        except Rejected as exc:
+        except Rejected as exc:  # not deployed: no file, not even one an earlier run wrote
+            self.path(precision).unlink(missing_ok=True)
             figures = {"passed": False, "reason": str(exc), **({"trials": exc.trials} if exc.trials else {})}
         except PipelineError:
             raise
@@ -229,7 +219,7 @@ class _Export:
         if not f.get("passed", True):
             self.ctx.console.print(f"[yellow]{escape(who)} not deployed:[/yellow] {escape(f['reason'])}")
             return
-        drop = f" ({-f['drop']:+.2f} points vs fp32)" if "drop" in f else ""
+        drop = f" ({0.0 - f['drop']:+.2f} points vs fp32)" if "drop" in f else ""
         self.ctx.console.print(escape(f"{who}: validation top-1 {f['val_accuracy']:.2f}%{drop}, max abs logit diff "
                                       f"{f['max_abs_diff']:.3g} on {len(self.check_images)} images, "
                                       f"{f['bytes'] / 1e6:.2f} MB"))
@@ -286,7 +276,7 @@ def run(ctx: StageContext) -> StageResult:
     models: dict[str, nn.Module] = {"branch": branch}
     if cfg.ensemble and ctx.summary("train").get("method", ctx.cfg.model.method) == "one":
         full, _ = checkpoint.load_model(ctx.input("train", "model"))
-        models["ensemble"] = EnsembleOutput(full)
+        models["ensemble"] = EnsembleNet(full)
     data = load_datasets(ctx.cfg.data)
     check_images, _ = next(data.val.batches(min(cfg.check_size, len(data.val))))
     int8_targets = [p for p in PRECISIONS if p.startswith("int8") and p in cfg.precisions]

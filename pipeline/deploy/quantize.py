@@ -23,8 +23,11 @@ first convolution (raw pixels in) and the classifier (logits out), stay in float
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -66,8 +69,12 @@ def recipes(methods: list[str]) -> list[Recipe]:
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Float16 initializers and compute; the graph's input and output stay float32 (Casts added)."""
-    return float16.convert_float_to_float16(model, keep_io_types=True)
+    """Float16 initializers and compute; the graph's input and output stay float32 (Casts added). Weights
+    below float16's range are flushed to its smallest value; the converter warns once per weight, which
+    says nothing the accuracy check does not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True)
 
 
 def calibration_images(train: ImageSet, count: int, seed: int) -> ImageSet:
@@ -113,15 +120,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: ImageSet, input_name:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + ORT's basic graph clean-up
         kept = sensitive_nodes(onnx.load(str(prepared))) if recipe.keep_float else []
-        quantize_static(
-            str(prepared), str(out_path), _Reader(images, input_name),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=kept, calibrate_method=_METHODS[recipe.method],
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False,
-                           "OpTypesToExcludeOutputQuantization": ["Gemm"]},  # logits stay float
-            # no CalibMaxIntermediateOutputs: ORT 1.31 drops (does not merge) the batches it flushes
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantize_static(
+                str(prepared), str(out_path), _Reader(images, input_name), quant_format=QuantFormat.QDQ,
+                per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_exclude=kept, calibrate_method=_METHODS[recipe.method],
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False,
+                               "OpTypesToExcludeOutputQuantization": ["Gemm"]},  # logits stay float
+                # no CalibMaxIntermediateOutputs: ORT 1.31 drops (does not merge) the batches it flushes
+            )
     return kept
 
 

@@ -198,6 +198,18 @@ class SingleNet(nn.Module):
         return self.branch(self.trunk(x))
 
 
+class EnsembleNet(nn.Module):
+    """The full ONE model answering with its gated ensemble's logits (ONE-E) only: one output, like the
+    stripped branch, so that both are exported, timed and evaluated the same way."""
+
+    def __init__(self, full: ONENet):
+        super().__init__()
+        self.full, self.spec = full, full.spec.single()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.full(x).teacher
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     return ONENet(spec) if spec.method == "one" else SingleNet(spec)
 
