@@ -256,7 +256,7 @@ def write_plot(bench: BenchFile, path: Path) -> None:
     where = bench.environment.get("cpu") or bench.device
     title = f"{bench.run}: accuracy vs latency, {where}, {bench.threads} thread(s)"
     if strip is not None:
-        title += f"\nbranch {_times(strip.speedup_p50)} faster than ONE-E in {bench.headline.runtime}, " \
+        title += f"\nbranch {_times(strip.speedup_p50)} faster than ONE-E in {runtime_text(bench.row(strip.row))}, " \
                  f"{_points(strip.accuracy_delta)} top-1"
     ax.set(title=title, xlabel="batch-1 latency, p50 (ms); whisker to p99", ylabel="top-1 accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
