@@ -30,6 +30,7 @@ from pipeline.deploy.benchfile import (
     reason_lines,
     rich_table,
 )
+from pipeline.deploy.onnx_io import exported_onnx
 from pipeline.deploy.timing import count_flops, latency, throughput
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped
@@ -180,7 +181,7 @@ class _Bench:
             upstream = _upstream(entry, "export", f"onnx_{p}")
             if upstream is None:
                 rows.append(self._guard(base, lambda p=p: self._onnx(f"branch_onnx_{p}",
-                                                                     self.ctx.input("export", f"onnx_{p}"), static)))
+                                                                     exported_onnx(self.ctx.run, f"onnx_{p}"), static)))
             elif entry and entry.get("status") == "done" and p not in requested:
                 rows.append({**base, "status": "skipped", "reason": f"not exported: {p} is not in export.precisions"})
             else:

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import Config, EngineConfig
-from pipeline.deploy.onnx_io import read_onnx_io
+from pipeline.deploy.onnx_io import exported_onnx, read_onnx_io
 from pipeline.deploy.tensorrt_runtime import import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_json, write_text
@@ -263,7 +263,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.engine
     trt = tensorrt_or_skip(cfg)
     precision = cfg.precision
-    onnx_path = ctx.input("export", f"onnx_{precision}")
+    onnx_path = exported_onnx(ctx.run, f"onnx_{precision}")
     profile = batch_profile(onnx_path, cfg)
     out = ctx.stage_dir("engine")
     plan_path, log_path = out / f"model_{precision}.plan", out / BUILD_LOG

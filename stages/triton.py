@@ -28,7 +28,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from pipeline.deploy.onnx_io import OnnxSignature, TensorSpec, read_onnx_io
+from pipeline.deploy.onnx_io import OnnxSignature, TensorSpec, exported_onnx, read_onnx_io
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
@@ -106,7 +106,7 @@ def _copy(src: Path, dst: Path) -> None:
 def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
     entries = []
     for precision in ctx.cfg.export.precisions:
-        path = ctx.input("export", f"onnx_{precision}")
+        path = exported_onnx(ctx.run, f"onnx_{precision}")
         name = f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"
         header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
                   f"(sha256 {sha256_file(path)[:16]})"]
@@ -124,7 +124,7 @@ def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | 
         return None
     plan = ctx.input("engine", "engine")
     info = json.loads(ctx.input("engine", "engine_info").read_text())
-    onnx_path = ctx.input("export", f"onnx_{info['precision']}")
+    onnx_path = exported_onnx(ctx.run, f"onnx_{info['precision']}")
     if info.get("onnx_sha256") != sha256_file(onnx_path):
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
                             "rerun with --force engine")
