@@ -57,8 +57,8 @@ def write_failure(path: Path, exc: OSError) -> PipelineError | OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return PipelineError(f"disk full while writing {path}; free some space and run again "
                              "(earlier outputs are intact)")
-    return PipelineError(f"cannot write {path} ({exc.strerror or exc}); make sure output_root is a writable "
-                         "folder (set output_root to another one) and run again (earlier outputs are intact)")
+    return PipelineError(f"cannot write {path} ({exc.strerror or exc}); set output_root to a writable folder and "
+                         "run again (earlier outputs are intact)")
 
 
 @contextlib.contextmanager
@@ -166,16 +166,11 @@ class RunDir:
         planted = f"{lock_path} is not a lock file this project made (a link or a folder); delete it and run again"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PipelineError(f"cannot create the run directory {self.root} ({exc.strerror or exc}); set "
-                                "output_root to a writable folder") from None
-        try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR):
                 raise PipelineError(planted) from None
-            raise PipelineError(f"cannot write {lock_path} ({exc.strerror or exc}); set output_root to a writable "
-                                "folder") from None
+            raise write_failure(lock_path, exc) from None
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             os.close(fd)
@@ -211,8 +206,7 @@ class RunDir:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PipelineError(f"cannot create {path} ({exc.strerror or exc}); delete what is there or set "
-                                "output_root to a writable folder") from None
+            raise write_failure(path, exc) from None
         return path
 
     # --- manifest -----------------------------------------------------------------------------
