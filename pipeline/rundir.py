@@ -134,7 +134,7 @@ class StageRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     status: Literal["done", "skipped", "failed"]
-    fingerprint: str
+    fingerprint: str | None = None  # absent: never up to date
     outputs: dict[str, OutputRecord]
 
 
