@@ -41,8 +41,14 @@ def _guard(action: Callable[[], None], debug: bool) -> None:
         errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     except KeyboardInterrupt:
-        errors.print("interrupted")
+        errors.print("interrupted; run the same command again to resume")
         raise typer.Exit(130)
+    except OSError as exc:  # a file or folder the project could not use; the message names it
+        if debug:
+            raise
+        errors.print(f"[red]error:[/red] {escape(str(exc))}; check the path, its permissions and the free space",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _check_stage(name: Optional[str], option: str) -> Optional[str]:
@@ -70,7 +76,7 @@ def _execute(config: Path, overrides: list[str] | None, *, until: str | None = N
             ctx = dataclasses.replace(ctx, rank=0, world=1)
             force = None if force == "train" else force
         results = {**run_stages(cfg, run, ctx, until=until, force=force, only=only), **results}
-    console.print(f"[bold]{cfg.run_dir}[/bold]: {', '.join(f'{k} {v}' for k, v in results.items())}")
+    console.print(f"[bold]{escape(str(cfg.run_dir))}[/bold]: {', '.join(f'{k} {v}' for k, v in results.items())}")
 
 
 @app.command()
@@ -104,7 +110,8 @@ def _branch_command(name: str) -> None:
                 force: bool = typer.Option(False, "--force", help="Rerun it even if up to date"),
                 debug: bool = DebugOpt) -> None:
         if branch != "best" and not branch.isdigit():
-            errors.print(f"[red]error:[/red] --branch {branch!r}: expected 'best' or a branch index (0, 1, ...)")
+            errors.print(f"[red]error:[/red] --branch {escape(repr(branch))}: expected 'best' or a branch index "
+                         "(0, 1, ...)", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         sets = [*(overrides or []), f"select.branch={branch}"]
         _guard(lambda: _execute(config, sets, only=name, force=name if force else None), debug)
@@ -126,7 +133,7 @@ def status(config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML config, or a
         run_dir = config if config.is_dir() else None  # a run directory holds its resolved config
         cfg = load_config(config / "config.yaml" if run_dir else config, overrides or [])
         run = RunDir(run_dir or cfg.run_dir)
-        table = Table(title=str(run.root))
+        table = Table(title=escape(str(run.root)))
         for column in ("stage", "status", "detail", "wall s"):
             table.add_column(column)
         colours = {"done": "green", "stale": "yellow", "skipped": "yellow", "failed": "red", "missing": "dim"}

@@ -22,7 +22,8 @@ ExportPrecision = Literal["fp32", "fp16", "int8", "int8_cpu"]  # int8: for Tenso
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf / .nan would pass every bound below and surface epochs later as a nan loss
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -77,6 +78,10 @@ class TrainConfig(Section):
     def _batch_splits(self) -> TrainConfig:
         if self.batch_size % self.accumulate:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulate {self.accumulate}")
+        if self.batch_size < 2 * self.accumulate:
+            raise ValueError(f"batch_size {self.batch_size} / accumulate {self.accumulate} leaves micro-batches of "
+                             f"one image, which BatchNorm cannot train on; use batch_size >= {2 * self.accumulate} "
+                             "or a smaller accumulate")
         return self
 
     @field_validator("milestones")
@@ -188,7 +193,7 @@ class BenchConfig(Section):
 class Config(Section):
     name: str = Field("edge", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to <output_root>/<name>")
     output_root: Path = Field(Path("artifacts"), description="Folder that holds one folder per run")
-    seed: int = Field(0, description="Seeds weights, shuffling and augmentation")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, shuffling and augmentation")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
@@ -198,6 +203,11 @@ class Config(Section):
     engine: EngineConfig = EngineConfig()
     triton: TritonConfig = TritonConfig()
     bench: BenchConfig = BenchConfig()
+
+    @field_validator("output_root")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()  # `~/runs` means the home folder, as in data.root
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

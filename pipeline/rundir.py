@@ -12,15 +12,22 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import platform
+import re
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ArtifactError, PipelineError
+
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_path's mkstemp names look like
 
 
 def sha256_file(path: Path) -> str:
@@ -31,27 +38,57 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give under this process's umask (0644 under 022)."""
+    umask = os.umask(0o077)  # the only way to read it is to set it: put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR,
+                errno.EEXIST)
+
+
+def write_failure(path: Path, exc: OSError) -> PipelineError | OSError:
+    """One line for a file that could not be written: disk full, read-only, permissions, not a folder."""
+    if exc.errno not in WRITE_ERRORS:
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PipelineError(f"disk full while writing {path}; free some space and run again "
+                             "(earlier outputs are intact)")
+    return PipelineError(f"cannot write {path} ({exc.strerror or exc}); set output_root to a writable folder and "
+                         "run again (earlier outputs are intact)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
 
-    A crash or a full disk leaves the previous file (if any) untouched and no half file behind.
+    A crash or a full disk leaves the previous file (if any) untouched and no half file behind (a SIGKILL
+    leaves the temporary file, which `RunDir.lock` removes at the next start). The rename replaces a
+    symlink planted at `path` instead of writing through it. The file gets the umask's mode, not
+    mkstemp's 0600, so a server running as another user can read it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise PipelineError(f"disk full while writing {path}; free some space and run again "
-                                "(earlier outputs are intact)") from exc
-        raise
+        error = write_failure(path, exc)
+        if error is exc:
+            raise
+        raise error from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -98,6 +135,26 @@ def environment() -> dict[str, Any]:
     return env
 
 
+class OutputRecord(BaseModel):
+    path: str
+    sha256: str
+    bytes: int
+
+
+class StageRecord(BaseModel):
+    """What `RunDir.record` writes per stage; checked on load so a damaged manifest is one message."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["done", "skipped", "failed"]
+    fingerprint: str | None = None  # absent: never up to date
+    outputs: dict[str, OutputRecord]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    stages: dict[str, StageRecord]
+
+
 class RunDir:
     """A run's folder and its manifest. Only one process may hold it at a time (see `lock`)."""
 
@@ -112,34 +169,73 @@ class RunDir:
     # --- lock -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """An exclusive advisory lock, released by the OS even if the process is killed."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "w")
+        """An exclusive advisory lock, released by the OS even if the process is killed.
+
+        `.lock` is opened without following a symlink and written only when it is a plain file of its
+        own (one link): a planted link can't make a run overwrite another file. Holding the lock, stale
+        temporary files of killed writers are removed."""
+        lock_path = self.root / ".lock"
+        planted = f"{lock_path} is not a lock file this project made (a link or a folder); delete it and run again"
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
+                raise PipelineError(planted) from None
+            raise write_failure(lock_path, exc) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise PipelineError(planted)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.close()
+            os.close(fd)
             raise PipelineError(f"{self.root} is in use by another one-pipeline process; wait for it to "
                                 "finish or use another run name (--set name=...)") from None
         try:
-            handle.write(str(os.getpid()))
-            handle.flush()
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.remove_stale_temporaries()
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files `atomic_path` left behind when its process was killed (call with the lock held)."""
+        for folder, _, files in os.walk(self.root):  # does not follow symlinked folders
+            for name in files:
+                if TEMP_NAME.match(name):
+                    Path(folder, name).unlink(missing_ok=True)
+
+    def stage_dir(self, stage: str) -> Path:
+        """A stage's output folder; a symlink planted in its place is refused, never written through."""
+        path = self.path(stage)
+        if path.is_symlink():
+            raise PipelineError(f"{path} is a symlink; outputs are written only inside the run directory: "
+                                "delete it and run again")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failure(path, exc) from None
+        return path
 
     # --- manifest -----------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {"stages": {}}
+        cheap_fix = (f"delete {self.manifest_path} alone and run again (every stage is re-checked and training "
+                     "resumes from train/last.pt)")
         try:
             data = json.loads(self.manifest_path.read_text())
+            Manifest.model_validate(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"{self.manifest_path} is corrupted; delete the run directory or use another "
-                                "run name") from None
-        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
-            raise ArtifactError(f"{self.manifest_path} is not a one-pipeline manifest; use another run name")
+            raise ArtifactError(f"{self.manifest_path} is corrupted; {cheap_fix}") from None
+        except ValidationError as exc:
+            where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise ArtifactError(f"{self.manifest_path} is not a one-pipeline manifest ({where}: "
+                                f"{exc.errors()[0]['msg']}); {cheap_fix}") from None
         return data
 
     def stage(self, name: str) -> dict[str, Any] | None:
@@ -155,6 +251,14 @@ class RunDir:
         manifest = self.manifest()
         if manifest["stages"].pop(name, None) is not None:
             write_json(self.manifest_path, manifest)
+
+    def recorded_path(self, relative: str) -> Path:
+        """A path the manifest records, refused unless it stays inside the run directory."""
+        path = self.root / relative
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise ArtifactError(f"{self.manifest_path} records {relative!r}, outside the run directory; it will "
+                                f"not be read: delete {self.manifest_path} and run again")
+        return path
 
     def describe_outputs(self, outputs: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """{name: {path (relative to the run), sha256, bytes}} for the manifest."""
@@ -177,7 +281,7 @@ class RunDir:
         if key not in entry["outputs"]:
             raise ArtifactError(f"stage '{stage}' recorded no output '{key}' in {self.root}")
         record = entry["outputs"][key]
-        path = self.root / record["path"]
+        path = self.recorded_path(record["path"])
         if not path.exists():
             raise ArtifactError(f"{path} is missing; rerun with --force {stage}")
         if sha256_file(path) != record["sha256"]:

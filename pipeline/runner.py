@@ -78,15 +78,23 @@ def state(cfg: Config, stage: StageDef, run: RunDir) -> tuple[str, str]:
     if entry.get("fingerprint") != fingerprint(cfg, stage, run):
         return "stale", "config or inputs changed"
     if status == "skipped":
+        if machine_changed(entry):
+            return "stale", "TensorRT or the GPU changed since it was skipped"
         return "skipped", entry.get("reason", "")
     for key, record in entry["outputs"].items():
-        path = run.path(record["path"])
+        path = run.recorded_path(record["path"])
         if not path.exists():
             return "stale", f"{record['path']} is missing"
         if sha256_file(path) != record["sha256"]:
             raise ArtifactError(f"{path} does not match the sha256 recorded in the manifest (truncated or "
                                 f"modified); it will not be used: rerun with --force {stage.name}")
     return "done", ""
+
+
+def machine_changed(entry: dict[str, Any]) -> bool:
+    """A skip may have had a cause that is gone now (TensorRT installed, a GPU added): retry it then."""
+    recorded, now = entry.get("environment", {}), environment()
+    return any(recorded.get(key) != now[key] for key in ("tensorrt", "cuda"))
 
 
 def check_same_run(cfg: Config, run: RunDir) -> None:
@@ -113,18 +121,22 @@ def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None
     forced_from = STAGE_NAMES.index(force) if force else len(STAGE_NAMES)
     if forced_from > 0:  # --force train may overwrite another config's run
         check_same_run(cfg, run)
-    if ctx.rank == 0:
-        write_text(run.path("config.yaml"), cfg.to_yaml())  # the resolved config, beside the outputs
     results: dict[str, str] = {}
-    for index, stage in enumerate(STAGES[:last + 1]):
-        status, detail = state(cfg, stage, run)
-        if index < forced_from and status in ("done", "skipped"):
-            shown = "up to date" if status == "done" else f"skipped: {detail}"
-            ctx.console.print(f"[dim]{stage.name:<7} {escape(shown)}[/dim]")
-            results[stage.name] = "cached"
-            continue
-        fresh = index >= forced_from
-        results[stage.name] = execute(cfg, stage, run, ctx, fresh=fresh, strict=only == stage.name)
+    try:
+        for index, stage in enumerate(STAGES[:last + 1]):
+            status, detail = state(cfg, stage, run)
+            if index < forced_from and status in ("done", "skipped"):
+                shown = "up to date" if status == "done" else f"skipped: {detail}"
+                ctx.console.print(f"[dim]{stage.name:<7} {escape(shown)}[/dim]")
+                if status == "skipped" and only == stage.name:  # the command asked for it and got nothing
+                    raise StageSkipped(detail)
+                results[stage.name] = "cached"
+                continue
+            fresh = index >= forced_from
+            results[stage.name] = execute(cfg, stage, run, ctx, fresh=fresh, strict=only == stage.name)
+    finally:
+        if ctx.rank == 0 and "done" in results.values():  # the resolved config of what was produced
+            write_text(run.path("config.yaml"), cfg.to_yaml())
     return results
 
 
@@ -149,8 +161,9 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
             raise
         return "skipped"
     except PipelineError as exc:
-        run.record(stage.name, {**record, "status": "failed", "error": str(exc), "outputs": {},
-                                "wall_s": round(time.perf_counter() - started, 3)})
+        if run.stage(stage.name) is None:  # a failure never replaces what an earlier command recorded
+            run.record(stage.name, {**record, "status": "failed", "error": str(exc), "outputs": {},
+                                    "wall_s": round(time.perf_counter() - started, 3)})
         raise
     run.record(stage.name, {**record, "status": "done", "outputs": run.describe_outputs(result.outputs),
                             "summary": result.summary, "wall_s": round(time.perf_counter() - started, 3)})

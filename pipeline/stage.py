@@ -40,6 +40,4 @@ class StageContext:
         return entry.get("summary", {})
 
     def stage_dir(self, stage: str) -> Path:
-        path = self.run.path(stage)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.run.stage_dir(stage)

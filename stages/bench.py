@@ -36,7 +36,7 @@ from pipeline.deploy.benchfile import (
     row_name,
     ship_pick,
 )
-from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, onnx_key, triton_model_name
+from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, exported_onnx, onnx_key, triton_model_name
 from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
 from pipeline.deploy.served import served_row
 from pipeline.deploy.timing import count_flops, latency, throughput
@@ -191,7 +191,7 @@ class _Bench:
         not_run = self._not_run(model, "export", onnx_key(model, precision), precision)
         if not_run:
             return {**base, **not_run}
-        path = self.ctx.input("export", onnx_key(model, precision))
+        path = exported_onnx(self.ctx.run, onnx_key(model, precision))
         row = self._guard(base, lambda: self._onnx(base["name"], path, self.static[model]))
         if model == "branch" and self.triton_base:
             row["triton_model"] = triton_model_name(self.triton_base, precision)

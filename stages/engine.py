@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import Config, EngineConfig
-from pipeline.deploy.onnx_io import onnx_key, read_onnx_io
+from pipeline.deploy.onnx_io import exported_onnx, onnx_key, read_onnx_io
 from pipeline.deploy.runtime import ort_session, parity, run_logits
 from pipeline.deploy.tensorrt_runtime import import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped
@@ -304,7 +304,7 @@ def _build_one(ctx: StageContext, trt: ModuleType, subject: str, precision: str,
                why: str) -> tuple[dict[str, Any], Path]:
     """Build, record and check the engine of one exported subject (the branch, or ONE-E)."""
     cfg = ctx.cfg.engine
-    onnx_path = ctx.input("export", onnx_key(subject, precision))
+    onnx_path = exported_onnx(ctx.run, onnx_key(subject, precision))
     profile = batch_profile(onnx_path, cfg)
     out = ctx.stage_dir("engine")
     prefix = "" if subject == "branch" else f"{subject}_"

@@ -7,6 +7,7 @@ Under torchrun every rank runs this; DistributedDataParallel averages gradients 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -23,8 +25,9 @@ from pipeline.errors import PipelineError, UsageError
 from pipeline.rundir import write_text
 from pipeline.stage import StageContext, StageResult
 from pipeline.training import checkpoint
-from pipeline.training.data import Datasets, load_datasets
+from pipeline.training.data import Datasets, load_datasets, training_batches
 from pipeline.training.evaluate import evaluate
+from pipeline.training.imagefolder import check_images
 from pipeline.training.loss import one_loss
 from pipeline.training.models import ModelSpec, build_model, count_parameters
 
@@ -62,6 +65,8 @@ def run(ctx: StageContext) -> StageResult:
     torch.manual_seed(cfg.seed)
 
     data = load_datasets(cfg.data)
+    if cfg.data.dataset == "imagefolder":
+        check_images(cfg.data)
     spec = model_spec(cfg, data)
     model = build_model(spec).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last and device.type == "cuda" else None
@@ -69,7 +74,10 @@ def run(ctx: StageContext) -> StageResult:
         model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
-    batches_per_epoch = data.train.num_batches(cfg.train.batch_size, ctx.world)
+    batches_per_epoch = training_batches(len(data.train), cfg.train.batch_size, ctx.world, cfg.train.accumulate)
+    if batches_per_epoch == 0:
+        raise UsageError(f"the training split has {len(data.train)} images, too few for one batch of "
+                         f"{2 * cfg.train.accumulate} per process; lower data.val_size or use more images")
     scheduler = _scheduler(optimizer, cfg, batches_per_epoch)
     fingerprint = cfg.section_hash(*TRAIN_SECTIONS)
     last_path = out_dir / "last.pt"
@@ -77,7 +85,7 @@ def run(ctx: StageContext) -> StageResult:
     start_epoch, skip_batches, history = 0, 0, []
     if last_path.exists() and not ctx.fresh:
         start_epoch, skip_batches, history = _resume(last_path, fingerprint, model, optimizer, scheduler)
-        ctx.console.print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {skip_batches}")
+        ctx.console.print(f"resuming from {escape(str(last_path))}: epoch {start_epoch + 1}, batch {skip_batches}")
 
     trained = model
     if ctx.world > 1:
@@ -105,6 +113,7 @@ def run(ctx: StageContext) -> StageResult:
             totals = torch.zeros(3)  # loss sum, correct (first branch or the net), samples
             batches = data.train.batches(cfg.train.batch_size, seed=cfg.seed, epoch=epoch, augment=cfg.data.augment,
                                          skip=skip_batches, rank=ctx.rank, world=ctx.world)
+            batches = itertools.islice(batches, batches_per_epoch - skip_batches)  # see training_batches
             for step, (images, labels) in enumerate(batches, start=skip_batches):
                 progress_in_run = epoch + step / batches_per_epoch
                 optimizer.zero_grad(set_to_none=True)
@@ -150,6 +159,9 @@ def run(ctx: StageContext) -> StageResult:
             if ctx.rank == 0:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
             ctx.console.print(_epoch_line(record))
+            if interrupted():  # Ctrl-C during the validation pass: stop here too, even after the last epoch
+                raise Interrupted(f"interrupted after epoch {epoch + 1}; checkpoint saved to {last_path}: run "
+                                  "the same command again to resume")
 
     test = evaluate(model, data.test, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
                     channels_last=memory_format is not None)

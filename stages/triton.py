@@ -30,7 +30,15 @@ from typing import Any
 
 from rich.markup import escape
 
-from pipeline.deploy.onnx_io import PRECISIONS, OnnxSignature, TensorSpec, onnx_key, read_onnx_io, triton_model_name
+from pipeline.deploy.onnx_io import (
+    PRECISIONS,
+    OnnxSignature,
+    TensorSpec,
+    exported_onnx,
+    onnx_key,
+    read_onnx_io,
+    triton_model_name,
+)
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
@@ -110,7 +118,7 @@ def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
     entries = []
     deployed = (ctx.run.stage("export") or {}).get("outputs", {})
     for precision in [p for p in PRECISIONS if onnx_key("branch", p) in deployed]:
-        path = ctx.input("export", onnx_key("branch", precision))
+        path = exported_onnx(ctx.run, onnx_key("branch", precision))
         header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
                   f"(sha256 {sha256_file(path)[:16]})"]
         entries.append(ModelEntry(triton_model_name(base, precision), "onnxruntime_onnx", path, read_onnx_io(path),
@@ -128,7 +136,7 @@ def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | 
         return None
     plan = ctx.input("engine", "engine")
     info = json.loads(ctx.input("engine", "engine_info").read_text())
-    onnx_path = ctx.input("export", f"onnx_{info['precision']}")
+    onnx_path = exported_onnx(ctx.run, f"onnx_{info['precision']}")
     if info.get("onnx_sha256") != sha256_file(onnx_path):
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
                             "rerun with --force engine")

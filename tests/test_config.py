@@ -41,6 +41,17 @@ BAD = [  # (yaml text, overrides, fragments the one-line message must contain)
     ("train:\n  epochs: 2\n bad", [], ["YAML syntax error at line", "fix the file's syntax"]),
     ("{}", ["train.epochs"], ["expected FIELD=VALUE"]),
     ("{}", ["train.epochs=0"], ["train.epochs", "got 0"]),
+    # non-finite numbers pass every bound and used to end epochs later as a nan loss (exit 1)
+    ("train: {lr: .inf}", [], ["train.lr", "finite", "inf"]),
+    ("loss: {temperature: .inf}", [], ["loss.temperature", "finite"]),
+    ("loss: {kd_weight: .nan}", [], ["loss.kd_weight", "finite"]),
+    ("export: {atol: .inf}", [], ["export.atol", "finite"]),
+    ("{}", ["train.momentum=-.inf"], ["train.momentum", "finite"]),
+    ("seed: 99999999999999999999999", [], ["seed", "less than or equal to 2147483647"]),
+    ("seed: -1", [], ["seed", "greater than or equal to 0"]),
+    # micro-batches of one image crash the gate's BatchNorm1d mid-epoch
+    ("train: {batch_size: 8, accumulate: 8}", [], ["train", "micro-batches of one image", "batch_size >= 16"]),
+    ("train: {batch_size: 1}", [], ["train", "micro-batches of one image"]),
 ]
 
 
@@ -82,3 +93,10 @@ def test_readme_documents_every_config_field():
         sections = getattr(field.annotation, "model_fields", None)
         for path in ([f"{name}.{sub}" for sub in sections] if sections else [name]):
             assert f"| `{path}` |" in readme, f"README's config reference lacks {path}"
+
+
+def test_output_root_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("output_root: ~/runs\n")
+    assert load_config(path).run_dir == tmp_path / "runs" / "edge"

@@ -45,6 +45,34 @@ def test_idx_reader_rejects_truncated_files(tmp_path):
         read_idx(path)
 
 
+def _bad_crc(raw: bytes) -> bytes:
+    packed = bytearray(gzip.compress(raw))
+    packed[-8] ^= 0xFF  # the CRC32 in the trailer
+    return bytes(packed)
+
+
+DAMAGED_GZ = [  # (name, bytes of the file from the bytes of a valid IDX file, fragment)
+    ("bad crc", _bad_crc, "damaged"),
+    ("empty gz", lambda raw: b"", "empty or truncated"),
+    ("truncated gz", lambda raw: gzip.compress(raw)[:-30], "damaged"),
+    ("gz header only", lambda raw: gzip.compress(raw)[:12], "damaged"),
+    ("not gzip, not idx", lambda raw: b"<html>404</html>", "not a uint8 IDX file"),
+    ("idx header cut", lambda raw: gzip.compress(raw[:6]), "not a uint8 IDX file"),
+]
+
+
+@pytest.mark.parametrize("name,damage,fragment", DAMAGED_GZ, ids=[d[0] for d in DAMAGED_GZ])
+def test_damaged_dataset_file_is_named_with_the_fix(tmp_path, name, damage, fragment):
+    fake_fashion(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = struct.pack(">HBBIII", 0, 0x08, 3, 40, 28, 28)
+    path.write_bytes(damage(header + bytes(40 * 28 * 28)))
+    with pytest.raises(UsageError) as err:
+        load_datasets(DataConfig(dataset="fashion-mnist", root=tmp_path, val_size=10, download=False))
+    message = str(err.value)
+    assert str(path) in message and fragment in message and "download it again" in message, message
+
+
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
         load_datasets(DataConfig(dataset="fashion-mnist", root=tmp_path, download=False))
@@ -107,16 +135,20 @@ def test_cifar_missing_without_download(tmp_path):
         load_datasets(DataConfig(dataset="cifar10", root=tmp_path, download=False))
 
 
-def test_imagefolder(tmp_path):
+def write_image_folder(root, image_format="png"):
     from PIL import Image
 
     rng = np.random.default_rng(2)
     for split, n in (("train", 6), ("test", 2)):
         for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
+            (root / split / cls).mkdir(parents=True)
             for i in range(n):
                 pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{image_format}")
+
+
+def test_imagefolder(tmp_path):
+    write_image_folder(tmp_path)
     cfg = DataConfig(dataset="imagefolder", root=tmp_path, val_size=4, image_size=32, num_workers=0)
     data = load_datasets(cfg)
     assert data.class_names == ["cat", "dog"] and (len(data.train), len(data.val), len(data.test)) == (8, 4, 4)
@@ -125,6 +157,27 @@ def test_imagefolder(tmp_path):
     assert sum(len(y) for _, y in data.test.batches(3)) == 4
     with pytest.raises(UsageError, match="no train"):
         load_datasets(DataConfig(dataset="imagefolder", root=tmp_path / "train"))
+
+
+BAD_IMAGES = [  # (file under train/, bytes from a valid JPEG's bytes)
+    ("cat/0.jpg", lambda jpeg: jpeg[: len(jpeg) // 2]),  # truncated JPEG
+    ("dog/notes.png", lambda jpeg: b"not an image at all"),
+    ("dog/empty.jpeg", lambda jpeg: b""),
+    ("cat/1.jpg", lambda jpeg: jpeg[:-40]),  # only the end cut off
+]
+
+
+@pytest.mark.parametrize("name,damage", BAD_IMAGES, ids=[b[0] for b in BAD_IMAGES])
+def test_undecodable_images_are_named_before_training(tmp_path, name, damage):
+    from pipeline.training.imagefolder import check_images
+
+    write_image_folder(tmp_path, "jpg")
+    cfg = DataConfig(dataset="imagefolder", root=tmp_path, val_size=4, image_size=32, num_workers=0)
+    check_images(cfg)  # all good: silent
+    path = tmp_path / "train" / name
+    path.write_bytes(damage((tmp_path / "train/cat/0.jpg").read_bytes()))
+    with pytest.raises(UsageError, match=f"1 file.*{name}.*remove or replace them"):
+        check_images(cfg)
 
 
 def test_val_size_must_leave_training_images():

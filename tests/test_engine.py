@@ -459,6 +459,13 @@ def test_runner_matches_onnx_runtime_across_the_profile(built, tiny_onnx):
         expected = session.run(None, {"input": x.numpy()})[0]
         assert got.shape == (batch, 4)
         np.testing.assert_allclose(got.cpu().numpy(), expected, atol=1e-2)
+    assert runner.stream is not None and runner.stream != torch.cuda.default_stream()  # its own stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # the caller's current stream is honoured: results ready on it
+        x = torch.randn(8, 1, 16, 16, device="cuda")
+        again = runner(x)
+        copied = again.cpu()
+    np.testing.assert_allclose(copied.numpy(), session.run(None, {"input": x.cpu().numpy()})[0], atol=1e-2)
     with pytest.raises(UsageError, match="outside the engine's profile"):
         runner(torch.randn(9, 1, 16, 16).cuda())
     with pytest.raises(UsageError, match="CUDA tensor"):

@@ -56,6 +56,15 @@ def test_second_run_skips_every_stage(full_run):
     assert finished(run) == before
 
 
+def test_a_stage_command_on_a_cached_skip_exits_non_zero(full_run):
+    """`one-pipeline engine CONFIG` after `run` recorded the skip: nothing built, so not 0 (docs/DEPLOY.md)."""
+    config, run, _ = full_run
+    before = finished(run)
+    result = runner.invoke(app, ["engine", str(config)])
+    assert result.exit_code == 1 and "TensorRT" in result.output and "Traceback" not in result.output
+    assert finished(run) == before  # the skip was cached, not rerun
+
+
 def test_changed_opset_reruns_export_and_after_not_training(full_run, tmp_path):
     config, run, _ = full_run
     before = finished(run)

@@ -47,7 +47,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         _train(cfg)
     assert err.value.exit_code == 130
     saved = torch.load(cfg.run_dir / "train/last.pt", weights_only=True)
-    assert (saved["epoch"], saved["batch"]) == (1, 10)  # 20 batches per epoch: stopped inside epoch 2
+    # 20 batches per epoch, each followed by a check, and one more after validation: stopped inside epoch 2
+    assert (saved["epoch"], saved["batch"]) == (1, 9)
     monkeypatch.undo()
     resumed = _train(cfg)
     a = torch.load(whole.path("train/model.pt"), weights_only=True)["state_dict"]
@@ -72,3 +73,49 @@ def test_vanilla_trains_one_plain_network(tmp_path):
     assert summary["method"] == "vanilla" and list(summary["val"]) == ["branches"]
     model, _ = checkpoint.load_model(run.path("train/model.pt"))
     assert type(model).__name__ == "SingleNet" and summary["spec"]["method"] == "single"
+
+
+def test_ctrl_c_during_the_last_validation_pass_stops_and_resumes(tmp_path, monkeypatch):
+    """Ctrl-C while the last epoch is validated must not be ignored (training would finish and `run` go on)."""
+    cfg = validate_config(tiny_dict(tmp_path, train={"epochs": 1}))
+    pressed = []
+    real_evaluate = train_stage.evaluate
+
+    def evaluate_then_ctrl_c(*args, **kwargs):
+        pressed.append(True)
+        return real_evaluate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def flag():
+        yield lambda: bool(pressed)
+
+    monkeypatch.setattr(train_stage, "evaluate", evaluate_then_ctrl_c)
+    monkeypatch.setattr(train_stage, "_catch_sigint", flag)
+    with pytest.raises(train_stage.Interrupted, match="after epoch 1"):
+        _train(cfg)
+    assert torch.load(cfg.run_dir / "train/last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    run = _train(cfg)
+    assert run.stage("train")["status"] == "done" and run.stage("train")["summary"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("size,batch_size,world,accumulate,expected", [
+    (320, 16, 1, 1, 20),   # no remainder
+    (321, 16, 1, 1, 20),   # a last batch of one image is dropped
+    (322, 16, 1, 1, 21),   # two images train BatchNorm: kept
+    (325, 16, 1, 4, 20),   # 5 images in 4 micro-batches: one of them would hold one image
+    (328, 16, 1, 4, 21),   # 8 images: 2 per micro-batch
+    (55041, 128, 1, 1, 430),  # Fashion-MNIST with val_size 4959: 55041 = 430 x 128 + 1
+    (33, 16, 2, 1, 1),     # 17 per rank (DistributedSampler pads): the one left over is dropped
+    (1, 16, 1, 1, 0),      # too small for any batch
+])
+def test_training_batches_never_leave_a_micro_batch_of_one(size, batch_size, world, accumulate, expected):
+    from pipeline.training.data import training_batches
+
+    assert training_batches(size, batch_size, world, accumulate) == expected
+
+
+def test_a_last_batch_of_one_image_trains(tmp_path):
+    """385 synthetic images - 64 for validation = 321 = 20 x 16 + 1: the gate's BatchNorm1d got one image."""
+    run = _train(validate_config(tiny_dict(tmp_path, data={"synthetic_size": 385}, train={"epochs": 1})))
+    assert run.stage("train")["status"] == "done"

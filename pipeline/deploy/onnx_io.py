@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ArtifactError, PipelineError
+from pipeline.rundir import RunDir
 
 INPUT, OUTPUT = "input", "logits"  # the names every exported file uses
 
@@ -119,3 +120,19 @@ def triton_model_name(base: str, precision: str, tensorrt: bool = False) -> str:
     if tensorrt:
         return f"{base}_trt"
     return f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"
+
+
+def exported_onnx(run: RunDir, key: str) -> Path:
+    """Export's output `key`, sha256-checked, and refused unless its `checkpoint_sha256` metadata names
+    the strip/branch.pt the manifest records now (an ONNX file of another branch or training run)."""
+    path = run.output("export", key)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: a truncated or foreign file
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --force export")
+    written_from = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256")
+    strip = (run.stage("strip") or {}).get("outputs", {}).get("model", {}).get("sha256")
+    if written_from != strip:
+        raise ArtifactError(f"{path} was exported from another checkpoint (sha256 {str(written_from)[:16]}, "
+                            f"strip/branch.pt is {str(strip)[:16]}); rerun with --force export")
+    return path

@@ -97,10 +97,12 @@ class TensorRTRunner:
         low, opt, high = (tuple(d) for d in self.engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, self.opt_batch, self.max_batch = low[0], opt[0], high[0]
         self.sample_shape = high[1:]
+        self.stream: torch.cuda.Stream | None = None  # made on the first batch's device
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every output for a batch `x` (CUDA; cast to the engine's input dtype), enqueued on the current
-        stream: read the results on that stream, or synchronize first."""
+        """Every output for a batch `x` (CUDA; cast to the engine's input dtype). The engine runs on its own
+        stream (TensorRT warns about, and synchronizes on, the legacy default stream) ordered after the
+        caller's current stream, which then waits for it: read the results on that stream as usual."""
         if not x.is_cuda:
             raise UsageError("TensorRTRunner takes a CUDA tensor; move the batch with .cuda() first")
         if tuple(x.shape[1:]) != tuple(self.sample_shape) or not self.min_batch <= x.shape[0] <= self.max_batch:
@@ -115,10 +117,15 @@ class TensorRTRunner:
             results[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
                                         device=x.device)
             self.context.set_tensor_address(name, results[name].data_ptr())
-        stream = torch.cuda.current_stream(x.device)
-        if self.context.execute_async_v3(stream.cuda_stream) is False:
+        caller = torch.cuda.current_stream(x.device)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        self.stream.wait_stream(caller)  # the input (and the outputs' allocation) are ready first
+        if self.context.execute_async_v3(self.stream.cuda_stream) is False:
             raise PipelineError(f"TensorRT could not enqueue {self.plan_path} (execute_async_v3 returned False)")
-        x.record_stream(stream)  # keep the (possibly cast) input alive until the engine has read it
+        # The tensors belong to the caller's stream, which waits for the engine here: freeing them there
+        # cannot hand their memory to new work before the engine is done with it.
+        caller.wait_stream(self.stream)
         return results
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

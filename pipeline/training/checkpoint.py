@@ -3,6 +3,7 @@ carrying the `ModelSpec` and data facts needed to rebuild and feed the model wit
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,13 @@ from pipeline.training.models import ModelSpec, build_model
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
+    """Equal payloads give equal bytes: `torch.save` names the zip's records after the file it writes, and
+    the temporary file's name is random, so serialise in memory (records under "archive/") and write
+    the bytes ourselves; a full disk then raises OSError(ENOSPC), not the zip writer's RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import gzip
 import io
 import pickle
 import struct
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -98,6 +99,13 @@ def batches_per_rank(size: int, batch_size: int, world: int) -> int:
     return -(-(-(-size // world)) // batch_size)  # ceil(ceil(size / world) / batch_size)
 
 
+def training_batches(size: int, batch_size: int, world: int, accumulate: int) -> int:
+    """Training batches per rank and epoch: the last, incomplete batch is dropped when one of its
+    `accumulate` interleaved micro-batches would hold a single image, which BatchNorm cannot train on."""
+    full, rest = divmod(-(-size // world), batch_size)
+    return full + (rest >= 2 * accumulate)
+
+
 def _crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Random crop with zero padding 4 (offsets in 0..8) and horizontal flip, for a whole batch."""
     b, c, h, w = images.shape
@@ -173,12 +181,19 @@ FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyt
 
 def read_idx(path: Path) -> torch.Tensor:
     """An IDX file (optionally gzip'ed): magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, data."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    fix = "delete it and download it again (or reinstall dataset-fashion-mnist)"
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    # EOFError is a truncated .gz; left alone, Click would turn it into a bare "Aborted."
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UsageError(f"{path} is damaged ({exc or type(exc).__name__}); {fix}") from None
+    if len(raw) < 4:
+        raise UsageError(f"{path} is empty or truncated ({len(raw)} bytes); {fix}")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08:
-        raise UsageError(f"{path} is not a uint8 IDX file; re-download the dataset")
+    if zero != 0 or dtype != 0x08 or len(raw) < 4 + 4 * ndim:
+        raise UsageError(f"{path} is not a uint8 IDX file; {fix}")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
