@@ -4,11 +4,13 @@ reasons. Speed is never asserted: benchmarks measure speed, tests do not time.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +30,7 @@ from pipeline.deploy.benchfile import (
     pareto_front,
     ship_pick,
 )
+from pipeline.deploy.served import served_row
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, run_stages, stage_def
@@ -301,3 +304,12 @@ def test_a_disabled_bench_is_skipped(tiny_cfg):
     cfg = validate_config({**tiny_cfg.model_dump(mode="json"), "bench": {"enabled": False}})
     with pytest.raises(StageSkipped, match="bench.enabled is false"):
         bench_stage.run(make_ctx(cfg))
+
+
+def test_the_served_row_without_tritonclient_says_how_to_install_it(tiny_cfg, monkeypatch):
+    """`pip install -e .` alone has no tritonclient: the served row is skipped with the fix, never failed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tritonclient" else real(name, *args))
+    with pytest.raises(StageSkipped, match=r"tritonclient: pip install -e '\.\[triton\]'"):
+        served_row(make_ctx(tiny_cfg), np.zeros((1, 3, 16, 16), np.float32), np.zeros(1, np.int64))

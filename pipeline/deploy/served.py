@@ -7,6 +7,7 @@ scheduler (dynamic batching) and the backend, which the in-process rows do not.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,6 +98,8 @@ def served_row(ctx: StageContext, images: np.ndarray, labels: np.ndarray) -> dic
     cfg = ctx.cfg.bench
     if not cfg.served:
         raise StageSkipped("bench.served is false in the config")
+    if importlib.util.find_spec("tritonclient") is None:
+        raise StageSkipped("the served row talks to the server with tritonclient: pip install -e '.[triton]'")
     entry = ctx.run.stage("triton") or {}
     if entry.get("status") != "done":
         why = f"is {entry['status']}" if entry else "has not run"
