@@ -225,7 +225,6 @@ class _Bench:
     def _baseline_rows(self, model: nn.Module, path: Path) -> list[dict]:
         model = model.to(self.device)
         static = self._static(model, path)
-        static["file"] = str(path)  # outside this run directory
 
         def eager() -> dict:
             acc = self._evaluate(model, {row_name("baseline", "pytorch"): lambda out: out})
@@ -294,8 +293,10 @@ class _Bench:
 
     def _static(self, model: nn.Module, path: Path) -> dict:
         flops = count_flops(model, self.inputs[1])
+        root = self.ctx.run.root
         return {"params": count_parameters(model), "flops": flops, "macs": flops // 2, "provider": "torch",
-                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size}
+                "file": str(path.relative_to(root) if path.is_relative_to(root) else path),  # a baseline's: as found
+                "file_bytes": path.stat().st_size}
 
     def _timing(self, call: Callable[[Any], Any], inputs: dict[int, Any], cuda_events: bool,
                 batches: list[int] | None = None) -> dict:

@@ -258,15 +258,17 @@ def test_a_model_the_guard_rejected_is_a_skipped_row_that_says_why(exported_run,
 
 
 def test_a_baseline_run_adds_the_same_network_trained_alone(benched, tmp_path):
-    """Attached with one config field; here the baseline is this run itself, so its network is the kept
-    branch and every figure that does not depend on timing must match."""
+    """Attached with one config field; here the baseline is a copy of this run in another folder, so its
+    network is the kept branch and every figure that does not depend on timing must match."""
     cfg, run, _, _ = benched
+    alone = tmp_path / "alone"
+    shutil.copytree(run.root, alone)
     with_baseline = validate_config({**cfg.model_dump(mode="json"), "bench": {**FAST_BENCH,
-                                                                               "baseline": str(run.root)}})
+                                                                               "baseline": str(alone)}})
     data = json.loads(bench_stage.run(make_ctx(with_baseline, run)).outputs["bench"].read_text())
     by_name = rows(data)
     assert [r["name"] for r in data["rows"]][-2:] == ["baseline_eager", "baseline_onnx_fp32"]
-    assert data["baseline"] == str(run.root)
+    assert data["baseline"] == str(alone) and by_name["baseline_eager"]["file"] == str(alone / "strip/branch.pt")
     for how in ("eager", "onnx_fp32"):
         baseline, branch = by_name[f"baseline_{how}"], by_name[f"branch_{how}"]
         assert baseline["status"] == "ok" and baseline["accuracy"] == branch["accuracy"]
