@@ -13,8 +13,6 @@ from rich.markup import escape
 from rich.table import Table
 
 SCHEMA_VERSION = 2
-ENSEMBLE_ROW = "one_e_eager"
-BRANCH_ROW = "branch_eager"
 MODELS = {"ensemble": "one_e", "full_branch": "full_branch", "branch": "branch", "baseline": "baseline"}
 Precision = Literal["fp32", "fp16", "int8", "int8_cpu"]
 
