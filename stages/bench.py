@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import torch
 from rich.markup import escape
 from torch import nn
@@ -147,8 +148,8 @@ class _Bench:
                  "settings": self.cfg.model_dump(mode="json"), "environment": environment(),
                  "baseline": str(self.cfg.baseline) if self.cfg.baseline else None, "checks": self._checks(rows),
                  "rows": rows}
-        parsed = BenchFile.model_validate({**bench, "headline": _empty_headline()})
-        return BenchFile.model_validate({**bench, "headline": _headline(parsed, self.cfg.ship_max_accuracy_drop)})
+        headline = _headline([Row.model_validate(r) for r in rows], self.cfg.ship_max_accuracy_drop)
+        return BenchFile.model_validate({**bench, "headline": headline})
 
     def _eager_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
         b = self.branch
@@ -230,18 +231,17 @@ class _Bench:
             acc = self._evaluate(model, {row_name("baseline", "pytorch"): lambda out: out})
             return {"accuracy": acc["branches"][0], **static, **self._torch_timing(model)}
 
-        def onnx() -> dict:
+        def onnx_row() -> dict:
             onnx_path = self.ctx.stage_dir("bench") / BASELINE_ONNX
             images = self.test.normalise(self.test.images[:2])
             proto = export_onnx(model.cpu(), images, self.ctx.cfg.export.opset)
             model.to(self.device)
             with atomic_path(onnx_path) as tmp:
-                import onnx
-
                 onnx.save(proto, str(tmp))
             return self._onnx(row_name("baseline", "onnxruntime"), onnx_path, static)
 
-        return [self._guard(_base("baseline", "pytorch"), eager), self._guard(_base("baseline", "onnxruntime"), onnx)]
+        return [self._guard(_base("baseline", "pytorch"), eager),
+                self._guard(_base("baseline", "onnxruntime"), onnx_row)]
 
     # --- what did not run, and why ------------------------------------------------------------------
     def _vanilla_reason(self) -> str | None:
@@ -305,8 +305,7 @@ class _Bench:
         lat = latency(lambda x=inputs[1]: call(x), warmup=c.warmup, iterations=c.iterations, device=self.device,
                       cuda_events=cuda_events)
         warm = min(c.warmup, 3)
-        return {"latency_ms": {"p50": round(lat.p50_ms, 6), "p90": round(lat.p90_ms, 6), "p99": round(lat.p99_ms, 6),
-                               "mean": round(lat.mean_ms, 6), "warmup": c.warmup, "iterations": lat.iterations},
+        return {"latency_ms": lat.figures(c.warmup),
                 "throughput": [{"images_per_s": round(throughput(lambda x=inputs[b]: call(x), batch=b, warmup=warm,
                                                                  iterations=c.throughput_iterations,
                                                                  device=self.device), 1),
@@ -349,7 +348,6 @@ class _Bench:
     # --- derived figures ------------------------------------------------------------------------------
     def _derived(self, rows: list[dict]) -> None:
         """Agreement with the same model in PyTorch eager; lower precisions against fp32 in the same runtime."""
-        by_name = {r["name"]: r for r in rows}
         for row in rows:
             if row["status"] != "ok":
                 continue
@@ -358,12 +356,10 @@ class _Bench:
             if reference is not None and preds is not None:
                 row["agreement"] = float(100.0 * (preds == reference).double().mean())
                 row["images"] = len(preds)
-        parsed = {name: Row.model_validate(r) for name, r in by_name.items()}
-        for row in rows:
-            if row["format"] in ("onnxruntime", "tensorrt") and row["precision"] != "fp32" and row["status"] == "ok":
-                fp32 = parsed.get(row_name(row["model"], "onnxruntime", "fp32")) if row["format"] == "onnxruntime" \
-                    else None
-                found = gain(parsed[row["name"]], fp32)
+        parsed = {r["name"]: Row.model_validate(r) for r in rows}
+        for row in rows:  # a TensorRT engine has one precision: it has no fp32 twin to compare with
+            if row["format"] == "onnxruntime" and row["precision"] != "fp32" and row["status"] == "ok":
+                found = gain(parsed[row["name"]], parsed.get(row_name(row["model"], "onnxruntime", "fp32")))
                 if found:
                     row["vs_fp32"] = {"row": found.versus, "accuracy_delta": found.accuracy_delta,
                                       "speedup_p50": found.speedup_p50, "throughput_ratio": found.throughput_ratio}
@@ -436,17 +432,13 @@ def _base(model: str, fmt: str, precision: str = "fp32") -> dict:
             "precision": precision}
 
 
-def _empty_headline() -> dict:
-    return {"runtime": "", "strip": None, "runtime_gain": None, "precision_gain": None, "size_ratio": None,
-            "params_ratio": None, "flops_ratio": None, "ship": None}
-
-
-def _headline(bench: BenchFile, max_drop: float) -> dict:
+def _headline(rows: list[Row], max_drop: float) -> dict:
     """The gain in parts: strip (same runtime and precision), runtime (same model), precision (same model
     and runtime); what to ship."""
-    branch, ensemble = bench.row("branch_onnx_fp32"), bench.row("one_e_onnx_fp32")
+    by_name = {r.name: r for r in rows}
+    branch, ensemble = by_name.get("branch_onnx_fp32"), by_name.get("one_e_onnx_fp32")
     strip = gain(branch, ensemble)
-    lower = [r for r in bench.rows if r.model == "branch" and r.format == "onnxruntime" and r.precision != "fp32"
+    lower = [r for r in rows if r.model == "branch" and r.format == "onnxruntime" and r.precision != "fp32"
              and r.status == "ok" and r.vs_fp32 and r.vs_fp32.speedup_p50]
     fastest = min(lower, key=lambda r: r.latency_ms.p50, default=None)
     reasons = [f"{r.name} {r.status}: {r.reason}" for r in (ensemble, branch) if r is not None and r.status != "ok"]
@@ -456,7 +448,7 @@ def _headline(bench: BenchFile, max_drop: float) -> dict:
         return round(a / b, 4) if strip and a and b else None
 
     return {"runtime": "onnxruntime fp32", "strip": strip and strip.model_dump(),
-            "runtime_gain": (g := gain(branch, bench.row("branch_eager"))) and g.model_dump(),
+            "runtime_gain": (g := gain(branch, by_name.get("branch_eager"))) and g.model_dump(),
             "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
             "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
-            "ship": ship_pick(bench.rows, max_drop).model_dump(), "reason": "; ".join(reasons) or None}
+            "ship": ship_pick(rows, max_drop).model_dump(), "reason": "; ".join(reasons) or None}

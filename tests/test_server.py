@@ -102,20 +102,21 @@ def images_of(test_split, count: int) -> np.ndarray:
     return np.ascontiguousarray(np.resize(images, (count, *images.shape[1:])))
 
 
-def http_infer(endpoints, model: str, images: np.ndarray, **output) -> np.ndarray:
-    tensor = httpclient.InferInput("input", list(images.shape), "FP32")
+def _infer(client, url: str, model: str, images: np.ndarray, **output) -> np.ndarray:
+    """One request with tritonclient's `client` module (http or grpc: the same calls)."""
+    tensor = client.InferInput("input", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images)
-    with httpclient.InferenceServerClient(endpoints.http) as client:
-        result = client.infer(model, [tensor], outputs=[httpclient.InferRequestedOutput("logits", **output)])
+    with client.InferenceServerClient(url) as connection:
+        result = connection.infer(model, [tensor], outputs=[client.InferRequestedOutput("logits", **output)])
     return result.as_numpy("logits")
+
+
+def http_infer(endpoints, model: str, images: np.ndarray, **output) -> np.ndarray:
+    return _infer(httpclient, endpoints.http, model, images, **output)
 
 
 def grpc_infer(endpoints, model: str, images: np.ndarray, **output) -> np.ndarray:
-    tensor = grpcclient.InferInput("input", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(images)
-    with grpcclient.InferenceServerClient(endpoints.grpc) as client:
-        result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("logits", **output)])
-    return result.as_numpy("logits")
+    return _infer(grpcclient, endpoints.grpc, model, images, **output)
 
 
 def assert_same_logits(served: np.ndarray, local: np.ndarray) -> None:

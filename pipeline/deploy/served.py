@@ -82,8 +82,7 @@ def measure_served(http_url: str, model: str, images: np.ndarray, labels: np.nda
     correct = int(np.sum(predictions == labels))  # top-1 % as pipeline.training.evaluate computes it
     return {"predictions": predictions, "accuracy": float(100.0 * correct / max(len(labels), 1)),
             "images": len(images),
-            "latency_ms": {"p50": round(lat.p50_ms, 6), "p90": round(lat.p90_ms, 6), "p99": round(lat.p99_ms, 6),
-                           "mean": round(lat.mean_ms, 6), "warmup": warmup, "iterations": lat.iterations},
+            "latency_ms": lat.figures(warmup),
             "throughput": [{"images_per_s": round(ips, 1), "batch": len(batch), "warmup": min(warmup, 3),
                             "iterations": throughput_iterations * concurrency}]}
 

@@ -36,6 +36,11 @@ class Latency:
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         return cls(float(p50), float(p90), float(p99), float(ms.mean()), len(ms))
 
+    def figures(self, warmup: int) -> dict[str, float | int]:
+        """A bench row's `latency_ms` (milliseconds to the nanosecond)."""
+        return {"p50": round(self.p50_ms, 6), "p90": round(self.p90_ms, 6), "p99": round(self.p99_ms, 6),
+                "mean": round(self.mean_ms, 6), "warmup": warmup, "iterations": self.iterations}
+
 
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
