@@ -125,6 +125,21 @@ for _name in ("select", "strip", "export"):
 
 
 @app.command()
+def compare(config: Path = ConfigArg,
+            seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds to train each method with, e.g. 0,1,2"),
+            variants: Optional[list[str]] = typer.Option(
+                None, "--variant", help="One more ONE method with one field changed, e.g. --variant branches=4 "
+                                        "(repeatable)"),
+            overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
+    """Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether ONE's
+    kept branch is better, with a significance figure and the cost (writes <name>-compare/compare.md)."""
+    from pipeline.compare import compare as run_compare
+    from pipeline.compare import parse_seeds
+
+    _guard(lambda: run_compare(config, overrides or [], parse_seeds(seeds), variants or [], console), debug)
+
+
+@app.command()
 def status(config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML config, or a run directory"),
            overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Show each stage of a run: done, stale, skipped (with the reason), failed (with the error)."""

@@ -32,6 +32,8 @@ class DataConfig(Section):
     root: Path | None = Field(None, description="Where the dataset lies; None: the dataset's default places")
     download: bool = Field(True, description="Download with torchvision when the files are not found")
     val_size: int = Field(5000, ge=1, description="Training images held out for branch selection")
+    train_size: int | None = Field(None, ge=2, description="Train on this many of the remaining images (the same "
+                                                           "ones for every seed); None: all of them")
     augment: bool = Field(True, description="Random crop (padding 4) + horizontal flip on training images")
     image_size: int = Field(224, ge=8, description="imagefolder only: side of the square crop")
     num_workers: int = Field(2, ge=0, description="imagefolder only: decoding processes")
@@ -69,7 +71,8 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="Mixed precision, CUDA only")
-    channels_last: bool = Field(False, description="CUDA only")
+    channels_last: bool = Field(True, description="NHWC memory format while training: faster convolutions on CPUs "
+                                                  "and CUDA tensor cores (benchmarks/train_throughput.py)")
     sync_batchnorm: bool = Field(False, description="Under torchrun: SyncBatchNorm across ranks")
     deterministic: bool = Field(False, description="Deterministic algorithms; resume then equals an uninterrupted run")
     threads: int | None = Field(None, ge=1, description="CPU threads; None: PyTorch's default")
@@ -225,11 +228,19 @@ class Config(Section):
 
     def section_hash(self, *sections: str) -> str:
         """A stable digest of some top-level fields: a stage is stale when its digest changes."""
-        data = {s: self.model_dump(mode="json")[s] for s in sections}
+        dumped = self.model_dump(mode="json")
+        data = {s: _set_fields(dumped[s]) for s in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_fields(value: Any) -> Any:
+    """A section without its None fields: a new optional field (None: off) leaves earlier runs up to date."""
+    if isinstance(value, dict):
+        return {k: _set_fields(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -281,6 +292,23 @@ def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
             raise ConfigError(f"{source}: --set {item!r}: {part} is not a section")
         node = child
     node[parts[-1]] = parsed
+
+
+def field_path(name: str) -> str:
+    """A field's dotted path from the path itself or, when one section alone has it, the field's own name
+    (`branches` -> `model.branches`); anything else is a ConfigError naming the choices."""
+    paths = [field for section, info in Config.model_fields.items()
+             for field in ([f"{section}.{f}" for f in _fields_at([section])] or [section])]
+    if name in paths:
+        return name
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"'{name}' is a field of several sections ({', '.join(matches)}); give its full path")
+    close = difflib.get_close_matches(name, paths + [p.rsplit(".", 1)[-1] for p in paths], n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `one-pipeline show-config` lists every field"
+    raise ConfigError(f"'{name}' is not a config field{hint}")
 
 
 def _describe(exc: ValidationError, source: str) -> str:

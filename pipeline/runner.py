@@ -107,10 +107,12 @@ def check_same_run(cfg: Config, run: RunDir) -> None:
         for section in train.sections:
             before, after = old.get(section), new[section]
             if isinstance(after, dict):
-                changed += [f"{section}.{k}" for k in after if (before or {}).get(k) != after[k]]
+                changed += [f"{section}.{k}" for k in {**(before or {}), **after}
+                            if (before or {}).get(k) != after.get(k)]
             elif before != after:
                 changed.append(section)
-        raise UsageError(f"{run.root} holds a run trained with another config (changed: {', '.join(changed[:4])}); "
+        what = ", ".join(changed[:4]) or "a field this version of one-pipeline added"
+        raise UsageError(f"{run.root} holds a run trained with another config (changed: {what}); "
                          "use another run name (--set name=...) or retrain it with --force train")
 
 

@@ -30,6 +30,7 @@ class StageContext:
     rank: int = 0  # under torchrun: this process's rank (only rank 0 writes)
     world: int = 1
     fresh: bool = False  # --force train: start over instead of resuming from the last checkpoint
+    label: str = ""  # put before progress descriptions (compare: which of its runs this is)
 
     def input(self, stage: str, key: str) -> Path:
         """An earlier stage's output, checked against the sha256 in the manifest."""

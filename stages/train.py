@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> StageResult:
         check_images(cfg.data)
     spec = model_spec(cfg, data)
     model = build_model(spec).to(device)
-    memory_format = torch.channels_last if cfg.train.channels_last and device.type == "cuda" else None
+    memory_format = torch.channels_last if cfg.train.channels_last else None
     if memory_format:
         model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
@@ -135,7 +135,7 @@ def run(ctx: StageContext) -> StageResult:
                 scaler.update()
                 scheduler.step()
                 progress.update(task, advance=1, description=(
-                    f"epoch {epoch + 1}/{cfg.train.epochs} loss {totals[0] / totals[2]:.3f} "
+                    f"{ctx.label}epoch {epoch + 1}/{cfg.train.epochs} loss {totals[0] / totals[2]:.3f} "
                     f"acc {100 * totals[1] / totals[2]:.1f}% "
                     f"{totals[2] * ctx.world / max(time.perf_counter() - started, 1e-9):.0f} img/s"))
                 if interrupted():

@@ -1,3 +1,5 @@
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,16 @@ def test_section_hash_tracks_only_its_sections():
     changed = Config.model_validate({"export": {"opset": 19}})
     assert base.section_hash("train", "model") == changed.section_hash("train", "model")
     assert base.section_hash("export") != changed.section_hash("export")
+
+
+def test_fields_left_unset_stay_out_of_the_fingerprint():
+    """A run trained before an optional field existed stays up to date while the field is left unset."""
+    base = Config()
+    data = {k: v for k, v in base.model_dump(mode="json")["data"].items() if v is not None}
+    assert "train_size" not in data and "root" not in data
+    digest = hashlib.sha256(json.dumps({"data": data}, sort_keys=True).encode()).hexdigest()[:16]
+    assert base.section_hash("data") == digest
+    assert Config.model_validate({"data": {"train_size": 100}}).section_hash("data") != digest
 
 
 def test_resolved_yaml_round_trips():

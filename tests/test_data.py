@@ -185,6 +185,19 @@ def test_val_size_must_leave_training_images():
         load_datasets(DataConfig(dataset="synthetic", synthetic_size=32, val_size=32))
 
 
+def test_train_size_keeps_the_same_images_whatever_the_seed_and_never_validation_ones():
+    full = load_datasets(DataConfig(dataset="synthetic", synthetic_size=64, val_size=8))
+    small = load_datasets(DataConfig(dataset="synthetic", synthetic_size=64, val_size=8, train_size=20))
+    assert len(small.train) == 20 and torch.equal(small.val.images, full.val.images)
+    again = load_datasets(DataConfig(dataset="synthetic", synthetic_size=64, val_size=8, train_size=20))
+    assert torch.equal(again.train.images, small.train.images)
+    rows = {bytes(image.flatten().tolist()) for image in full.train.images}
+    assert all(bytes(image.flatten().tolist()) in rows for image in small.train.images)
+    assert not torch.equal(small.train.images, full.train.images[:20])  # shuffled: image folders go class by class
+    with pytest.raises(UsageError, match="data.train_size 57 is more than the 56 training images"):
+        load_datasets(DataConfig(dataset="synthetic", synthetic_size=64, val_size=8, train_size=57))
+
+
 def _set(n=20):
     (x, y), _ = synthetic_images(n)
     return ImageSet(x, y, (0.5,) * 3, (0.25,) * 3)

@@ -137,7 +137,19 @@ class Datasets:
 
 
 def load_datasets(cfg: DataConfig) -> Datasets:
-    """Load the configured dataset and carve the validation split from its training images."""
+    """Load the configured dataset, carve the validation split from its training images and keep
+    `train_size` of the rest, drawn with SPLIT_SEED: the same images whatever the training seed."""
+    data = _load_splits(cfg)
+    if cfg.train_size is not None:
+        if cfg.train_size > len(data.train):
+            raise UsageError(f"data.train_size {cfg.train_size} is more than the {len(data.train)} training images "
+                             f"left after data.val_size {cfg.val_size}; lower it, or leave it out to use them all")
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        data.train = data.train.subset(order[:cfg.train_size].tolist())  # shuffled: folders come class by class
+    return data
+
+
+def _load_splits(cfg: DataConfig) -> Datasets:
     if cfg.dataset == "fashion-mnist":
         (train_x, train_y), (test_x, test_y) = _fashion_mnist(cfg)
         classes = list(FASHION_CLASSES)

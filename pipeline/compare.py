@@ -1,0 +1,262 @@
+"""`one-pipeline compare`: is ONE worth it on this data? The config's backbone is trained alone (vanilla) and
+with ONE, same recipe, same epochs, same seeds, each as its own run directory through the runner, so an
+interrupted compare resumes and a finished run is reused. Then the runs' recorded test accuracies are
+summarised per method (mean and std over seeds), the kept branch's gain over vanilla is tested with
+Welch's t-test, and the deploy cost of both networks is measured in ONNX Runtime.
+
+    result = compare(cfg_path, overrides, seeds=[0, 1, 2], variants=["model.branches=4"], console=console)
+    result.markdown  # <output_root>/<name>-compare/compare.md, beside compare.json and the plot
+
+Everything it writes is in `<output_root>/<name>-compare/`: one run directory per method and seed
+(`vanilla-seed0`, `one-seed0`, ...) and the summary files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from scipy import stats
+
+from pipeline.config import Config, field_path, load_config
+from pipeline.deploy.onnx_io import exported_onnx, onnx_key
+from pipeline.deploy.runtime import ort_session, run_logits
+from pipeline.deploy.timing import count_flops, latency
+from pipeline.device import onnx_providers, resolve_device
+from pipeline.errors import ArtifactError, UsageError
+from pipeline.rundir import RunDir, cpu_model, write_json
+from pipeline.runner import run_stages
+from pipeline.stage import StageContext
+from pipeline.training import checkpoint
+from pipeline.training.models import count_parameters
+
+COMPARE_VERSION = 1
+SIGNIFICANCE = 0.05  # two-sided p below this: the difference is called real
+UNTIL = "export"  # each run goes this far: accuracies (train, select) and the deployable fp32 ONNX (export)
+RUN_OVERRIDES = ("export.precisions=[fp32]", "export.ensemble=false")  # only the network's own cost is compared
+LATENCY_ROUNDS, LATENCY_CALLS = 7, 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One side of the comparison: vanilla, ONE, or ONE with a variant's field changed."""
+
+    key: str  # folder-name prefix: vanilla, one, one-model.branches-4
+    label: str  # ONE, model.branches=4
+    short: str  # branches=4
+    overrides: tuple[str, ...]
+
+    @property
+    def is_one(self) -> bool:
+        return self.key != "vanilla"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareResult:
+    root: Path
+    markdown: Path
+    summary: Path
+    plot: Path
+    verdict: str
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected seeds separated by commas, for example --seeds 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: give distinct seeds >= 0, for example --seeds 0,1,2")
+    return seeds
+
+
+def methods(variants: Sequence[str]) -> list[Method]:
+    """vanilla, ONE, then one ONE method per variant `FIELD=VALUE` (FIELD may be a field's own name when
+    only one section has it: `branches=4` is `model.branches=4`)."""
+    found = [Method("vanilla", "vanilla", "vanilla", ("model.method=vanilla",)),
+             Method("one", "ONE", "ONE", ("model.method=one",))]
+    for variant in variants:
+        name, sep, value = variant.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"--variant {variant!r}: expected FIELD=VALUE, for example --variant model.branches=4")
+        path = field_path(name.strip())
+        if path in ("seed", "name", "output_root", "model.method"):
+            raise UsageError(f"--variant {variant!r}: compare sets {path} itself; vary a recipe field instead "
+                             "(model.branches, loss.temperature, ...)")
+        setting = f"{path}={value.strip()}"
+        key = "one-" + re.sub(r"[^A-Za-z0-9_.-]", "-", setting)
+        if any(m.key == key for m in found):
+            raise UsageError(f"--variant {variant!r} is given twice")
+        found.append(Method(key, f"ONE, {setting}", f"{path.rsplit('.', 1)[-1]}={value.strip()}",
+                            ("model.method=one", setting)))
+    return found
+
+
+def run_config(config: Path, overrides: Sequence[str], root: Path, method: Method, seed: int) -> Config:
+    return load_config(config, [*overrides, *method.overrides, *RUN_OVERRIDES, f"seed={seed}",
+                                f"name={method.key}-seed{seed}", f"output_root={root}"])
+
+
+def compare(config: Path, overrides: Sequence[str], seeds: Sequence[int], variants: Sequence[str],
+            console: Console) -> CompareResult:
+    from pipeline.compare_report import write_markdown, write_plot  # matplotlib only when writing
+
+    base = load_config(config, overrides)
+    root = base.output_root / f"{base.name}-compare"
+    compared = methods(variants)
+    plan = [(method, seed) for seed in seeds for method in compared]  # seed by seed: pairs finish early
+    configs = [run_config(config, overrides, root, method, seed) for method, seed in plan]  # all errors first
+    device = resolve_device(base.train.device)
+    started = time.perf_counter()
+    for number, ((method, seed), cfg) in enumerate(zip(plan, configs), start=1):
+        console.rule(f"[bold]compare: run {number}/{len(plan)}[/bold]: {escape(method.label)}, seed {seed}")
+        console.print(escape(_progress_line(configs, number - 1, time.perf_counter() - started)), highlight=False)
+        run = RunDir(cfg.run_dir)
+        ctx = StageContext(cfg, run, device, console=console,
+                           label=f"run {number}/{len(plan)} {method.key} seed {seed} | ")
+        with run.lock():
+            run_stages(cfg, run, ctx, until=UNTIL)
+    records = [collect(RunDir(cfg.run_dir), method, seed) for (method, seed), cfg in zip(plan, configs)]
+    summary = summarise(base, seeds, compared, records, device)
+    summary["cost"] = deploy_cost(configs[:len(compared)], compared, device, base.bench.threads)
+    result = CompareResult(root, root / "compare.md", root / "compare.json", root / "accuracy_per_seed.png",
+                           summary["gains"][0]["verdict"])
+    write_json(result.summary, summary)
+    write_markdown(summary, result.markdown, result.plot.name)
+    write_plot(summary, result.plot)
+    console.print(escape(result.verdict), highlight=False)
+    console.print(escape(f"compare: {result.markdown}\njson:    {result.summary}\nplot:    {result.plot}"),
+                  highlight=False)
+    return result
+
+
+def _progress_line(configs: Sequence[Config], done: int, elapsed: float) -> str:
+    """Runs finished so far and, from the recorded wall time of finished runs of the same method (or of
+    any method), the time left for all of them."""
+    def wall(cfg: Config) -> float | None:
+        entries = [RunDir(cfg.run_dir).stage(stage) or {} for stage in ("train", "select", "strip", UNTIL)]
+        if not all(e.get("status") == "done" for e in entries):
+            return None
+        return sum(e.get("wall_s", 0.0) for e in entries)
+
+    walls = {cfg.name: wall(cfg) for cfg in configs}
+    known = [w for w in walls.values() if w is not None]
+    left = 0.0
+    for cfg in configs[done:]:
+        if walls[cfg.name] is not None:
+            continue  # finished earlier: reused
+        method = cfg.name.rsplit("-seed", 1)[0]
+        same = [w for name, w in walls.items() if w is not None and name.rsplit("-seed", 1)[0] == method]
+        if not (same or known):
+            return f"{done} of {len(configs)} runs done; time left known after the first run"
+        left += statistics.mean(same or known)
+    return f"{done} of {len(configs)} runs done, {elapsed / 60:.1f} min so far; about {left / 60:.1f} min left"
+
+
+def collect(run: RunDir, method: Method, seed: int) -> dict[str, Any]:
+    """One run's figures, as its manifest recorded them."""
+    train, select = run.stage("train") or {}, run.stage("select") or {}
+    try:
+        test, val = train["summary"]["test"], train["summary"]["val"]
+        kept = int(select["summary"]["branch"])
+        record = {"method": method.key, "seed": seed, "run": str(run.root), "kept_branch": kept,
+                  "val_kept": val["branches"][kept], "kept": test["branches"][kept],
+                  "best": max(test["branches"]), "worst": min(test["branches"]), "branches": test["branches"],
+                  "train_s": train["wall_s"], "images_per_s": train["summary"]["images_per_s"],
+                  "train_params": train["summary"]["params"]}
+    except (KeyError, TypeError, IndexError):
+        raise ArtifactError(f"{run.root}/manifest.json lacks train or select figures; rerun compare (or delete "
+                            "that run directory)") from None
+    if method.is_one:
+        record["teacher"] = test["teacher"]
+    return record
+
+
+def summarise(base: Config, seeds: Sequence[int], compared: Sequence[Method], records: list[dict],
+              device: torch.device) -> dict[str, Any]:
+    by_method = {m.key: [r for r in records if r["method"] == m.key] for m in compared}
+    rows = [_row("vanilla", "vanilla: the network trained alone", "vanilla", by_method["vanilla"], "kept")]
+    for method in compared[1:]:
+        runs, short = by_method[method.key], method.short
+        rows.append(_row(method.key, f"{method.label}: kept branch (chosen on validation)", f"{short}\nkept branch",
+                         runs, "kept"))
+        if method.key == "one":
+            rows.append(_row(method.key, "ONE: best branch on test (an oracle, not a deployable choice)",
+                             "ONE\nbest on test", runs, "best"))
+            rows.append(_row(method.key, "ONE: worst branch on test", "ONE\nworst on test", runs, "worst"))
+        rows.append(_row(method.key, f"{method.label}: ONE-E, the gated ensemble (the full model)",
+                         f"{short}\nONE-E", runs, "teacher"))
+    vanilla = [r["kept"] for r in by_method["vanilla"]]
+    gains = [{"method": m.key, "label": m.label, **welch([r["kept"] for r in by_method[m.key]], vanilla)}
+             for m in compared[1:]]
+    training = [{"method": m.key, "label": m.label,
+                 "train_s": statistics.mean(r["train_s"] for r in by_method[m.key]),
+                 "images_per_s": statistics.mean(r["images_per_s"] for r in by_method[m.key]),
+                 "train_params": by_method[m.key][0]["train_params"]} for m in compared]
+    return {"compare_version": COMPARE_VERSION, "name": base.name, "seeds": list(seeds),
+            "recipe": {"dataset": base.data.dataset, "train_size": base.data.train_size, "arch": base.model.arch,
+                       "branches": base.model.branches, "epochs": base.train.epochs,
+                       "batch_size": base.train.batch_size, "schedule": base.train.schedule,
+                       "temperature": base.loss.temperature},
+            "device": str(device), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "rows": rows, "gains": gains, "training": training, "runs": records}
+
+
+def _row(method: str, label: str, short: str, runs: list[dict], field: str) -> dict[str, Any]:
+    values = [r[field] for r in runs]
+    return {"method": method, "label": label, "short": short, "field": field,
+            "per_seed": {str(r["seed"]): r[field] for r in runs},
+            "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def welch(treated: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
+    """Mean difference (treated - control, in points), Welch's t-test p-value (two-sided) and its 95%
+    confidence interval, and the verdict in words."""
+    diff = statistics.mean(treated) - statistics.mean(control)
+    figures: dict[str, Any] = {"diff": diff, "p": None, "ci95": None, "n": [len(treated), len(control)]}
+    if min(len(treated), len(control)) < 2:
+        return {**figures, "verdict": f"{diff:+.2f} points with one seed per method: no significance figure; run "
+                                      "with at least 2 seeds (--seeds 0,1,2)"}
+    test = stats.ttest_ind(treated, control, equal_var=False)
+    p = float(test.pvalue)
+    if not np.isfinite(p):  # no spread at all on either side: a t-test has nothing to measure
+        return {**figures, "verdict": f"{diff:+.2f} points, with no spread between seeds: no significance figure"}
+    ci = test.confidence_interval(0.95)
+    figures.update(p=p, ci95=[float(ci.low), float(ci.high)])
+    where = f"{diff:+.2f} points (95% CI {ci.low:+.2f} to {ci.high:+.2f}; Welch's t-test p = {p:.3g}, " \
+            f"{len(treated)} vs {len(control)} seeds)"
+    if p >= SIGNIFICANCE:
+        return {**figures, "verdict": f"not distinguishable at this budget: {where}"}
+    return {**figures, "verdict": f"{'better' if diff > 0 else 'worse'} than the network trained alone: {where}"}
+
+
+def deploy_cost(configs: Sequence[Config], compared: Sequence[Method], device: torch.device,
+                threads: int | None) -> list[dict[str, Any]]:
+    """Params, FLOPs and ONNX Runtime batch-1 latency of each method's deployable network (the first seed's):
+    the kept ONE branch is the vanilla network's architecture, so they should match. Latencies are taken
+    in turns, round after round, and the median round is reported."""
+    models, calls = [], []
+    for cfg in configs:
+        run = RunDir(cfg.run_dir)
+        network, payload = checkpoint.load_model(run.output("strip", "model"))
+        example = torch.zeros(1, *payload["data"]["input_shape"])
+        onnx_path = exported_onnx(run, onnx_key("branch", "fp32"))
+        session = ort_session(onnx_path, onnx_providers(device), threads)
+        image = example.numpy()
+        models.append({"params": count_parameters(network), "flops": count_flops(network.eval(), example),
+                       "onnx": str(onnx_path)})
+        calls.append(lambda session=session, image=image: run_logits(session, image))
+    p50s: list[list[float]] = [[] for _ in calls]
+    for _ in range(LATENCY_ROUNDS):
+        for index, call in enumerate(calls):
+            p50s[index].append(latency(call, warmup=10, iterations=LATENCY_CALLS, device=torch.device("cpu")).p50_ms)
+    return [{"method": m.key, "label": m.label, **model, "p50_ms": statistics.median(p), "rounds": LATENCY_ROUNDS,
+             "calls_per_round": LATENCY_CALLS} for m, model, p in zip(compared, models, p50s)]

@@ -1,0 +1,88 @@
+"""compare.json -> compare.md (verdict, accuracy per seed, gain with its significance, cost) and a plot of
+test accuracy per seed per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from pipeline.rundir import atomic_path, write_text
+
+
+def _mean_std(row: dict[str, Any]) -> str:
+    return f"{row['mean']:.2f}" + (f" ± {row['std']:.2f}" if row["std"] is not None else "")
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_markdown(summary: dict[str, Any], path: Path, plot_name: str) -> None:
+    recipe, seeds = summary["recipe"], summary["seeds"]
+    images = f"{recipe['train_size']} training images" if recipe["train_size"] else "all training images"
+    lines = [
+        f"# Is ONE worth it? `{summary['name']}`, {len(seeds)} seed(s)",
+        "",
+        f"{recipe['arch']} on {recipe['dataset']} ({images}), {recipe['epochs']} epochs, batch "
+        f"{recipe['batch_size']}, {recipe['schedule']} schedule; ONE with {recipe['branches']} branches, "
+        f"T = {recipe['temperature']}. Vanilla and ONE share the recipe, the epochs and the seeds "
+        f"({', '.join(map(str, seeds))}). Measured on {summary['cpu']} ({summary['device']}, "
+        f"{summary['torch_threads']} threads).",
+        "",
+        f"**The kept ONE branch is {summary['gains'][0]['verdict']}.**",
+        "",
+        "## Test top-1 (%)",
+        "",
+        "| method | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---:|" + "---:|" * len(seeds),
+    ]
+    for row in summary["rows"]:
+        cells = [_optional(row["per_seed"].get(str(s)), ".2f") for s in seeds]
+        lines.append(f"| {row['label']} | {_mean_std(row)} | " + " | ".join(cells) + " |")
+    lines += ["", f"![test top-1 per seed]({plot_name})", "",
+              "## Gain of the kept branch over the network trained alone", "",
+              "| method | gain (points) | 95% CI | p (Welch's t-test) | verdict |", "|---|---:|---:|---:|---|"]
+    for gain in summary["gains"]:
+        ci = f"{gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f}" if gain["ci95"] else "-"
+        lines.append(f"| {gain['label']} | {gain['diff']:+.2f} | {ci} | {_optional(gain['p'], '.3g')} | "
+                     f"{gain['verdict'].split(':')[0]} |")
+    lines += ["", f"Two-sided p below 0.05 counts as a difference; with {len(seeds)} seed(s) per method only a "
+                  "gain several times the seed-to-seed spread can reach it.", "",
+              "## Cost", "",
+              "| method | training s (mean) | training images/s | params trained | deployed params | MFLOPs | "
+              "ONNX Runtime batch-1 p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    cost = {c["method"]: c for c in summary["cost"]}
+    for train in summary["training"]:
+        deployed = cost[train["method"]]
+        lines.append(f"| {train['label']} | {train['train_s']:.1f} | {train['images_per_s']:.0f} | "
+                     f"{train['train_params']:,} | {deployed['params']:,} | {deployed['flops'] / 1e6:.2f} | "
+                     f"{deployed['p50_ms']:.3f} |")
+    rounds = summary["cost"][0]
+    lines += ["", f"Training time is the train stage's wall time (with its per-epoch validation). The deployed "
+                  f"network is the first seed's fp32 ONNX; its batch-1 latency is the median of {rounds['rounds']} "
+                  f"rounds of {rounds['calls_per_round']} calls, the methods taking turns in each round.", "",
+              "## Runs", ""]
+    lines += [f"- `{r['run']}`: {r['method']}, seed {r['seed']}, kept branch {r['kept_branch']}"
+              for r in summary["runs"]]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def write_plot(summary: dict[str, Any], path: Path) -> None:
+    """One column per method, a dot per seed, a bar at the mean."""
+    rows, seeds = summary["rows"], summary["seeds"]
+    fig = Figure(figsize=(max(8.0, 1.3 * len(rows)), 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for column, row in enumerate(rows):
+        ax.hlines(row["mean"], column - 0.3, column + 0.3, color="black", linewidth=2)
+    for index, seed in enumerate(seeds):
+        points = [(c, r["per_seed"][str(seed)]) for c, r in enumerate(rows) if str(seed) in r["per_seed"]]
+        offset = (index - (len(seeds) - 1) / 2) * 0.08
+        ax.scatter([c + offset for c, _ in points], [v for _, v in points], label=f"seed {seed}", zorder=3)
+    ax.set_xticks(range(len(rows)), [r["short"] for r in rows], fontsize=8)
+    ax.set(ylabel="test top-1 (%)", title=f"{summary['name']}: test top-1 per seed (bar: mean)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -1,0 +1,153 @@
+"""`compare`: vanilla and ONE on the same seeds through the runner, summarised from the runs' own records."""
+
+import io
+import json
+import math
+import statistics
+
+import pytest
+import yaml
+from rich.console import Console
+from scipy import stats
+from typer.testing import CliRunner
+
+from pipeline import compare as compare_module
+from pipeline.cli import app
+from pipeline.compare import compare, methods, parse_seeds, welch
+from pipeline.errors import ConfigError, UsageError
+from pipeline.rundir import RunDir
+from tests.conftest import tiny_dict
+
+SEEDS = [0, 1]
+VARIANT = "branches=2"
+RUN_NAMES = ["vanilla-seed0", "one-seed0", "one-model.branches-2-seed0",
+             "vanilla-seed1", "one-seed1", "one-model.branches-2-seed1"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A compare of the tiny config, interrupted before its third run and then run again to the end."""
+    root = tmp_path_factory.mktemp("compare")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(root / "runs")))
+    started, real = [], compare_module.run_stages
+
+    def interrupt_third(cfg, run, ctx, **kwargs):
+        started.append(cfg.name)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, run, ctx, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare_module, "run_stages", interrupt_third)
+        with pytest.raises(KeyboardInterrupt):
+            compare(config, [], SEEDS, [VARIANT], Console(quiet=True))
+    compare_root = root / "runs" / "tiny-compare"
+    before = {name: RunDir(compare_root / name).stage("train") for name in RUN_NAMES[:2]}
+    log = io.StringIO()
+    result = compare(config, [], SEEDS, [VARIANT], Console(file=log, width=200))
+    return config, result, before, log.getvalue()
+
+
+def test_an_interrupted_compare_resumes_and_reuses_finished_runs(compared):
+    _, result, before, log = compared
+    assert sorted(p.name for p in result.root.iterdir() if p.is_dir()) == sorted(RUN_NAMES)
+    for name, train in before.items():
+        assert train["status"] == "done"
+        assert RunDir(result.root / name).stage("train") == train  # not retrained: the same record
+    assert "2 of 6 runs done" in log and "min left" in log  # the ETA comes from the finished runs
+
+
+def test_the_table_comes_from_the_runs_recorded_accuracies(compared):
+    _, result, _, _ = compared
+    summary = json.loads(result.summary.read_text())
+    runs = {name: RunDir(result.root / name) for name in RUN_NAMES}
+
+    def recorded(name):
+        run = runs[name]
+        test = run.stage("train")["summary"]["test"]
+        return test, run.stage("select")["summary"]["branch"]
+
+    rows = {(r["method"], r["field"]): r for r in summary["rows"]}
+    for seed in SEEDS:
+        vanilla, _ = recorded(f"vanilla-seed{seed}")
+        one, kept = recorded(f"one-seed{seed}")
+        assert rows["vanilla", "kept"]["per_seed"][str(seed)] == vanilla["branches"][0]
+        assert rows["one", "kept"]["per_seed"][str(seed)] == one["branches"][kept]
+        assert rows["one", "best"]["per_seed"][str(seed)] == max(one["branches"])
+        assert rows["one", "worst"]["per_seed"][str(seed)] == min(one["branches"])
+        assert rows["one", "teacher"]["per_seed"][str(seed)] == one["teacher"]
+        variant, _ = recorded(f"one-model.branches-2-seed{seed}")
+        assert len(variant["branches"]) == 2
+    kept = list(rows["one", "kept"]["per_seed"].values())
+    alone = list(rows["vanilla", "kept"]["per_seed"].values())
+    assert rows["one", "kept"]["mean"] == pytest.approx(statistics.mean(kept))
+    assert rows["one", "kept"]["std"] == pytest.approx(statistics.stdev(kept))
+    gain = summary["gains"][0]
+    assert gain["method"] == "one" and gain["diff"] == pytest.approx(statistics.mean(kept) - statistics.mean(alone))
+    assert [g["method"] for g in summary["gains"]] == ["one", "one-model.branches-2"]
+    markdown = result.markdown.read_text()
+    assert f"**The kept ONE branch is {gain['verdict']}.**" in markdown
+    assert "| ONE, model.branches=2: kept branch (chosen on validation) |" in markdown
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_deploy_cost_of_the_kept_branch_matches_the_same_network_trained_alone(compared):
+    _, result, _, _ = compared
+    summary = json.loads(result.summary.read_text())
+    cost = {c["method"]: c for c in summary["cost"]}
+    assert cost["one"]["params"] == cost["vanilla"]["params"] == cost["one-model.branches-2"]["params"]
+    assert cost["one"]["flops"] == cost["vanilla"]["flops"] > 0
+    assert all(c["p50_ms"] > 0 for c in cost.values())
+    training = {t["method"]: t for t in summary["training"]}
+    assert training["one"]["train_params"] > training["one-model.branches-2"]["train_params"] > \
+        training["vanilla"]["train_params"]  # the full ONE model trains more than the deployed network
+
+
+def test_welch_against_the_textbook_formula():
+    treated, control = [1.0, 2.0, 3.0], [4.0, 5.0, 7.0]
+    result = welch(treated, control)
+    va, vb = statistics.variance(treated) / 3, statistics.variance(control) / 3
+    t = (2.0 - 16 / 3) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    assert result["diff"] == pytest.approx(2.0 - 16 / 3)
+    assert result["p"] == pytest.approx(2 * stats.t.sf(abs(t), df))
+    assert result["p"] < 0.05 and result["verdict"].startswith("worse")
+    low, high = result["ci95"]
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert (low, high) == pytest.approx((result["diff"] - half, result["diff"] + half))
+
+
+def test_welch_verdicts():
+    assert welch([92.0, 92.2, 92.1], [90.0, 90.1, 90.2])["verdict"].startswith("better")
+    assert welch([90.1, 90.5, 89.9], [90.0, 90.4, 90.2])["verdict"].startswith("not distinguishable at this budget")
+    single = welch([90.5], [90.0])
+    assert single["p"] is None and "--seeds" in single["verdict"]
+
+
+def test_methods_and_seeds_from_the_command_line():
+    assert [m.key for m in methods(["branches=4", "loss.temperature=2"])] == [
+        "vanilla", "one", "one-model.branches-4", "one-loss.temperature-2"]
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad, error, match in [(["seed=3"], UsageError, "compare sets seed itself"),
+                              (["branches"], UsageError, "expected FIELD=VALUE"),
+                              (["threads=2"], ConfigError, "several sections"),
+                              (["brnches=2"], ConfigError, "did you mean 'branches'"),
+                              (["branches=4", "model.branches=4"], UsageError, "given twice")]:
+        with pytest.raises(error, match=match):
+            methods(bad)
+    for bad in ("0,0", "a", "-1", ""):
+        with pytest.raises(UsageError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_cli_reuses_the_runs_and_rejects_bad_input_in_one_line(compared):
+    config, result, _, _ = compared
+    trained = {name: RunDir(result.root / name).stage("train") for name in RUN_NAMES}
+    ok = CliRunner().invoke(app, ["compare", str(config), "--seeds", "0,1", "--variant", VARIANT])
+    assert ok.exit_code == 0, ok.output
+    assert "compare: " in ok.output and "compare.md" in ok.output
+    assert {name: RunDir(result.root / name).stage("train") for name in RUN_NAMES} == trained
+    bad = CliRunner().invoke(app, ["compare", str(config), "--seeds", "1,1"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "distinct seeds" in bad.output
+    assert "Traceback" not in bad.output
