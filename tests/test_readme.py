@@ -1,0 +1,26 @@
+"""The README's quickstart is what CI runs, and it works on Debian's own Python (PEP 668: no pip outside a venv)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def quickstart() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    run_command, test_command = quickstart()
+    assert test_command in (ROOT / ".ci/run").read_text().splitlines()
+    assert "pytest" in test_command and "one-pipeline run configs/edge.yaml" in run_command
+
+
+def test_quickstart_installs_into_a_virtual_environment():
+    for command in quickstart():
+        steps = [step.strip() for step in command.split("&&")]
+        assert "python3 -m venv .venv" in steps and "apt-get install -y" in command and "python3-venv" in command
+        assert not [s for s in steps if s.startswith(("pip ", "python ", "python3 -m pip"))], command
