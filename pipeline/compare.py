@@ -118,10 +118,10 @@ def compare(config: Path, overrides: Sequence[str], seeds: Sequence[int], varian
     started = time.perf_counter()
     for number, ((method, seed), cfg) in enumerate(zip(plan, configs), start=1):
         console.rule(f"[bold]compare: run {number}/{len(plan)}[/bold]: {escape(method.label)}, seed {seed}")
-        console.print(escape(_progress_line(configs, number - 1, time.perf_counter() - started)), highlight=False)
+        line, label = _progress(configs, number, time.perf_counter() - started)
+        console.print(escape(line), highlight=False)
         run = RunDir(cfg.run_dir)
-        ctx = StageContext(cfg, run, device, console=console,
-                           label=f"run {number}/{len(plan)} {method.key} seed {seed} | ")
+        ctx = StageContext(cfg, run, device, console=console, label=label)
         with run.lock():
             run_stages(cfg, run, ctx, until=UNTIL)
     records = [collect(RunDir(cfg.run_dir), method, seed) for (method, seed), cfg in zip(plan, configs)]
@@ -138,27 +138,37 @@ def compare(config: Path, overrides: Sequence[str], seeds: Sequence[int], varian
     return result
 
 
-def _progress_line(configs: Sequence[Config], done: int, elapsed: float) -> str:
-    """Runs finished so far and, from the recorded wall time of finished runs of the same method (or of
-    any method), the time left for all of them."""
+def _time_left(configs: Sequence[Config]) -> float | None:
+    """Seconds the unfinished runs among `configs` will take, from the recorded wall time of finished runs
+    of the same method (else of any method); None before any run has finished."""
     def wall(cfg: Config) -> float | None:
         entries = [RunDir(cfg.run_dir).stage(stage) or {} for stage in ("train", "select", "strip", UNTIL)]
         if not all(e.get("status") == "done" for e in entries):
             return None
         return sum(e.get("wall_s", 0.0) for e in entries)
 
+    def method(cfg: Config) -> str:
+        return cfg.name.rsplit("-seed", 1)[0]
+
     walls = {cfg.name: wall(cfg) for cfg in configs}
-    known = [w for w in walls.values() if w is not None]
+    finished = [(method(cfg), walls[cfg.name]) for cfg in configs if walls[cfg.name] is not None]
     left = 0.0
-    for cfg in configs[done:]:
-        if walls[cfg.name] is not None:
-            continue  # finished earlier: reused
-        method = cfg.name.rsplit("-seed", 1)[0]
-        same = [w for name, w in walls.items() if w is not None and name.rsplit("-seed", 1)[0] == method]
-        if not (same or known):
-            return f"{done} of {len(configs)} runs done; time left known after the first run"
-        left += statistics.mean(same or known)
-    return f"{done} of {len(configs)} runs done, {elapsed / 60:.1f} min so far; about {left / 60:.1f} min left"
+    for cfg in configs:
+        if walls[cfg.name] is None:
+            known = [w for m, w in finished if m == method(cfg)] or [w for _, w in finished]
+            if not known:
+                return None
+            left += statistics.mean(known)
+    return left
+
+
+def _progress(configs: Sequence[Config], number: int, elapsed: float) -> tuple[str, str]:
+    """(the line before run `number`, the label its progress bar carries): runs done, time so far, time left."""
+    total, left, after = len(configs), _time_left(configs), _time_left(configs[number:])
+    line = f"{number - 1} of {total} runs done, {elapsed / 60:.1f} min so far; " + (
+        f"about {left / 60:.1f} min left" if left is not None else "time left known after the first run")
+    label = f"run {number}/{total}" + (f" (then ~{after / 60:.0f} min)" if after else "") + " | "
+    return line, label
 
 
 def collect(run: RunDir, method: Method, seed: int) -> dict[str, Any]:

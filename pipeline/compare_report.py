@@ -83,6 +83,6 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(rows)), [r["short"] for r in rows], fontsize=8)
     ax.set(ylabel="test top-1 (%)", title=f"{summary['name']}: test top-1 per seed (bar: mean)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a point
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -175,6 +175,8 @@ class BenchConfig(Section):
     warmup: int = Field(10, ge=0, description="Untimed iterations before each measurement")
     iterations: int = Field(100, ge=3, description="Timed batch-1 calls per row (p50/p90/p99 over these)")
     throughput_iterations: int = Field(20, ge=1, description="Timed calls per batch size per row")
+    rounds: int = Field(5, ge=1, description="The timed calls are split into rounds in which every row takes its "
+                                             "turn, so a machine that slows down mid-bench slows every row alike")
     threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
     test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
     served: bool = Field(True, description="Add a row measured through a real Triton server (skipped with a reason "

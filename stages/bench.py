@@ -8,13 +8,17 @@ fp32). A row that cannot run here is `skipped` with the reason (a model the expo
 rejected among them); one whose file could not be made is `failed` in "export", one whose file exists
 but did not run is `failed` in "bench" (Ultralytics keeps the two apart). Every row: top-1 on the test
 set, agreement with the same model in PyTorch eager, batch-1 latency (p50/p90/p99), throughput at each
-of `bench.batch_sizes`, params, FLOPs, file size. The headline splits the gain into its parts (strip,
-runtime, precision) and picks what to ship. Schema: docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
+of `bench.batch_sizes`, params, FLOPs, file size. Accuracy is measured row by row; timing afterwards, in
+`bench.rounds` rounds in which every row takes its turn (the Triton row, timed through its server, apart).
+The headline splits the gain into its parts (strip, runtime, precision) and picks what to ship. Schema:
+docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +44,7 @@ from pipeline.deploy.benchfile import (
 from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, exported_onnx, onnx_key, triton_model_name
 from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
 from pipeline.deploy.served import served_row
-from pipeline.deploy.timing import count_flops, latency, throughput
+from pipeline.deploy.timing import Latency, count_flops, latency_samples, throughput
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir, atomic_path, environment, write_json
@@ -114,6 +118,7 @@ class _Bench:
         self.ctx, self.cfg, self.device, self.threads = ctx, ctx.cfg.bench, ctx.device, threads
         self.eval_batch = ctx.cfg.train.eval_batch_size
         self.preds: dict[str, torch.Tensor] = {}
+        self.timers: dict[str, _Timer] = {}
         full_test = load_datasets(ctx.cfg.data).test
         limit = self.cfg.test_limit
         self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
@@ -141,6 +146,7 @@ class _Bench:
         rows += [self._tensorrt_row("ensemble"), self._tensorrt_row("branch"), self._served_row()]
         if baseline is not None:
             rows += self._baseline_rows(*baseline)
+        self._time_in_rounds(rows)
         self._derived(rows)
         bench = {"schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": self.method, "branch": self.branch,
                  "device": str(self.device), "threads": self.threads, "test_images": len(self.test),
@@ -162,12 +168,14 @@ class _Bench:
             if not accuracy:
                 acc = self._evaluate(full, heads)
                 accuracy.update(zip(heads, (acc["teacher"], acc["branches"][b])))
-            return {"accuracy": accuracy[name], **self.static["ensemble"],
-                    **self._torch_timing(lambda x: heads[name](full(x)))}
+            self._time_later(name, lambda x: heads[name](full(x)), self.inputs, cuda_events=True)
+            return {"accuracy": accuracy[name], **self.static["ensemble"]}
 
         def branch_row() -> dict:
-            acc = self._evaluate(stripped, {row_name("branch", "pytorch"): lambda out: out})
-            return {"accuracy": acc["branches"][0], **self.static["branch"], **self._torch_timing(stripped)}
+            name = row_name("branch", "pytorch")
+            acc = self._evaluate(stripped, {name: lambda out: out})
+            self._time_later(name, stripped, self.inputs, cuda_events=True)
+            return {"accuracy": acc["branches"][0], **self.static["branch"]}
 
         rows = [self._guard(_base(m, "pytorch"), lambda m=m: full_row(m), self._vanilla_reason())
                 for m in ("ensemble", "full_branch")]
@@ -182,7 +190,8 @@ class _Bench:
             compiled = torch.compile(net, mode="reduce-overhead")
             name = row_name(model, "torch.compile")
             acc = self._evaluate(compiled, {name: lambda out: out})  # `.spec` reads through to `net`
-            return {"accuracy": acc["branches"][0], **self.static[model], **self._torch_timing(compiled)}
+            self._time_later(name, compiled, self.inputs, cuda_events=True)
+            return {"accuracy": acc["branches"][0], **self.static[model]}
 
         return [self._guard(_base(m, "torch.compile"), lambda m=m: measure(m),
                             self._vanilla_reason() if m == "ensemble" else None) for m in ("ensemble", "branch")]
@@ -228,8 +237,10 @@ class _Bench:
         static = self._static(model, path)
 
         def eager() -> dict:
-            acc = self._evaluate(model, {row_name("baseline", "pytorch"): lambda out: out})
-            return {"accuracy": acc["branches"][0], **static, **self._torch_timing(model)}
+            name = row_name("baseline", "pytorch")
+            acc = self._evaluate(model, {name: lambda out: out})
+            self._time_later(name, model, self.inputs, cuda_events=True)
+            return {"accuracy": acc["branches"][0], **static}
 
         def onnx_row() -> dict:
             onnx_path = self.ctx.stage_dir("bench") / BASELINE_ONNX
@@ -280,7 +291,7 @@ class _Bench:
         except StageSkipped as exc:
             return {**base, "status": "skipped", "reason": str(exc)}
         except Exception as exc:  # one row's failure is recorded in its row; the other rows still run
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = _failure(exc)
             self.ctx.console.print(f"[red]{base['name']} failed:[/red] {escape(reason)}")
             return {**base, "status": "failed", "failed_in": "bench", "reason": reason}
 
@@ -298,23 +309,51 @@ class _Bench:
                 "file": str(path.relative_to(root) if path.is_relative_to(root) else path),  # a baseline's: as found
                 "file_bytes": path.stat().st_size}
 
-    def _timing(self, call: Callable[[Any], Any], inputs: dict[int, Any], cuda_events: bool,
-                batches: list[int] | None = None) -> dict:
-        """Batch-1 latency, then throughput at each batch size (those in `batches`, default all)."""
-        c = self.cfg
-        lat = latency(lambda x=inputs[1]: call(x), warmup=c.warmup, iterations=c.iterations, device=self.device,
-                      cuda_events=cuda_events)
-        warm = min(c.warmup, 3)
-        return {"latency_ms": lat.figures(c.warmup),
-                "throughput": [{"images_per_s": round(throughput(lambda x=inputs[b]: call(x), batch=b, warmup=warm,
-                                                                 iterations=c.throughput_iterations,
-                                                                 device=self.device), 1),
-                                "batch": b, "warmup": warm, "iterations": c.throughput_iterations}
-                               for b in (batches or c.batch_sizes)]}
+    def _time_later(self, name: str, call: Callable[[Any], Any], inputs: dict[int, Any], cuda_events: bool,
+                    batches: list[int] | None = None) -> None:
+        """Row `name` takes part in the timing rounds: batch-1 latency and throughput at each of `batches`
+        (default all), filled into the row by `_time_in_rounds`. `cuda_events`: torch and TensorRT work."""
+        self.timers[name] = _Timer(call, inputs, cuda_events, batches or self.cfg.batch_sizes)
 
-    def _torch_timing(self, call: Callable[[torch.Tensor], Any]) -> dict:
+    def _time_in_rounds(self, rows: list[dict]) -> None:
+        """Time every registered row in `bench.rounds` rounds, each row taking its turn in every round, so
+        that a machine that slows down or speeds up during the bench moves every row alike (timed one
+        after the other, a row's place in the order could decide what to ship). Batch-1 samples are
+        pooled over the rounds; throughput is the median round."""
+        c = self.cfg
+        failed: dict[str, str] = {}
         with torch.inference_mode():
-            return self._timing(call, self.inputs, cuda_events=True)
+            for turn in range(c.rounds):
+                for name, timer in self.timers.items():
+                    if name in failed:
+                        continue
+                    try:
+                        self._take_turn(timer, _share(c.iterations, c.rounds, turn),
+                                        _share(c.throughput_iterations, c.rounds, turn))
+                    except Exception as exc:  # as in `_guard`: the row fails, the others go on
+                        failed[name] = _failure(exc)
+                        self.ctx.console.print(f"[red]{name} failed:[/red] {escape(failed[name])}")
+        for row in rows:
+            timer = self.timers.get(row["name"])
+            if timer is None or row["status"] != "ok":
+                continue
+            if row["name"] in failed:
+                row.update(status="failed", failed_in="bench", reason=failed[row["name"]])
+                continue
+            row["latency_ms"] = Latency.from_ns(timer.samples).figures(c.warmup)
+            row["throughput"] = [{"images_per_s": round(statistics.median(timer.rates[b]), 1), "batch": b,
+                                  "warmup": min(c.warmup, 3), "iterations": c.throughput_iterations}
+                                 for b in timer.batches]
+
+    def _take_turn(self, timer: _Timer, iterations: int, throughput_iterations: int) -> None:
+        """One row's turn in a round: warm-up, its batch-1 latency samples, one throughput figure per batch."""
+        c, first = self.cfg, timer.inputs[1]
+        timer.samples += latency_samples(lambda: timer.call(first), warmup=c.warmup, iterations=iterations,
+                                         device=self.device, cuda_events=timer.cuda_events)
+        for b in timer.batches if throughput_iterations else ():
+            x = timer.inputs[b]
+            timer.rates.setdefault(b, []).append(throughput(lambda: timer.call(x), batch=b, warmup=min(c.warmup, 3),
+                                                            iterations=throughput_iterations, device=self.device))
 
     def _onnx(self, name: str, path: Path, static: dict) -> dict:
         session = ort_session(path, onnx_providers(self.device), self.threads)
@@ -323,10 +362,10 @@ class _Bench:
         provider = session.get_providers()[0]
         call = _onnx_call(session, provider)
         dtype = input_dtype(session)
-        inputs = {b: x.cpu().numpy().astype(dtype) for b, x in self.inputs.items()}
+        self._time_later(name, call, {b: x.cpu().numpy().astype(dtype) for b, x in self.inputs.items()},
+                         cuda_events=False)
         return {**static, "accuracy": top1_accuracy(logits, self.labels.numpy()), "provider": provider,
-                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size,
-                **self._timing(call, inputs, cuda_events=False)}
+                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size}
 
     def _run_tensorrt(self, name: str, path: Path, static: dict) -> dict:
         if self.device.type != "cuda":
@@ -340,10 +379,10 @@ class _Bench:
         fits = [b for b in self.cfg.batch_sizes if lo <= b <= hi]
         outside = sorted(set(self.cfg.batch_sizes) - set(fits))
         note = f"batch sizes {outside} are outside the engine's profile {lo}..{hi}" if outside else None
+        self._time_later(name, runner, self.inputs, cuda_events=True, batches=fits)
         return {**static, "accuracy": float(100.0 * (self.preds[name] == self.labels).double().mean()),
                 "provider": "tensorrt",
-                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size, "note": note,
-                **self._timing(runner, self.inputs, cuda_events=True, batches=fits)}
+                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size, "note": note}
 
     # --- derived figures ------------------------------------------------------------------------------
     def _derived(self, rows: list[dict]) -> None:
@@ -382,6 +421,27 @@ class _Bench:
                 checks.append({"row": row["name"], "train_head": head, "bench": row["accuracy"], "train": train,
                                "equal": row["accuracy"] == train})
         return checks
+
+
+def _share(total: int, rounds: int, turn: int) -> int:
+    """Turn `turn`'s part of `total` calls split over `rounds` turns (the parts add up to `total`)."""
+    return total // rounds + (turn < total % rounds)
+
+
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+@dataclasses.dataclass
+class _Timer:
+    """A row's model call and inputs, and the figures its turns have gathered."""
+
+    call: Callable[[Any], Any]
+    inputs: dict[int, Any]
+    cuda_events: bool
+    batches: list[int]
+    samples: list[int] = dataclasses.field(default_factory=list)  # batch-1 latencies, ns
+    rates: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # images/s per batch, one per round
 
 
 class _Recorder(nn.Module):

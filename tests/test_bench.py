@@ -210,6 +210,32 @@ def test_pareto_front_keeps_rows_no_other_row_beats_on_both_axes():
     assert [r.name for r in pareto_front([a, b, c, d])] == ["a", "b", "d"]  # c is beaten by a; b and d tie
 
 
+def test_rows_are_timed_in_turns_round_after_round(exported_run, tmp_path, monkeypatch):
+    """Timed one after the other, a row's place in the order could decide what to ship on a machine whose
+    speed drifts; in rounds, every row takes its turn in each round. A row whose timing fails is `failed`
+    in "bench" and leaves the later rounds to the others."""
+    cfg, run = benched_copy(exported_run, tmp_path, bench={"rounds": 2, "served": False})
+    turns, real = [], bench_stage._Bench._take_turn
+
+    def spy(self, timer, iterations, throughput_iterations):
+        name = next(name for name, t in self.timers.items() if t is timer)
+        turns.append((name, iterations, throughput_iterations))
+        if name == "branch_onnx_fp16" and len(turns) > len(self.timers):
+            raise RuntimeError("device lost\nsecond line")
+        return real(self, timer, iterations, throughput_iterations)
+
+    monkeypatch.setattr(bench_stage._Bench, "_take_turn", spy)
+    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
+    data = json.loads(run.output("bench", "bench").read_text())
+    timed = [r["name"] for r in data["rows"] if r["status"] == "ok" or r["name"] == "branch_onnx_fp16"]
+    assert len(timed) >= 10 and turns == [(n, 2, 1) for n in timed] + [(n, 1, 1) for n in timed]  # 3 calls: 2, 1
+    failed = rows(data)["branch_onnx_fp16"]
+    assert (failed["status"], failed["failed_in"], failed["reason"]) == ("failed", "bench", "RuntimeError: device lost")
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert all(r["latency_ms"]["iterations"] == 3 and r["throughput"][0]["iterations"] == 2 for r in ok)
+    BenchFile.model_validate(data)
+
+
 def test_one_thread_count_for_every_row_and_restored_after(benched):
     cfg, _, data, threads_before = benched
     assert data["threads"] == cfg.bench.threads == 1

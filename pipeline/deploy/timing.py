@@ -63,6 +63,13 @@ def latency(call: Callable[[], Any], *, warmup: int, iterations: int, device: to
             cuda_events: bool = False) -> Latency:
     """Per-call latency after `warmup` untimed calls. `cuda_events`: time with CUDA events on the
     current stream (for PyTorch and TensorRT work on that stream); else the host clock after a sync."""
+    return Latency.from_ns(latency_samples(call, warmup=warmup, iterations=iterations, device=device,
+                                           cuda_events=cuda_events))
+
+
+def latency_samples(call: Callable[[], Any], *, warmup: int, iterations: int, device: torch.device,
+                    cuda_events: bool = False) -> list[int]:
+    """`latency`'s samples in nanoseconds, to pool over several turns."""
     for _ in range(warmup):
         call()
     _sync(device)
@@ -83,7 +90,7 @@ def latency(call: Callable[[], Any], *, warmup: int, iterations: int, device: to
                 call()
                 _sync(device)
                 samples.append(time.perf_counter_ns() - t0)
-    return Latency.from_ns(samples)
+    return samples
 
 
 def throughput(call: Callable[[], Any], *, batch: int, warmup: int, iterations: int,
