@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,10 @@ from pipeline.training.data import ImageSet, load_datasets
 from pipeline.training.evaluate import evaluate
 from pipeline.training.models import EnsembleNet, count_parameters
 
+# Between two rows' turns: after its last call a runtime's threads spin on for a while (PyTorch's OpenMP
+# pool, ONNX Runtime's), and on 2 cores they stole time slices from the next row's calls (its p99 went from
+# 0.5 to 4.4 ms on a 2-core AMD EPYC); a 50 ms pause lets them go idle first.
+TURN_PAUSE_S = 0.05
 LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
           "branch": "stripped branch", "baseline": "baseline: the same network trained alone"}
 
@@ -327,6 +332,7 @@ class _Bench:
                 for name, timer in self.timers.items():
                     if name in failed:
                         continue
+                    time.sleep(TURN_PAUSE_S)
                     try:
                         self._take_turn(timer, _share(c.iterations, c.rounds, turn),
                                         _share(c.throughput_iterations, c.rounds, turn))

@@ -26,7 +26,7 @@ TINY = {
     "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "milestones": [2],
               "device": "cpu", "deterministic": True},
     "export": {"check_size": 16, "calibration_size": 32},
-    "bench": {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "threads": 1},
+    "bench": {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "threads": 1, "rounds": 2},
 }
 
 

@@ -39,7 +39,8 @@ from stages import bench as bench_stage
 from tests.conftest import copy_run, make_ctx, tiny_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
-FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1}
+FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1,
+              "rounds": 2}
 ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile", "branch_compile",
              *[f"{m}_onnx_{p}" for p in ("fp32", "fp16", "int8", "int8_cpu") for m in ("one_e", "branch")],
              "one_e_tensorrt", "branch_tensorrt", "branch_triton_fp32"]
