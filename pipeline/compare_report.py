@@ -8,15 +8,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from pipeline.deploy.benchfile import fmt
 from pipeline.rundir import atomic_path, write_text
 
 
 def _mean_std(row: dict[str, Any]) -> str:
     return f"{row['mean']:.2f}" + (f" ± {row['std']:.2f}" if row["std"] is not None else "")
-
-
-def _optional(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def write_markdown(summary: dict[str, Any], path: Path, plot_name: str) -> None:
@@ -39,14 +36,14 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str) -> None:
         "|---|---:|" + "---:|" * len(seeds),
     ]
     for row in summary["rows"]:
-        cells = [_optional(row["per_seed"].get(str(s)), ".2f") for s in seeds]
+        cells = [fmt(row["per_seed"].get(str(s)), ".2f") for s in seeds]
         lines.append(f"| {row['label']} | {_mean_std(row)} | " + " | ".join(cells) + " |")
     lines += ["", f"![test top-1 per seed]({plot_name})", "",
               "## Gain of the kept branch over the network trained alone", "",
               "| method | gain (points) | 95% CI | p (Welch's t-test) | verdict |", "|---|---:|---:|---:|---|"]
     for gain in summary["gains"]:
         ci = f"{gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f}" if gain["ci95"] else "-"
-        lines.append(f"| {gain['label']} | {gain['diff']:+.2f} | {ci} | {_optional(gain['p'], '.3g')} | "
+        lines.append(f"| {gain['label']} | {gain['diff']:+.2f} | {ci} | {fmt(gain['p'], '.3g')} | "
                      f"{gain['verdict'].split(':')[0]} |")
     lines += ["", f"Two-sided p below 0.05 counts as a difference; with {len(seeds)} seed(s) per method only a "
                   "gain several times the seed-to-seed spread can reach it.", "",

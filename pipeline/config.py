@@ -299,7 +299,7 @@ def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
 def field_path(name: str) -> str:
     """A field's dotted path from the path itself or, when one section alone has it, the field's own name
     (`branches` -> `model.branches`); anything else is a ConfigError naming the choices."""
-    paths = [field for section, info in Config.model_fields.items()
+    paths = [field for section in Config.model_fields
              for field in ([f"{section}.{f}" for f in _fields_at([section])] or [section])]
     if name in paths:
         return name
