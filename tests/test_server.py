@@ -158,8 +158,15 @@ def test_concurrent_requests_each_get_their_own_answer(server, served_run, test_
     must still be its own request's."""
     served = ServedModel(server.http, "tiny_onnx")
     batches = [images_of(test_split, 40)[i:i + size] for i, size in enumerate(range(1, 17))]
+
+    def ask(images):
+        try:
+            return served.predict(images)
+        finally:
+            served.close()  # in the thread that made the client (ServedModel.close says why)
+
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(served.predict, batches))
+        answers = list(pool.map(ask, batches))
     for images, answer in zip(batches, answers):
         assert_same_logits(answer, onnxruntime_logits(served_run[1], "fp32", images))
 

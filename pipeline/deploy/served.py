@@ -39,6 +39,13 @@ class ServedModel:
             self._local.client = self._http.InferenceServerClient(self.url, network_timeout=120)
         return self._local.client
 
+    def close(self) -> None:
+        """Close this thread's client. Each thread must close its own: tritonclient's HTTP client runs on
+        gevent, and one closed by the garbage collector from another thread fails in gevent."""
+        client = self._local.__dict__.pop("client", None)
+        if client is not None:
+            client.close()
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         tensor = self._http.InferInput(self.input, list(images.shape), self.input_type)
         tensor.set_data_from_numpy(images, binary_data=True)
@@ -53,17 +60,38 @@ def served_predictions(served: ServedModel, images: np.ndarray, batch: int) -> n
 
 def concurrent_throughput(served: ServedModel, images: np.ndarray, *, concurrency: int, warmup: int,
                           iterations: int) -> float:
-    """Images per second with `concurrency` clients each sending `iterations` requests of `images`."""
-    def client_loop(count: int) -> None:
-        for _ in range(count):
-            served.predict(images)
+    """Images per second with `concurrency` clients each sending `iterations` requests of `images`, timed
+    from the moment every client has warmed up (`warmup` requests) to the last one's end."""
+    ready = threading.Barrier(concurrency + 1)
+
+    def client_loop() -> float:
+        try:
+            for _ in range(warmup):
+                served.predict(images)
+            ready.wait()  # every thread's connection open and warm
+            ready.wait()  # the clock has started
+            for _ in range(iterations):
+                served.predict(images)
+            return time.perf_counter()
+        except BaseException:
+            ready.abort()  # the other threads and the clock stop waiting
+            raise
+        finally:
+            served.close()
 
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client_loop, [warmup] * concurrency))  # every thread's connection open and warm
-        start = time.perf_counter()
-        list(pool.map(client_loop, [iterations] * concurrency))
-        elapsed = time.perf_counter() - start
-    return len(images) * iterations * concurrency / elapsed
+        futures = [pool.submit(client_loop) for _ in range(concurrency)]
+        try:
+            ready.wait()
+            start = time.perf_counter()
+            ready.wait()
+        except threading.BrokenBarrierError:
+            pass  # a client failed: its error is raised below
+        errors = [f.exception() for f in futures]
+    failure = next((e for e in errors if e and not isinstance(e, threading.BrokenBarrierError)), None)
+    if failure or any(errors):
+        raise failure or next(e for e in errors if e)
+    return len(images) * iterations * concurrency / (max(f.result() for f in futures) - start)
 
 
 def measure_served(http_url: str, model: str, images: np.ndarray, labels: np.ndarray, *, max_batch: int,
@@ -79,6 +107,7 @@ def measure_served(http_url: str, model: str, images: np.ndarray, labels: np.nda
     batch = images[:throughput_batch]
     ips = concurrent_throughput(served, batch, concurrency=concurrency, warmup=min(warmup, 3),
                                 iterations=throughput_iterations)
+    served.close()
     correct = int(np.sum(predictions == labels))  # top-1 % as pipeline.training.evaluate computes it
     return {"predictions": predictions, "accuracy": float(100.0 * correct / max(len(labels), 1)),
             "images": len(images),
