@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import LossConfig
+from pipeline.deploy.timing import in_turns
 from pipeline.training.loss import one_loss
 from pipeline.training.models import ModelSpec, build_model
 
@@ -86,9 +87,13 @@ def main() -> None:
         for _ in range(args.warmup):
             step()
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for _ in range(args.repeats):
-        for key, step in steps.items():
-            rates[key].append(timed(step, args.steps, args.batch, device))
+
+    def turn(key: tuple[str, str]) -> Callable[[int], None]:
+        return lambda _: rates[key].append(timed(steps[key], args.steps, args.batch, device))
+
+    failed = in_turns({f"{method} {fmt}": turn((method, fmt)) for method, fmt in steps}, args.repeats)
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed: {next(iter(failed.values()))}")
     median = {key: statistics.median(values) for key, values in rates.items()}
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     for fmt in ("contiguous", "channels_last"):

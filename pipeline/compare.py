@@ -18,7 +18,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from scipy import stats
 from pipeline.config import Config, field_path, load_config
 from pipeline.deploy.onnx_io import exported_onnx, onnx_key
 from pipeline.deploy.runtime import ort_session, run_logits
-from pipeline.deploy.timing import count_flops, latency
+from pipeline.deploy.timing import count_flops, in_turns, latency
 from pipeline.device import onnx_providers, resolve_device
 from pipeline.errors import ArtifactError, UsageError
 from pipeline.rundir import RunDir, cpu_model, write_json
@@ -265,8 +265,13 @@ def deploy_cost(configs: Sequence[Config], compared: Sequence[Method], device: t
                        "onnx": str(onnx_path)})
         calls.append(lambda session=session, image=image: run_logits(session, image))
     p50s: list[list[float]] = [[] for _ in calls]
-    for _ in range(LATENCY_ROUNDS):
-        for index, call in enumerate(calls):
-            p50s[index].append(latency(call, warmup=10, iterations=LATENCY_CALLS, device=torch.device("cpu")).p50_ms)
+
+    def turn(index: int) -> Callable[[int], None]:
+        return lambda _: p50s[index].append(latency(calls[index], warmup=10, iterations=LATENCY_CALLS,
+                                                    device=torch.device("cpu")).p50_ms)
+
+    failed = in_turns({str(index): turn(index) for index in range(len(calls))}, LATENCY_ROUNDS)
+    if failed:
+        raise next(iter(failed.values()))
     return [{"method": m.key, "label": m.label, **model, "p50_ms": statistics.median(p), "rounds": LATENCY_ROUNDS,
              "calls_per_round": LATENCY_CALLS} for m, model, p in zip(compared, models, p50s)]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +44,7 @@ from pipeline.deploy.benchfile import (
 from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, exported_onnx, onnx_key, triton_model_name
 from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
 from pipeline.deploy.served import served_row
-from pipeline.deploy.timing import Latency, count_flops, latency_samples, throughput
+from pipeline.deploy.timing import Latency, count_flops, in_turns, latency_samples, throughput
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir, atomic_path, environment, write_json
@@ -55,10 +54,6 @@ from pipeline.training.data import ImageSet, load_datasets
 from pipeline.training.evaluate import evaluate
 from pipeline.training.models import EnsembleNet, count_parameters
 
-# Between two rows' turns: after its last call a runtime's threads spin on for a while (PyTorch's OpenMP
-# pool, ONNX Runtime's), and on 2 cores they stole time slices from the next row's calls (its p99 went from
-# 0.5 to 4.4 ms on a 2-core AMD EPYC); a 50 ms pause lets them go idle first.
-TURN_PAUSE_S = 0.05
 LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
           "branch": "stripped branch", "baseline": "baseline: the same network trained alone"}
 
@@ -326,19 +321,16 @@ class _Bench:
         after the other, a row's place in the order could decide what to ship). Batch-1 samples are
         pooled over the rounds; throughput is the median round."""
         c = self.cfg
-        failed: dict[str, str] = {}
+
+        def turn(timer: _Timer) -> Callable[[int], None]:
+            return lambda index: self._take_turn(timer, _share(c.iterations, c.rounds, index),
+                                                 _share(c.throughput_iterations, c.rounds, index))
+
         with torch.inference_mode():
-            for turn in range(c.rounds):
-                for name, timer in self.timers.items():
-                    if name in failed:
-                        continue
-                    time.sleep(TURN_PAUSE_S)
-                    try:
-                        self._take_turn(timer, _share(c.iterations, c.rounds, turn),
-                                        _share(c.throughput_iterations, c.rounds, turn))
-                    except Exception as exc:  # as in `_guard`: the row fails, the others go on
-                        failed[name] = _failure(exc)
-                        self.ctx.console.print(f"[red]{name} failed:[/red] {escape(failed[name])}")
+            errors = in_turns({name: turn(timer) for name, timer in self.timers.items()}, c.rounds)
+        failed = {name: _failure(exc) for name, exc in errors.items()}  # as in `_guard`: the others go on
+        for name, reason in failed.items():
+            self.ctx.console.print(f"[red]{name} failed:[/red] {escape(reason)}")
         for row in rows:
             timer = self.timers.get(row["name"])
             if timer is None or row["status"] != "ok":

@@ -87,10 +87,9 @@ def concurrent_throughput(served: ServedModel, images: np.ndarray, *, concurrenc
             ready.wait()
         except threading.BrokenBarrierError:
             pass  # a client failed: its error is raised below
-        errors = [f.exception() for f in futures]
-    failure = next((e for e in errors if e and not isinstance(e, threading.BrokenBarrierError)), None)
-    if failure or any(errors):
-        raise failure or next(e for e in errors if e)
+        errors = [e for e in (f.exception() for f in futures) if e]
+    if errors:  # the client that failed first, not the ones its abort() woke
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     return len(images) * iterations * concurrency / (max(f.result() for f in futures) - start)
 
 

@@ -108,6 +108,29 @@ def throughput(call: Callable[[], Any], *, batch: int, warmup: int, iterations: 
     return batch * iterations / (elapsed / 1e9)
 
 
+# Between two turns: after its last call a runtime's threads spin on for a while (PyTorch's OpenMP pool, ONNX
+# Runtime's), and on 2 cores they stole time slices from the next model's calls (its p99 went from 0.5 to
+# 4.4 ms on a 2-core AMD EPYC); a 50 ms pause lets them go idle first.
+TURN_PAUSE_S = 0.05
+
+
+def in_turns(turns: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, Exception]:
+    """Round after round, every turn in order (called with the round's index), each after TURN_PAUSE_S, so
+    that a machine that slows down or speeds up moves every model alike. A turn that raises takes no
+    further part; its error is returned under its name."""
+    failed: dict[str, Exception] = {}
+    for index in range(rounds):
+        for name, turn in turns.items():
+            if name in failed:
+                continue
+            time.sleep(TURN_PAUSE_S)
+            try:
+                turn(index)
+            except Exception as exc:  # the caller decides: a failed row (bench) or a raised error
+                failed[name] = exc
+    return failed
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass on `example` with torch's own counter (convolutions, matmuls;
