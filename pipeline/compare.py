@@ -142,7 +142,8 @@ def _time_left(configs: Sequence[Config]) -> float | None:
     """Seconds the unfinished runs among `configs` will take, from the recorded wall time of finished runs
     of the same method (else of any method); None before any run has finished."""
     def wall(cfg: Config) -> float | None:
-        entries = [RunDir(cfg.run_dir).stage(stage) or {} for stage in ("train", "select", "strip", UNTIL)]
+        recorded = RunDir(cfg.run_dir).manifest()["stages"]  # one read for the four stages
+        entries = [recorded.get(stage) or {} for stage in ("train", "select", "strip", UNTIL)]
         if not all(e.get("status") == "done" for e in entries):
             return None
         return sum(e.get("wall_s", 0.0) for e in entries)
