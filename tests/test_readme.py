@@ -17,6 +17,8 @@ def test_ci_runs_the_readme_test_command():
     run_command, test_command = quickstart()
     assert test_command in (ROOT / ".ci/run").read_text().splitlines()
     assert "pytest" in test_command and "one-pipeline run configs/edge.yaml" in run_command
+    steps = [step.strip() for step in test_command.split("&&")]
+    assert steps.index(".venv/bin/ruff check .") < steps.index(".venv/bin/python -m pytest -q")  # CI lints first
 
 
 def test_quickstart_installs_into_a_virtual_environment():
