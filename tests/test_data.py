@@ -4,6 +4,9 @@ import gzip
 import os
 import pickle
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.errors import UsageError
 from pipeline.training.data import ImageSet, load_datasets, read_idx, synthetic_images
+
+ROOT = Path(__file__).parent.parent
 
 
 def write_idx(path, array: np.ndarray, compress=True):
@@ -225,3 +230,10 @@ def test_evaluation_batches_cover_every_sample_once_across_ranks():
     data = _set(21)
     labels = [y for r in range(2) for _, y in data.batches(4, rank=r, world=2)]
     assert sum(len(y) for y in labels) == 21
+
+
+def test_imagefolder_does_not_import_data():
+    """data imports imagefolder; the reverse would be a cycle (both share pipeline/training/splits.py)."""
+    code = "import sys, pipeline.training.imagefolder; print('pipeline.training.data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"

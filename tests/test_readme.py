@@ -26,3 +26,11 @@ def test_quickstart_installs_into_a_virtual_environment():
         steps = [step.strip() for step in command.split("&&")]
         assert "python3 -m venv .venv" in steps and "apt-get install -y" in command and "python3-venv" in command
         assert not [s for s in steps if s.startswith(("pip ", "python ", "python3 -m pip"))], command
+
+
+def test_no_file_names_a_file_outside_the_repository():
+    """Docs, code and configs cite only files a clone has (not the developers' shared notes)."""
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml") and p.is_file()
+             and not {".venv", "artifacts", ".git"} & set(p.relative_to(ROOT).parts)]
+    cited = [f"{p.relative_to(ROOT)}: {m}" for p in files for m in re.findall(r"shared/[\w./-]+\.md", p.read_text())]
+    assert files and not cited

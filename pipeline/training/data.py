@@ -9,7 +9,6 @@ resumed, and resuming mid-epoch replays exactly the batches that remain.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import io
 import pickle
@@ -20,14 +19,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from pipeline.config import DataConfig
 from pipeline.errors import UsageError
+from pipeline.training.imagefolder import load_imagefolder
+from pipeline.training.preprocess import normalise
+from pipeline.training.splits import SPLIT_SEED, Datasets, batches_per_rank, sample_order
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path("~/.cache/one-pipeline/data")
-SPLIT_SEED = 0  # the validation split is the same whatever the training seed
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -45,8 +45,7 @@ class ImageSet:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
         self.images, self.labels = images, labels
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,11 +56,10 @@ class ImageSet:
 
     def subset(self, indices: torch.Tensor | range) -> ImageSet:
         indices = torch.as_tensor(list(indices) if isinstance(indices, range) else indices)
-        return ImageSet(self.images[indices], self.labels[indices], self.mean.flatten().tolist(),
-                        self.std.flatten().tolist())
+        return ImageSet(self.images[indices], self.labels[indices], self.mean, self.std)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
+        return normalise(images, self.mean, self.std)
 
     def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, augment: bool = False,
                 skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,20 +83,6 @@ class ImageSet:
         return batches_per_rank(len(self), batch_size, world)
 
 
-def sample_order(size: int, seed: int | None, epoch: int, rank: int, world: int) -> list[int]:
-    """This rank's sample indices: DistributedSampler's per-epoch shuffle (training, `seed` given), or
-    every rank-th sample in order (evaluation: each sample exactly once across ranks)."""
-    if seed is None:
-        return list(range(rank, size, world))
-    sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return list(sampler)
-
-
-def batches_per_rank(size: int, batch_size: int, world: int) -> int:
-    return -(-(-(-size // world)) // batch_size)  # ceil(ceil(size / world) / batch_size)
-
-
 def training_batches(size: int, batch_size: int, world: int, accumulate: int) -> int:
     """Training batches per rank and epoch: the last, incomplete batch is dropped when one of its
     `accumulate` interleaved micro-batches would hold a single image, which BatchNorm cannot train on."""
@@ -115,25 +99,6 @@ def _crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Ten
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
-
-
-@dataclasses.dataclass
-class Datasets:
-    name: str
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
-    class_names: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.test.sample_shape
 
 
 def load_datasets(cfg: DataConfig) -> Datasets:
@@ -156,7 +121,6 @@ def _load_splits(cfg: DataConfig) -> Datasets:
     elif cfg.dataset in ("cifar10", "cifar100"):
         (train_x, train_y), (test_x, test_y), classes = _cifar(cfg)
     elif cfg.dataset == "imagefolder":
-        from pipeline.training.imagefolder import load_imagefolder
         return load_imagefolder(cfg, NORMALISATION["imagefolder"])
     else:
         (train_x, train_y), (test_x, test_y) = synthetic_images(cfg.synthetic_size)

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline.config import DataConfig
 from pipeline.errors import UsageError
-from pipeline.training.data import SPLIT_SEED, Datasets, batches_per_rank, sample_order  # data imports us lazily
+from pipeline.training.preprocess import Normalise, folder_eval_resize
+from pipeline.training.splits import SPLIT_SEED, Datasets, batches_per_rank, sample_order
 
 
 class FolderSet:
@@ -73,9 +74,8 @@ def load_imagefolder(cfg: DataConfig, normalisation: tuple[Sequence[float], Sequ
                          f"{root}/test/<class>/*.jpg (val/ optional)")
     mean, std = normalisation
     size = cfg.image_size
-    resize = int(round(size * 256 / 224))
-    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    eval_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), *normalise])
+    normalise = [transforms.PILToTensor(), Normalise(mean, std)]  # the one normalisation (preprocess.py)
+    eval_tf = transforms.Compose([*folder_eval_resize(size), *normalise])
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *normalise])
 
     def folder(split: str):

@@ -1,4 +1,5 @@
-"""The ONE loss, exactly as the official code computes it (see shared/ONE_METHOD.md):
+"""The ONE loss, exactly as the official code computes it (Lan, Zhu & Gong, NeurIPS 2018, arXiv 1806.04606;
+code: github.com/Lan1991Xu/ONE_NeurIPS2018):
 
     L = a * sum_i CE(z_i, y) + b * CE(z_t, y) + c * w(e) * sum_i T^2 * KL(p_t || p_i)
 
