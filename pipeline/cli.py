@@ -89,18 +89,19 @@ def run(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt,
                             force=_check_stage(force, "--force")), debug)
 
 
+def _sentence(text: str) -> str:
+    """The first letter up, the rest as written: str.capitalize() would turn ONE, TensorRT, ONNX lower-case."""
+    return text[:1].upper() + text[1:]
+
+
 def _stage_command(name: str, extra_help: str = "") -> None:
     def command(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt,
                 force: bool = typer.Option(False, "--force", help="Rerun it even if up to date"),
                 debug: bool = DebugOpt) -> None:
         _guard(lambda: _execute(config, overrides, only=name, force=name if force else None), debug)
 
-    command.__doc__ = f"{stage_def(name).help.capitalize()} (after the stages it needs).{extra_help}"
+    command.__doc__ = f"{_sentence(stage_def(name).help)} (after the stages it needs).{extra_help}"
     app.command(name)(command)
-
-
-for _name in ("train", "engine", "triton", "bench", "report"):
-    _stage_command(_name)
 
 
 def _branch_command(name: str) -> None:
@@ -116,23 +117,24 @@ def _branch_command(name: str) -> None:
         sets = [*(overrides or []), f"select.branch={branch}"]
         _guard(lambda: _execute(config, sets, only=name, force=name if force else None), debug)
 
-    command.__doc__ = f"{stage_def(name).help.capitalize()} (after the stages it needs)."
+    command.__doc__ = f"{_sentence(stage_def(name).help)} (after the stages it needs)."
     app.command(name)(command)
 
 
-for _name in ("select", "strip", "export"):
-    _branch_command(_name)
+BRANCH_STAGES = ("select", "strip", "export")  # these take --branch
+for _stage in STAGES:  # in the runner's order, so `--help` lists the stages as they run
+    (_branch_command if _stage.name in BRANCH_STAGES else _stage_command)(_stage.name)
 
 
-@app.command()
+@app.command(help="Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether "
+                  "ONE's kept branch is better, with a significance figure and the cost (writes "
+                  "<name>-compare/compare.md).")
 def compare(config: Path = ConfigArg,
             seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds to train each method with, e.g. 0,1,2"),
             variants: Optional[list[str]] = typer.Option(
                 None, "--variant", help="One more ONE method with one field changed, e.g. --variant branches=4 "
                                         "(repeatable)"),
             overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
-    """Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether ONE's
-    kept branch is better, with a significance figure and the cost (writes <name>-compare/compare.md)."""
     from pipeline.compare import compare as run_compare
     from pipeline.compare import parse_seeds
 

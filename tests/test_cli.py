@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.rundir import RunDir, sha256_file
+from pipeline.runner import STAGE_NAMES
 from pipeline.training import checkpoint
 from tests.conftest import tiny_dict
 
@@ -46,6 +48,16 @@ def test_help_on_every_command():
         assert command in result.output
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0 and "--set" in sub.output, command
+
+
+def test_help_lists_the_stages_in_order_with_product_names():
+    output = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output  # no wrapping
+    listed = [m.group(1) for m in re.finditer(r"^│ ([a-z-]+) ", output, re.M)]
+    stages = [name for name in listed if name in STAGE_NAMES]
+    assert stages == list(STAGE_NAMES) and listed.index("run") < listed.index(STAGE_NAMES[0])
+    for words in ("Train ONE (or vanilla)", "Export ONNX (branch and ONE-E", "Build a TensorRT engine",
+                  "Write a Triton model repository"):
+        assert words in output
 
 
 def test_train_then_rerun_is_cached(tmp_path):
