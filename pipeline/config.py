@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -265,6 +266,10 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (data:, model:, train:, ...)")
+    if isinstance(raw.get("stages"), dict):  # JSON is YAML: a manifest.json parses, then fails as a config
+        raise ConfigError(f"{path} is a run's manifest, not a config; pass the run directory instead "
+                          f"(one-pipeline status {path.parent}), or the config it ran with "
+                          f"({path.parent / 'config.yaml'})")
     for item in overrides:
         _apply_override(raw, item, path)
     return validate_config(raw, source=str(path))
@@ -296,11 +301,16 @@ def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
     node[parts[-1]] = parsed
 
 
+def _field_paths() -> list[str]:
+    """Every field's dotted path (`model.branches`; top-level fields alone: `seed`)."""
+    return [field for section in Config.model_fields
+            for field in ([f"{section}.{f}" for f in _fields_at([section])] or [section])]
+
+
 def field_path(name: str) -> str:
     """A field's dotted path from the path itself or, when one section alone has it, the field's own name
     (`branches` -> `model.branches`); anything else is a ConfigError naming the choices."""
-    paths = [field for section in Config.model_fields
-             for field in ([f"{section}.{f}" for f in _fields_at([section])] or [section])]
+    paths = _field_paths()
     if name in paths:
         return name
     matches = [p for p in paths if p.rsplit(".", 1)[-1] == name]
@@ -316,18 +326,30 @@ def field_path(name: str) -> str:
 def _describe(exc: ValidationError, source: str) -> str:
     """The first error, as one line: file, field path, what is wrong, what is allowed."""
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "int", "function-"))]
+    loc = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
     field = ".".join(loc) or "(top level)"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        # the same name in another section: a field that moved (or was put in the wrong section)
+        elsewhere = [p for p in _field_paths() if p.rsplit(".", 1)[-1] == loc[-1] and p != field]
+        if close:
+            hint = f"did you mean '{close[0]}'{''.join(f' or {p!r}' for p in elsewhere)}? "
+        elif len(elsewhere) == 1:
+            hint = f"it lives at '{elsewhere[0]}' now: move it there; "
+        else:
+            hint = f"fields of that name: {', '.join(repr(p) for p in elsewhere)}; " if elsewhere else ""
         return f"{source}: unknown key '{field}'; {hint}allowed here: {', '.join(allowed)}{more}"
     message = err["msg"].removeprefix("Value error, ")
     given = err.get("input")
     shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
     return f"{source}: {field}: {message}{shown}{more}"
+
+
+# The names pydantic gives union members in an error's location ("int", "literal['best']",
+# "function-after[...]"): not fields. Matched whole, so a field such as int8_min_agreement stays.
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|[a-z-]+\[.*\])$")
 
 
 def _fields_at(loc: list[str]) -> list[str]:

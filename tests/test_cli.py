@@ -60,6 +60,13 @@ def test_help_lists_the_stages_in_order_with_product_names():
         assert words in output
 
 
+def test_status_of_a_manifest_file_says_to_pass_the_run_directory(trained_run):
+    cfg, run = trained_run
+    result = runner.invoke(app, ["status", str(run.manifest_path)])
+    assert result.exit_code == 2 and "is a run's manifest, not a config" in result.output, result.output
+    assert runner.invoke(app, ["status", str(run.root)]).exit_code == 0
+
+
 def test_train_then_rerun_is_cached(tmp_path):
     config = write_config(tmp_path, train={"epochs": 1})
     first = runner.invoke(app, ["train", str(config)])

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
@@ -54,7 +55,50 @@ BAD = [  # (yaml text, overrides, fragments the one-line message must contain)
     # micro-batches of one image crash the gate's BatchNorm1d mid-epoch
     ("train: {batch_size: 8, accumulate: 8}", [], ["train", "micro-batches of one image", "batch_size >= 16"]),
     ("train: {batch_size: 1}", [], ["train", "micro-batches of one image"]),
+    # int8_min_agreement moved from export to engine; a field whose name starts with "int" was once taken for
+    # pydantic's "int" union tag and dropped from the path ("unknown key 'export'; did you mean 'export'?")
+    ("export: {int8_min_agreement: 0.9}", [], ["unknown key 'export.int8_min_agreement'",
+                                               "it lives at 'engine.int8_min_agreement' now"]),
+    ("engine: {int8_min_agreement: 2}", [], ["engine.int8_min_agreement:", "less than or equal to 1", "got 2"]),
+    ("export: {precision: fp16}", [], ["unknown key 'export.precision'", "did you mean 'precisions' or "
+                                                                         "'engine.precision'?"]),
+    ("select: {enabled: false}", [], ["unknown key 'select.enabled'", "'engine.enabled', 'triton.enabled'"]),
+    ("epochs: 3", [], ["unknown key 'epochs'", "it lives at 'train.epochs' now"]),
 ]
+
+SECTIONS = [name for name in Config.model_fields if isinstance(getattr(Config(), name), BaseModel)]
+
+
+def _moved_field(section: str) -> tuple[str, str]:
+    """A field of exactly one other section (its path there), absent from `section`."""
+    fields = {s: set(type(getattr(Config(), s)).model_fields) for s in SECTIONS}
+    for other in SECTIONS:
+        for name in sorted(fields[other] - fields[section]):
+            if sum(name in f for f in fields.values()) == 1:
+                return name, f"{other}.{name}"
+    raise AssertionError(section)
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_unknown_and_moved_fields_of_every_section_are_named(tmp_path, section):
+    path = tmp_path / "c.yaml"
+    allowed = ", ".join(type(getattr(Config(), section)).model_fields)
+    name, lives_at = _moved_field(section)
+    for key, hint in (("no_such_field", ""), ("int_like_field", ""), (name, f"it lives at '{lives_at}' now")):
+        path.write_text(yaml.safe_dump({section: {key: 1}}))
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        message = str(err.value)
+        assert f"unknown key '{section}.{key}';" in message and hint in message and message.endswith(allowed), message
+
+
+def test_a_manifest_passed_as_config_says_to_pass_the_run_directory(tmp_path):
+    manifest = tmp_path / "edge" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"stages": {"train": {"status": "done"}}}))
+    with pytest.raises(ConfigError, match=r"is a run's manifest, not a config; pass the run directory instead "
+                                          rf"\(one-pipeline status {tmp_path / 'edge'}\)"):
+        load_config(manifest)
 
 
 @pytest.mark.parametrize("text,overrides,fragments", BAD, ids=[b[2][0] for b in BAD])
