@@ -45,7 +45,7 @@ STAGES = (
     StageDef("triton", ("triton",), ("export", "engine"), "triton", "write a Triton model repository"),
     StageDef("bench", ("bench",), ("train", "strip", "export", "engine", "triton"), "bench",
              "measure every deployed form"),
-    StageDef("report", (), ("bench", "export"), "report", "write report.md and the plot"),
+    StageDef("report", (), ("bench", "export", "train"), "report", "write report.md, its plot and the training curves"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

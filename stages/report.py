@@ -1,5 +1,6 @@
-"""report: bench.json -> report/report.md (headline, results table, skipped rows, environment) and
-report/accuracy_vs_latency.png (one labelled point per measured row)."""
+"""report: bench.json -> report/report.md (headline, results table, skipped rows, training, environment),
+report/accuracy_vs_latency.png (one labelled point per measured row) and report/training_curves.png (loss,
+learning rate and validation top-1 per epoch, from train/metrics.jsonl)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ from pipeline.deploy.benchfile import (
 )
 from pipeline.deploy.quantize import INT8_TARGETS
 from pipeline.errors import ArtifactError, StageSkipped
+from pipeline.plots import Curves, milliseconds_axis, read_metrics, write_training_curves
 from pipeline.rundir import atomic_path, write_text
 from pipeline.stage import StageContext, StageResult
 
-PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
+PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and its legend on the right
 COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "baseline": "tab:green"}
 MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^", "triton": "v"}
 
@@ -41,13 +43,16 @@ def run(ctx: StageContext) -> StageResult:
         raise StageSkipped(f"nothing to report: bench skipped ({entry.get('reason', '')})")
     bench = load_bench(ctx.input("bench", "bench"))
     out = ctx.stage_dir("report")
-    report, plot = out / "report.md", out / "accuracy_vs_latency.png"
-    write_text(report, markdown(bench, plot.name, ctx.summary("export")))
+    report, plot, curves = out / "report.md", out / "accuracy_vs_latency.png", out / "training_curves.png"
+    history = read_metrics(ctx.input("train", "metrics"))
+    write_text(report, markdown(bench, plot.name, ctx.summary("export"), curves.name, history))
     write_plot(bench, plot)
+    write_training_curves([Curves(bench.run, history, kept=ctx.summary("select").get("branch"))], curves,
+                          f"{bench.run}: training, per epoch")
     ctx.console.print(rich_table(bench))
     ctx.console.print(escape(headline_text(bench)))
-    ctx.console.print(escape(f"report: {report}\nplot:   {plot}"), highlight=False)
-    return StageResult(outputs={"report": report, "plot": plot},
+    ctx.console.print(escape(f"report: {report}\nplots:  {plot}, {curves.name}"), highlight=False)
+    return StageResult(outputs={"report": report, "plot": plot, "curves": curves},
                        summary={"rows": len(bench.rows), "ok": sum(r.status == "ok" for r in bench.rows)})
 
 
@@ -61,7 +66,8 @@ def load_bench(path: Path) -> BenchFile:
         raise ArtifactError(f"{path} does not follow the bench schema ({first}); rerun with --force bench") from None
 
 
-def markdown(bench: BenchFile, plot_name: str, export: dict | None = None) -> str:
+def markdown(bench: BenchFile, plot_name: str, export: dict | None = None, curves_name: str | None = None,
+             history: list[dict] | None = None) -> str:
     env = bench.environment
     lines = [f"# Benchmark: {bench.run}", "",
              f"Measured on {env.get('cpu') or 'an unnamed CPU'} ({env.get('cpu_count')} cores), GPU: "
@@ -83,12 +89,27 @@ def markdown(bench: BenchFile, plot_name: str, export: dict | None = None) -> st
         lines += ["", "## Checks", ""]
         lines += [f"- {c.row}: top-1 {c.bench:.4f}% {'equals' if c.equal else 'DIFFERS FROM'} the {c.train:.4f}% "
                   f"training recorded (test, {c.train_head})." for c in bench.checks]
+    if curves_name:
+        lines += ["", "## Training", "", *_training(history or []), "", f"![training curves]({curves_name})"]
     lines += ["", "## Environment", "", f"- device: {bench.device}, CPU: {env.get('cpu')}, {env.get('cpu_count')} "
               f"cores, GPU: {env.get('cuda') or 'none'}",
               "- " + ", ".join(f"{k} {env.get(k) or 'not installed'}"
                                for k in ("python", "torch", "onnx", "onnxruntime", "tensorrt")),
               f"- platform: {env.get('platform')}", ""]
     return "\n".join(lines)
+
+
+def _training(history: list[dict]) -> list[str]:
+    """The last epoch's figures, under the curves of every epoch (train/metrics.jsonl)."""
+    validated = [r for r in history if r.get("val")]
+    if not validated:
+        return ["No epoch recorded a validation pass."]
+    last = validated[-1]
+    teacher = f", ONE-E {last['val']['teacher']:.2f}%" if "teacher" in last["val"] else ""
+    branches = ", ".join(f"{v:.2f}" for v in last["val"]["branches"])
+    return [f"{len(history)} epoch(s). At epoch {last['epoch']}: training loss {last['train_loss']:.4f}, learning "
+            f"rate {last['lr']:.3g}, validation top-1 {branches}% (per branch){teacher}. The figure shows "
+            "every epoch: loss, learning rate, and validation top-1 per branch and for ONE-E."]
 
 
 def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
@@ -228,8 +249,13 @@ def _points(delta: float | None) -> str:
 
 
 def write_plot(bench: BenchFile, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        plot_figure(bench).savefig(tmp, format="png", dpi=PLOT_DPI)
+
+
+def plot_figure(bench: BenchFile) -> Figure:
     """Top-1 against batch-1 p50 latency, whiskers to p99, the Pareto front joined and labelled, the
-    ship pick starred; log x when latencies span over 10x."""
+    ship pick starred; log x (in plain milliseconds) when latencies span over 10x."""
     rows = [r for r in bench.rows if r.status == "ok" and r.accuracy is not None and r.latency_ms]
     front = pareto_front(rows)
     ship = bench.headline.ship.row if bench.headline.ship else None
@@ -248,12 +274,11 @@ def write_plot(bench: BenchFile, path: Path) -> None:
         ordered = sorted(front, key=lambda r: r.latency_ms.p50)
         ax.step([r.latency_ms.p50 for r in ordered], [r.accuracy for r in ordered], where="post", color="grey",
                 linestyle="--", linewidth=1, label="Pareto front (no row is both faster and more accurate)")
-    latencies = [r.latency_ms.p50 for r in rows]
-    if latencies and max(latencies) / max(min(latencies), 1e-12) > 10:
-        ax.set_xscale("log")
+    milliseconds_axis(ax, [r.latency_ms.p50 for r in rows])
     ax.margins(x=0.15, y=0.2)
-    if rows:
-        ax.legend(fontsize=6, loc="best", title="p50 latency at batch 1, top-1", title_fontsize=7)
+    if rows:  # outside the axes, on the right: it covers no point
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="p50 latency at batch 1, top-1",
+                  title_fontsize=7)
     strip = bench.headline.strip
     where = bench.environment.get("cpu") or bench.device
     title = f"{bench.run}: accuracy vs latency, {where}, {bench.threads} thread(s)"
@@ -264,5 +289,4 @@ def write_plot(bench: BenchFile, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if not rows:
         ax.text(0.5, 0.5, "no row was measured", ha="center", va="center", transform=ax.transAxes)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=PLOT_DPI)
+    return fig

@@ -4,21 +4,25 @@ environment) and the PNG plot; plus hand-edited bench.json files for the cases a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from pipeline.deploy.benchfile import BenchFile
 from pipeline.errors import ArtifactError, StageSkipped
+from pipeline.plots import CURVES_DPI, CURVES_SIZE_IN, Curves, training_curves_figure
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, stage_def
 from stages import report as report_stage
-from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, write_plot
+from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, plot_figure, write_plot
 from tests.conftest import make_ctx
 from tests.test_bench import benched_copy
 
 PLOT_PIXELS = (round(PLOT_SIZE_IN[0] * PLOT_DPI), round(PLOT_SIZE_IN[1] * PLOT_DPI))
+CURVES_PIXELS = (round(CURVES_SIZE_IN[0] * CURVES_DPI), round(CURVES_SIZE_IN[1] * CURVES_DPI))
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,47 @@ def test_nothing_to_report_when_the_bench_was_skipped(tiny_cfg, tmp_path):
     run.record("bench", {"status": "skipped", "reason": "bench.enabled is false in the config", "outputs": {}})
     with pytest.raises(StageSkipped, match="bench.enabled is false"):
         report_stage.run(make_ctx(tiny_cfg, run))
+
+
+def test_training_curves_are_drawn_and_linked(reported):
+    run, _ = reported
+    history = [json.loads(line) for line in run.output("train", "metrics").read_text().splitlines()]
+    with Image.open(run.output("report", "curves")) as image:
+        assert image.format == "PNG" and image.size == CURVES_PIXELS
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+    text = run.output("report", "report").read_text()
+    training = text.split("## Training", 1)[1].split("\n## ", 1)[0]
+    last = history[-1]
+    assert f"{len(history)} epoch(s). At epoch {last['epoch']}: training loss {last['train_loss']:.4f}" in training
+    assert f"ONE-E {last['val']['teacher']:.2f}%" in training and "](training_curves.png)" in training
+    fig = training_curves_figure([Curves("tiny", history, kept=1)], "t")
+    loss_ax, lr_ax, val_ax = fig.axes
+    assert [line.get_ydata().tolist() for line in loss_ax.lines] == [[r["train_loss"] for r in history]]
+    assert [line.get_ydata().tolist() for line in lr_ax.lines] == [[r["lr"] for r in history]]
+    drawn = {line.get_label(): line.get_ydata().tolist() for line in val_ax.lines}
+    assert drawn == {**{f"branch {i}" + (" (kept)" if i == 1 else ""): [r["val"]["branches"][i] for r in history]
+                        for i in range(3)}, "ONE-E (gated ensemble)": [r["val"]["teacher"] for r in history]}
+    assert_legend_covers_nothing(fig)
+
+
+def assert_legend_covers_nothing(fig) -> None:
+    FigureCanvasAgg(fig).draw()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends
+    for legend in legends:
+        for ax in fig.axes:
+            assert not legend.get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_latency_axis_reads_in_plain_milliseconds_and_the_legend_covers_no_point(reported):
+    _, data = reported
+    data = json.loads(json.dumps(data))
+    measured = [row for row in data["rows"] if row["status"] == "ok"]
+    for factor, row in zip((1, 4, 40), measured):  # latencies over 10x apart: a log axis
+        row["latency_ms"] = {**row["latency_ms"], **{k: 0.2 * factor for k in ("p50", "p90", "p99")}}
+    fig = plot_figure(BenchFile.model_validate(data))
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels(which="both") if t.get_text()]
+    assert ax.get_xscale() == "log" and labels and all(re.fullmatch(r"\d+(\.\d+)?", t) for t in labels), labels
+    assert_legend_covers_nothing(fig)
