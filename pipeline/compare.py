@@ -66,6 +66,7 @@ class CompareResult:
     summary: Path
     plot: Path
     verdict: str
+    curves: Path
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -107,7 +108,7 @@ def run_config(config: Path, overrides: Sequence[str], root: Path, method: Metho
 
 def compare(config: Path, overrides: Sequence[str], seeds: Sequence[int], variants: Sequence[str],
             console: Console) -> CompareResult:
-    from pipeline.compare_report import write_markdown, write_plot  # matplotlib only when writing
+    from pipeline.compare_report import write_curves, write_markdown, write_plot  # matplotlib only when writing
 
     base = load_config(config, overrides)
     root = base.output_root / f"{base.name}-compare"
@@ -128,13 +129,14 @@ def compare(config: Path, overrides: Sequence[str], seeds: Sequence[int], varian
     summary = summarise(base, seeds, compared, records, device)
     summary["cost"] = deploy_cost(configs[:len(compared)], compared, device, base.bench.threads)
     result = CompareResult(root, root / "compare.md", root / "compare.json", root / "accuracy_per_seed.png",
-                           summary["gains"][0]["verdict"])
+                           summary["gains"][0]["verdict"], root / "training_curves.png")
     write_json(result.summary, summary)
-    write_markdown(summary, result.markdown, result.plot.name)
+    write_markdown(summary, result.markdown, result.plot.name, result.curves.name)
     write_plot(summary, result.plot)
+    write_curves(summary, result.curves)
     console.print(escape(result.verdict), highlight=False)
-    console.print(escape(f"compare: {result.markdown}\njson:    {result.summary}\nplot:    {result.plot}"),
-                  highlight=False)
+    console.print(escape(f"compare: {result.markdown}\njson:    {result.summary}\nplots:   {result.plot}, "
+                         f"{result.curves.name}"), highlight=False)
     return result
 
 

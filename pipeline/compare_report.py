@@ -1,5 +1,5 @@
-"""compare.json -> compare.md (verdict, accuracy per seed, gain with its significance, cost) and a plot of
-test accuracy per seed per method."""
+"""compare.json -> compare.md (verdict, accuracy per seed, gain with its significance, cost, training curves),
+a plot of test accuracy per seed per method, and the training curves of every run."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from pipeline.deploy.benchfile import fmt
-from pipeline.rundir import atomic_path, write_text
+from pipeline.plots import Curves, read_metrics, write_training_curves
+from pipeline.rundir import RunDir, atomic_path, write_text
 
 
 def _mean_std(row: dict[str, Any]) -> str:
     return f"{row['mean']:.2f}" + (f" ± {row['std']:.2f}" if row["std"] is not None else "")
 
 
-def write_markdown(summary: dict[str, Any], path: Path, plot_name: str) -> None:
+def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_name: str | None = None) -> None:
     recipe, seeds = summary["recipe"], summary["seeds"]
     images = f"{recipe['train_size']} training images" if recipe["train_size"] else "all training images"
     lines = [
@@ -59,8 +60,12 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str) -> None:
     rounds = summary["cost"][0]
     lines += ["", f"Training time is the train stage's wall time (with its per-epoch validation). The deployed "
                   f"network is the first seed's fp32 ONNX; its batch-1 latency is the median of {rounds['rounds']} "
-                  f"rounds of {rounds['calls_per_round']} calls, the methods taking turns in each round.", "",
-              "## Runs", ""]
+                  f"rounds of {rounds['calls_per_round']} calls, the methods taking turns in each round.", ""]
+    if curves_name:
+        lines += ["## Training curves", "", "Training loss, learning rate and the kept branch's validation top-1 per "
+                  "epoch, one colour per method, one line style per seed (each run's train/metrics.jsonl).", "",
+                  f"![training curves per method and seed]({curves_name})", ""]
+    lines += ["## Runs", ""]
     lines += [f"- `{r['run']}`: {r['method']}, seed {r['seed']}, kept branch {r['kept_branch']}"
               for r in summary["runs"]]
     write_text(path, "\n".join(lines) + "\n")
@@ -83,3 +88,19 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a point
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def write_curves(summary: dict[str, Any], path: Path) -> None:
+    write_training_curves(curves(summary), path, f"{summary['name']}: training per method and seed")
+
+
+def curves(summary: dict[str, Any]) -> list[Curves]:
+    """One set of lines per run: a colour per method, a line style and marker per seed."""
+    labels = {t["method"]: t["label"] for t in summary["training"]}
+    colours = {method: f"C{i}" for i, method in enumerate(labels)}
+    looks = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+    styles = {seed: looks[i % len(looks)] for i, seed in enumerate(summary["seeds"])}
+    return [Curves(f"{labels[r['method']]}, seed {r['seed']}",
+                   read_metrics(RunDir(r["run"]).output("train", "metrics")), kept=r["kept_branch"],
+                   colour=colours[r["method"]], style=styles[r["seed"]][0], marker=styles[r["seed"]][1])
+            for r in summary["runs"]]

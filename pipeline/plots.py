@@ -27,6 +27,7 @@ class Curves:
     kept: int | None = None  # the branch select kept: drawn alone when several runs share a figure
     colour: str | None = None
     style: str = "-"
+    marker: str = "o"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -50,7 +51,7 @@ def training_curves_figure(runs: list[Curves], title: str) -> Figure:
     single = len(runs) == 1
     for run in runs:
         epochs = [r["epoch"] for r in run.history]
-        line = {"color": run.colour, "linestyle": run.style, "marker": "o", "markersize": 3}
+        line = {"color": run.colour, "linestyle": run.style, "marker": run.marker, "markersize": 3}
         loss_ax.plot(epochs, [r["train_loss"] for r in run.history], label=run.label, **line)
         lr_ax.plot(epochs, [r["lr"] for r in run.history], label=run.label, **line)
         validated = [r for r in run.history if r.get("val")]  # an epoch may have had no validation pass

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from pipeline import compare as compare_module
 from pipeline.cli import app
 from pipeline.compare import compare, methods, parse_seeds, welch
+from pipeline.compare_report import curves
 from pipeline.errors import ConfigError, UsageError
+from pipeline.plots import training_curves_figure
 from pipeline.rundir import RunDir
 from tests.conftest import tiny_dict
 
@@ -90,6 +92,22 @@ def test_the_table_comes_from_the_runs_recorded_accuracies(compared):
     assert f"**The kept ONE branch is {gain['verdict']}.**" in markdown
     assert "| ONE, model.branches=2: kept branch (chosen on validation) |" in markdown
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_per_method_and_seed(compared):
+    _, result, _, _ = compared
+    summary = json.loads(result.summary.read_text())
+    assert result.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![training curves per method and seed]({result.curves.name})" in result.markdown.read_text()
+    loss_ax, lr_ax, val_ax = training_curves_figure(curves(summary), "t").axes
+    assert len(loss_ax.lines) == len(lr_ax.lines) == len(val_ax.lines) == len(RUN_NAMES)
+    drawn = {line.get_label(): line.get_ydata().tolist() for line in val_ax.lines}
+    for seed in SEEDS:
+        run = RunDir(result.root / f"one-seed{seed}")
+        history = [json.loads(line) for line in run.output("train", "metrics").read_text().splitlines()]
+        kept = run.stage("select")["summary"]["branch"]
+        assert drawn[f"ONE, seed {seed}"] == [r["val"]["branches"][kept] for r in history]
+        assert len(drawn[f"vanilla, seed {seed}"]) == len(history)
 
 
 def test_deploy_cost_of_the_kept_branch_matches_the_same_network_trained_alone(compared):
