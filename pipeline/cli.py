@@ -168,6 +168,29 @@ def status(config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML config, or a
 
 
 @app.command()
+def predict(run_dir: Path = typer.Argument(..., help="A run directory, e.g. artifacts/edge"),
+            images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG)"),
+            model: Optional[str] = typer.Option(None, "--model", help="The exported form: fp32, fp16, int8, "
+                                                "int8_cpu, ensemble_fp32, ...; default: the one the bench ships"),
+            top: int = typer.Option(5, "--top", min=1, help="How many labels to show per image"),
+            debug: bool = DebugOpt) -> None:
+    """Classify image files with a run's exported model in ONNX Runtime (the run's own preprocessing)."""
+    from pipeline.deploy.predict import Predictor
+
+    def show() -> None:
+        predictor = Predictor.load(run_dir, model)
+        predictions = predictor.predict(images, top)
+        console.print(escape(f"{predictor.path} ({predictor.why})"), highlight=False, soft_wrap=True)
+        for prediction in predictions:
+            console.print(f"[bold]{escape(str(prediction.image))}[/bold]", highlight=False)
+            width = max(len(name) for name, _ in prediction.top)
+            for name, probability in prediction.top:
+                console.print(escape(f"  {name:<{width}}  {probability:7.2%}"), highlight=False)
+
+    _guard(show, debug)
+
+
+@app.command()
 def show_config(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Print the resolved config (defaults filled in) as YAML."""
     _guard(lambda: typer.echo(load_config(config, overrides or []).to_yaml()), debug)

@@ -79,11 +79,15 @@ class Preprocessing:
 
             image = transforms.Compose(folder_eval_resize(self.height))(image.convert("RGB"))
         channels = {"L": 1, "RGB": 3}.get(image.mode)
-        if channels != self.channels or image.size != (self.width, self.height):
+        fixes = []
+        if image.size != (self.width, self.height):
+            fixes.append(f"resize it to {self.width}x{self.height}")
+        if channels != self.channels:
+            fixes.append("convert it to grayscale (mode L)" if self.channels == 1 else "convert it to RGB")
+        if fixes:
             mode = f"{channels}-channel" if channels else f"mode {image.mode}"
-            fix = "convert it to grayscale (mode L)" if self.channels == 1 else "convert it to RGB"
             raise ValueError(f"is {image.size[0]}x{image.size[1]} {mode}; the model takes {self.describe()}: "
-                             f"resize it to {self.width}x{self.height} and {fix}")
+                             f"{' and '.join(fixes)}")
         array = np.asarray(image, dtype=np.uint8)
         return torch.from_numpy(array.reshape(self.height, self.width, self.channels).copy()).permute(2, 0, 1)
 
