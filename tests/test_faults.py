@@ -21,7 +21,7 @@ from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir, atomic_path, sha256_file, write_text
 from pipeline.runner import stage_def, state
 from pipeline.training import checkpoint
-from tests.conftest import tiny_dict
+from tests.conftest import tiny_dict, trained_epochs
 
 runner = CliRunner()
 
@@ -175,11 +175,15 @@ def test_a_damaged_manifest_is_one_line_with_the_cheap_fix(trained_run, tmp_path
 def test_deleting_the_manifest_alone_recovers_the_run(trained_run, tmp_path):
     """What the corrupted-manifest message says to do: training resumes from last.pt, nothing is retrained."""
     config, run = copy_trained(trained_run, tmp_path)
-    model = sha256_file(run.path("train/model.pt"))
+    written = {name: sha256_file(run.path("train", name)) for name in ("model.pt", "last.pt", "metrics.jsonl")}
     run.manifest_path.unlink()
     result = runner.invoke(app, ["run", str(config), "--until", "train"])
     assert result.exit_code == 0 and "resuming from" in result.output, result.output
-    assert run.stage("train")["status"] == "done" and sha256_file(run.path("train/model.pt")) == model
+    assert run.stage("train")["status"] == "done"
+    # nothing trained again: no epoch reported, and last.pt and metrics.jsonl (which hold each epoch's time)
+    # as they were
+    assert trained_epochs(result.output) == [], result.output
+    assert {name: sha256_file(run.path("train", name)) for name in written} == written
 
 
 @pytest.mark.parametrize("recorded", ["../../outside.pt", "/etc/hostname", "train/../../outside.pt", "link.pt"])
