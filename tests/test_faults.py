@@ -19,9 +19,9 @@ from pipeline.cli import app
 from pipeline.deploy.onnx_io import exported_onnx
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir, atomic_path, sha256_file, write_text
-from pipeline.runner import stage_def, state
+from pipeline.runner import run_stages, stage_def, state
 from pipeline.training import checkpoint
-from tests.conftest import tiny_dict, trained_epochs
+from tests.conftest import copy_run, make_ctx, tiny_dict, trained_epochs
 
 runner = CliRunner()
 
@@ -139,6 +139,17 @@ def test_equal_weights_give_equal_bytes(tmp_path):
     checkpoint.save(tmp_path / "b.pt", state_dict)
     assert sha256_file(tmp_path / "a.pt") == sha256_file(tmp_path / "b.pt")
     assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["w"], state_dict["w"])
+
+
+def test_the_same_weights_give_byte_equal_model_files_again(exported_run, tmp_path):
+    """strip and export run again on the same trained weights: every model file (.pt and each ONNX
+    precision, int8's calibration included) comes out with the same bytes."""
+    cfg, run = copy_run(exported_run[:2], tmp_path, "export")
+    before = {p.relative_to(run.root): sha256_file(p) for p in sorted(run.root.glob("*/*"))
+              if p.suffix in (".pt", ".onnx")}
+    assert sum(p.suffix == ".onnx" for p in before) == 8
+    run_stages(cfg, run, make_ctx(cfg, run), until="export", force="strip")
+    assert {p: sha256_file(run.root / p) for p in before} == before
 
 
 # --- the manifest -----------------------------------------------------------------------------------------
