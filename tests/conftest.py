@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def tiny_dict(output_root: Path, **sections) -> dict:
         else:
             raw[key] = value
     return raw
+
+
+def trained_epochs(output: str) -> list[int]:
+    """The epochs a train command's output reports as trained (one line each, rank 0 only)."""
+    return [int(n) for n in re.findall(r"^epoch (\d+): loss", output, flags=re.M)]
 
 
 def make_ctx(cfg: Config, run: RunDir | None = None) -> StageContext:

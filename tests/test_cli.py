@@ -19,7 +19,7 @@ from pipeline.cli import app
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import STAGE_NAMES
 from pipeline.training import checkpoint
-from tests.conftest import tiny_dict
+from tests.conftest import tiny_dict, trained_epochs
 
 runner = CliRunner()
 
@@ -192,12 +192,21 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, sig):
         assert proc.returncode == 130 and "checkpoint saved" in output, output
     else:
         assert proc.returncode == -signal.SIGKILL
+    train_dir = tmp_path / "runs/tiny/train"
+    saved = torch.load(train_dir / "last.pt", weights_only=True)
+    metrics = train_dir / "metrics.jsonl"  # written just after last.pt: a kill in between leaves none
+    kept = metrics.read_text() if metrics.exists() else ""
+    assert saved["epoch"] >= 1
     resumed = _cli(config)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
-    assert "resuming from" in output
+    assert re.search(rf"resuming from .+: epoch\s+{saved['epoch'] + 1},\s+batch\s+{saved['batch']}\b", output, re.S)
+    # only the remaining epochs ran again, and the finished epochs' records (with their times) were kept
+    assert trained_epochs(output) == list(range(saved["epoch"] + 1, 4))
+    assert metrics.read_text().startswith(kept)
+    assert not list((tmp_path / "runs").rglob(".*.tmp"))  # a killed writer's temporary file is removed
     a = torch.load(tmp_path / "runs/ref/train/model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "runs/tiny/train/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(train_dir / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

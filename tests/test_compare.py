@@ -169,3 +169,43 @@ def test_cli_reuses_the_runs_and_rejects_bad_input_in_one_line(compared):
     bad = CliRunner().invoke(app, ["compare", str(config), "--seeds", "1,1"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "distinct seeds" in bad.output
     assert "Traceback" not in bad.output
+
+
+def _table(markdown: str, heading: str) -> list[list[str]]:
+    """The cells of the first table under `## heading` (header and separator left out)."""
+    body = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_compare_md_tables_hold_the_summarys_figures(compared):
+    """Every number in compare.md's tables, read back, is the figure compare.json holds (to the printed
+    precision): a sign, a column or a row out of place fails."""
+    _, result, _, _ = compared
+    summary, markdown = json.loads(result.summary.read_text()), result.markdown.read_text()
+    near = lambda value: pytest.approx(value, abs=0.0051)  # noqa: E731 - printed with 2 decimals
+
+    accuracy = _table(markdown, "Test top-1 (%)")
+    assert [cells[0] for cells in accuracy] == [row["label"] for row in summary["rows"]]
+    for cells, row in zip(accuracy, summary["rows"]):
+        mean, _, std = cells[1].partition(" ± ")
+        assert (float(mean), float(std)) == (near(row["mean"]), near(row["std"]))
+        assert [float(c) for c in cells[2:]] == [near(row["per_seed"][str(s)]) for s in SEEDS]
+
+    gains = _table(markdown, "Gain of the kept branch over the network trained alone")
+    assert [cells[0] for cells in gains] == [gain["label"] for gain in summary["gains"]]
+    for cells, gain in zip(gains, summary["gains"]):
+        low, high = (float(x) for x in cells[2].split(" to "))
+        assert (float(cells[1]), low, high) == (near(gain["diff"]), near(gain["ci95"][0]), near(gain["ci95"][1]))
+        assert float(cells[3]) == pytest.approx(gain["p"], rel=1e-2) and cells[4] == gain["verdict"].split(":")[0]
+
+    cost = {c["method"]: c for c in summary["cost"]}
+    costs = _table(markdown, "Cost")
+    assert [cells[0] for cells in costs] == [t["label"] for t in summary["training"]]
+    for cells, train in zip(costs, summary["training"]):
+        deployed = cost[train["method"]]
+        assert float(cells[1]) == pytest.approx(train["train_s"], abs=0.051)
+        assert float(cells[2]) == pytest.approx(train["images_per_s"], abs=0.51)
+        assert [int(c.replace(",", "")) for c in cells[3:5]] == [train["train_params"], deployed["params"]]
+        assert float(cells[5]) == near(deployed["flops"] / 1e6) and float(cells[6]) == pytest.approx(
+            deployed["p50_ms"], abs=0.00051)

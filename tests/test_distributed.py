@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
 from pipeline.rundir import RunDir
 from pipeline.training import checkpoint
 from pipeline.training.data import load_datasets
 from pipeline.training.evaluate import evaluate
-from tests.conftest import tiny_dict
+from pipeline.training.models import ModelSpec, build_model
+from stages import train as train_stage
+from tests.conftest import tiny_dict, trained_epochs
 
 TOLERANCE = 1e-5  # max abs parameter difference after 3 epochs (measured: 0; summation order may differ)
 
@@ -88,8 +92,15 @@ def test_killed_torchrun_resumes_to_the_same_weights(tmp_path, single):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
+    saved = torch.load(last, weights_only=True)
+    metrics = last.with_name("metrics.jsonl")  # written just after last.pt: a kill in between leaves none
+    kept = metrics.read_text() if metrics.exists() else ""
     resumed, output = _launch(tmp_path, "ddp", 2, batch_size=16)
-    assert "resuming from" in output
+    assert "resuming from" in output and saved["epoch"] >= 1
+    # only the remaining epochs ran, the finished ones' records (with their times) kept, no leftovers
+    assert trained_epochs(output) == list(range(saved["epoch"] + 1, 4)), output
+    assert metrics.read_text().startswith(kept)
+    assert not list((tmp_path / "runs").rglob(".*.tmp"))
     assert _worst_difference(single, resumed) < TOLERANCE
 
 
@@ -111,3 +122,45 @@ def load_cfg(path):
     from pipeline.config import load_config
 
     return load_config(path)
+
+
+def _untrained_one_model(rank: int) -> torch.nn.Module:
+    """The same untrained ONE model on every rank (near chance: an evaluation that is not 100%), with
+    BatchNorm running statistics that differ per rank, as after training on different shards."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet20", num_classes=4, in_channels=3, branches=3, width=4))
+    generator = torch.Generator().manual_seed(100 + rank)
+    for name, buffer in model.named_buffers():
+        if "running_mean" in name:
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+    return model
+
+
+def _evaluate_on_two_ranks(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = _untrained_one_model(rank)
+        val = load_datasets(load_cfg(Path(out_dir) / "tiny.yaml").data).val.subset(range(63))  # odd: padding
+        train_stage._broadcast_buffers(model)  # what training does before each evaluation
+        result = evaluate(model, val, torch.device("cpu"), batch_size=8, rank=rank, world=world)
+        torch.save({"val": result, "buffers": dict(model.named_buffers())}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_evaluate_with_rank_0s_running_statistics_and_count_every_sample_once(tmp_path):
+    """Two gloo ranks whose BatchNorm statistics differ: after the broadcast training does, both hold rank
+    0's, and the sharded evaluation of 63 images (an odd count: the sampler pads one rank) equals one
+    process evaluating rank 0's model, on an untrained model far from 100%."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs")))
+    mp.start_processes(_evaluate_on_two_ranks, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    reference = _untrained_one_model(0)
+    assert all(torch.equal(ranks[1]["buffers"][k], b) and torch.equal(ranks[0]["buffers"][k], b)
+               for k, b in reference.named_buffers())
+    val = load_datasets(load_cfg(tmp_path / "tiny.yaml").data).val.subset(range(63))
+    alone = evaluate(reference, val, torch.device("cpu"), batch_size=8)
+    assert ranks[0]["val"] == ranks[1]["val"] == alone
+    assert max(alone["branches"]) < 90  # far from 100%: a rank counting only its own shard would differ

@@ -210,6 +210,32 @@ def test_guard_rejects_a_damaged_quantization_and_nothing_deploys_it(trained_run
     assert entry["summary"]["ensemble"]["int8"]["reason"] == "not tried: the branch's int8 search kept no recipe"
 
 
+def test_guard_rejects_a_damaged_fp16_model_and_nothing_deploys_it(trained_run, tmp_path, monkeypatch):
+    """fp16 goes through the same guard: a converter that negated the logits (top-1 becomes the least
+    likely class, tens of points lost) passes the logit check under a huge export.fp16_atol; the guard
+    must still reject it."""
+    real = quantize.to_fp16
+
+    def negating_to_fp16(model):
+        converted = real(model)
+        graph = converted.graph
+        producer = next(n for n in graph.node if "logits" in n.output)
+        producer.output[list(producer.output).index("logits")] = "logits_before_neg"
+        graph.node.append(onnx.helper.make_node("Neg", ["logits_before_neg"], ["logits"]))
+        return converted
+
+    monkeypatch.setattr("stages.export.to_fp16", negating_to_fp16)
+    cfg, run = export_copy(trained_run, tmp_path, precisions=["fp32", "fp16"], fp16_atol=1e9, ensemble=False)
+    entry = run.stage("export")
+    figures = entry["summary"]["branch"]["fp16"]
+    assert entry["status"] == "done" and figures["passed"] is False
+    drop = re.fullmatch(r"fp16 loses (\d+\.\d\d) top-1 points on 64 validation images \(.+\) > "
+                        r"export\.max_accuracy_drop 0\.5", figures["reason"])
+    assert drop and float(drop.group(1)) > 20
+    assert "onnx_fp16" not in entry["outputs"] and not run.path("export", "model_fp16.onnx").exists()
+    assert entry["summary"]["deployed"] == ["fp32"]
+
+
 def test_search_keeps_the_first_recipe_that_passes_and_records_every_trial(trained_run, tmp_path, monkeypatch):
     """The first recipe is made to calibrate on black images (about 44 points lost); the second, real, loses
     a few points at most on any CPU: with a 15-point bound the search must keep the second."""
@@ -313,8 +339,15 @@ def test_failed_check_writes_nothing(exported, tmp_path):
 
 
 def test_summary_per_precision(exported):
+    """Each model's parity figures are recomputed here: its logits against its PyTorch model's on the check
+    images (as a batch and the first alone, like the check)."""
     cfg, run, _ = exported
     summary = run.stage("export")["summary"]
+    images = next(load_datasets(cfg.data).val.batches(cfg.export.check_size))[0]
+    full, _ = checkpoint.load_model(run.output("train", "model"))
+    branch, _ = checkpoint.load_model(run.output("strip", "model"))
+    with torch.no_grad():
+        torch_logits = {"branch": branch(images).double().numpy(), "ensemble": full(images).teacher.double().numpy()}
     assert set(run.stage("export")["outputs"]) == {f"{prefix}onnx_{p}" for prefix in ("", "ensemble_")
                                                    for p in ("fp32", "fp16", "int8", "int8_cpu")}
     for subject in ("branch", "ensemble"):
@@ -323,7 +356,15 @@ def test_summary_per_precision(exported):
             prefix = "" if subject == "branch" else "ensemble_"
             assert figures["opset"] == cfg.export.opset
             assert figures["bytes"] == run.output("export", f"{prefix}onnx_{precision}").stat().st_size
-            assert 0.0 <= figures["top1_agreement"] <= 1.0 and figures["max_abs_diff"] >= 0.0
+            path = run.output("export", f"{prefix}onnx_{precision}")
+            logits = torch_logits[subject]
+            batch, first = run_onnx(path, images), run_onnx(path, images[:1])
+            assert figures["top1_agreement"] == float(np.mean(batch.argmax(1) == logits.argmax(1)))
+            assert figures["max_abs_diff"] == pytest.approx(max(np.abs(batch - logits).max(),
+                                                                np.abs(first - logits[:1]).max()), rel=1e-6)
+        assert summary[subject]["fp32"]["top1_agreement"] == 1.0
+        assert summary[subject]["fp32"]["max_abs_diff"] <= cfg.export.atol
+        assert summary[subject]["fp16"]["max_abs_diff"] <= cfg.export.fp16_atol
         assert summary[subject]["int8"]["bytes"] < summary[subject]["fp32"]["bytes"]
 
 

@@ -19,9 +19,9 @@ from pipeline.cli import app
 from pipeline.deploy.onnx_io import exported_onnx
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir, atomic_path, sha256_file, write_text
-from pipeline.runner import stage_def, state
+from pipeline.runner import run_stages, stage_def, state
 from pipeline.training import checkpoint
-from tests.conftest import tiny_dict
+from tests.conftest import copy_run, make_ctx, tiny_dict, trained_epochs
 
 runner = CliRunner()
 
@@ -141,6 +141,17 @@ def test_equal_weights_give_equal_bytes(tmp_path):
     assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["w"], state_dict["w"])
 
 
+def test_the_same_weights_give_byte_equal_model_files_again(exported_run, tmp_path):
+    """strip and export run again on the same trained weights: every model file (.pt and each ONNX
+    precision, int8's calibration included) comes out with the same bytes."""
+    cfg, run = copy_run(exported_run[:2], tmp_path, "export")
+    before = {p.relative_to(run.root): sha256_file(p) for p in sorted(run.root.glob("*/*"))
+              if p.suffix in (".pt", ".onnx")}
+    assert sum(p.suffix == ".onnx" for p in before) == 8
+    run_stages(cfg, run, make_ctx(cfg, run), until="export", force="strip")
+    assert {p: sha256_file(run.root / p) for p in before} == before
+
+
 # --- the manifest -----------------------------------------------------------------------------------------
 
 BAD_MANIFESTS = [  # (name, change to the manifest's JSON text, fragment)
@@ -175,11 +186,15 @@ def test_a_damaged_manifest_is_one_line_with_the_cheap_fix(trained_run, tmp_path
 def test_deleting_the_manifest_alone_recovers_the_run(trained_run, tmp_path):
     """What the corrupted-manifest message says to do: training resumes from last.pt, nothing is retrained."""
     config, run = copy_trained(trained_run, tmp_path)
-    model = sha256_file(run.path("train/model.pt"))
+    written = {name: sha256_file(run.path("train", name)) for name in ("model.pt", "last.pt", "metrics.jsonl")}
     run.manifest_path.unlink()
     result = runner.invoke(app, ["run", str(config), "--until", "train"])
     assert result.exit_code == 0 and "resuming from" in result.output, result.output
-    assert run.stage("train")["status"] == "done" and sha256_file(run.path("train/model.pt")) == model
+    assert run.stage("train")["status"] == "done"
+    # nothing trained again: no epoch reported, and last.pt and metrics.jsonl (which hold each epoch's time)
+    # as they were
+    assert trained_epochs(result.output) == [], result.output
+    assert {name: sha256_file(run.path("train", name)) for name in written} == written
 
 
 @pytest.mark.parametrize("recorded", ["../../outside.pt", "/etc/hostname", "train/../../outside.pt", "link.pt"])

@@ -36,5 +36,7 @@ def test_bench_measures_cuda_rows(trained_run, tmp_path):
     run = RunDir(cfg.run_dir)
     run_stages(cfg, run, StageContext(cfg, run, torch.device("cuda")), until="bench")
     rows = {r["name"]: r for r in json.loads(run.output("bench", "bench").read_text())["rows"]}
-    assert rows["branch_eager"]["status"] == "ok" and rows["branch_compile"]["status"] in ("ok", "failed")
+    assert rows["branch_eager"]["status"] == "ok"
+    for name in ("one_e_compile", "branch_compile"):  # torch.compile runs on CUDA: measured, not failed
+        assert rows[name]["status"] == "ok", (name, rows[name]["reason"])
     assert "CUDAExecutionProvider" in (rows["branch_onnx_fp32"].get("provider") or "")

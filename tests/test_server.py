@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,3 +237,30 @@ def test_without_the_environment_serving_is_skipped_with_the_setup_command(tmp_p
     with pytest.raises(StageSkipped, match="python -m pipeline.deploy.triton_server setup"):
         with triton_server.serve(tmp_path):
             pass
+
+
+def test_the_server_always_runs_the_checkouts_stand_in_backend(tmp_path, monkeypatch):
+    """The environment is made once, but its backend directory follows the stand-in's files: a change to
+    them gives a new directory holding the changed files (on a fake environment: no install, no server)."""
+    root = tmp_path / "env"
+    site = root / "venv" / "lib" / "python3.x" / "site-packages" / "pytriton" / "tritonserver"
+    (site / "backends" / "python").mkdir(parents=True)
+    (site / "backends" / "python" / "libtriton_python.so").write_text("bundled")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (site / "python_backend_stubs" / version).mkdir(parents=True)
+    (site / "python_backend_stubs" / version / "triton_python_backend_stub").write_text("stub")
+    (root / triton_server.COMPLETE).write_text("installed\n")
+    standin = tmp_path / "standin"
+    shutil.copytree(triton_server.STANDIN_BACKEND, standin)
+    monkeypatch.setenv(triton_server.ENV_VARIABLE, str(root))
+    monkeypatch.setattr(triton_server, "STANDIN_BACKEND", standin)
+
+    first = triton_server.find_env().backends
+    assert (first / "onnxruntime" / "model.py").read_text() == (standin / "onnxruntime" / "model.py").read_text()
+    assert (first / "python" / "triton_python_backend_stub").read_text() == "stub"
+    changed = (standin / "onnxruntime" / "model.py").read_text().replace("value[start:start + size]",
+                                                                           "value[start:start + size][::-1]")
+    (standin / "onnxruntime" / "model.py").write_text(changed)
+    second = triton_server.find_env().backends
+    assert second != first and (second / "onnxruntime" / "model.py").read_text() == changed
+    assert triton_server.setup_env().backends == second  # setup finds the same

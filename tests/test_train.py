@@ -19,6 +19,13 @@ def _train(cfg):
     return run
 
 
+def _count_steps(monkeypatch) -> list:
+    """A list that grows by one per training step (the loss of each micro-batch; the tiny config has one)."""
+    steps, real = [], train_stage._loss
+    monkeypatch.setattr(train_stage, "_loss", lambda *args: steps.append(1) or real(*args))
+    return steps
+
+
 def test_train_records_every_head_and_checkpoints(trained_run):
     cfg, run = trained_run
     summary = run.stage("train")["summary"]
@@ -49,8 +56,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     saved = torch.load(cfg.run_dir / "train/last.pt", weights_only=True)
     # 20 batches per epoch, each followed by a check, and one more after validation: stopped inside epoch 2
     assert (saved["epoch"], saved["batch"]) == (1, 9)
+    first_epoch = (cfg.run_dir / "train/metrics.jsonl").read_text()
     monkeypatch.undo()
+    steps = _count_steps(monkeypatch)
     resumed = _train(cfg)
+    # only the remaining work ran: 60 steps in all, 20 + 9 of them before Ctrl-C; epoch 1's record is kept
+    # as written (its time differs in any rerun)
+    assert len(steps) == 60 - 29
+    assert resumed.path("train/metrics.jsonl").read_text().startswith(first_epoch) and first_epoch.count("\n") == 1
     a = torch.load(whole.path("train/model.pt"), weights_only=True)["state_dict"]
     b = torch.load(resumed.path("train/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -94,9 +107,12 @@ def test_ctrl_c_during_the_last_validation_pass_stops_and_resumes(tmp_path, monk
     with pytest.raises(train_stage.Interrupted, match="after epoch 1"):
         _train(cfg)
     assert torch.load(cfg.run_dir / "train/last.pt", weights_only=True)["epoch"] == 1
+    metrics = (cfg.run_dir / "train/metrics.jsonl").read_text()
     monkeypatch.undo()
+    steps = _count_steps(monkeypatch)
     run = _train(cfg)
     assert run.stage("train")["status"] == "done" and run.stage("train")["summary"]["epochs"] == 1
+    assert steps == [] and run.path("train/metrics.jsonl").read_text() == metrics  # nothing trained again
 
 
 @pytest.mark.parametrize("size,batch_size,world,accumulate,expected", [

@@ -6,7 +6,9 @@ backend's stub needs numpy < 2, the project needs numpy >= 2), created once by `
 `~/.cache/one-pipeline/triton-server/<key>/`, the key being a hash of the pinned requirements and the
 Python version (`ONE_PIPELINE_TRITON_ENV` names another folder). Its backend directory holds the bundled
 python backend and `onnxruntime/model.py`, a *stand-in* for Triton's C++ onnxruntime backend (see
-pipeline/deploy/triton_standin_backend/), so the run's unchanged repository loads.
+pipeline/deploy/triton_standin_backend/), so the run's unchanged repository loads. That directory is
+named after a hash of the stand-in's files and made again whenever they change: a server always runs
+the checkout's stand-in, never a copy of an older one.
 
     python -m pipeline.deploy.triton_server setup     # create the environment (about 30 s and 450 MB)
 
@@ -72,7 +74,16 @@ class ServerEnv:
 
     @property
     def backends(self) -> Path:
-        return self.root / "backends"
+        return self.root / f"backends-{standin_digest()}"
+
+
+def standin_digest() -> str:
+    """A hash of the stand-in backend's files (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in STANDIN_BACKEND.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(f"{path.relative_to(STANDIN_BACKEND)}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def env_root() -> Path:
@@ -83,9 +94,9 @@ def env_root() -> Path:
 
 
 def find_env() -> ServerEnv | None:
-    """The finished environment, or None."""
+    """The finished environment (with the current stand-in backend), or None."""
     root = env_root()
-    return ServerEnv(root) if (root / COMPLETE).is_file() else None
+    return setup_env() if (root / COMPLETE).is_file() else None
 
 
 def missing_env_reason() -> str:
@@ -99,15 +110,15 @@ def setup_env(*, timeout_s: float = 900) -> ServerEnv:
     root.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f"{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest workers set up one environment, not one each
-        if (root / COMPLETE).is_file():
-            return ServerEnv(root)
-        for leftover in ("venv", "backends"):
-            shutil.rmtree(root / leftover, ignore_errors=True)  # from a setup that was interrupted
         env = ServerEnv(root)
-        venv.EnvBuilder(with_pip=True).create(root / "venv")
-        _pip_install(env.python, timeout_s)
-        _write_backends(env)
-        (root / COMPLETE).write_text("\n".join(REQUIREMENTS) + "\n")
+        if not (root / COMPLETE).is_file():
+            for leftover in (root / "venv", *root.glob("backends*")):
+                shutil.rmtree(leftover, ignore_errors=True)  # from a setup that was interrupted
+            venv.EnvBuilder(with_pip=True).create(root / "venv")
+            _pip_install(env.python, timeout_s)
+            (root / COMPLETE).write_text("\n".join(REQUIREMENTS) + "\n")
+        if not env.backends.is_dir():  # new environment, or the stand-in changed since the last server
+            _write_backends(env)
         return env
 
 
@@ -125,17 +136,23 @@ def _pip_install(python: Path, timeout_s: float) -> None:
 
 
 def _write_backends(env: ServerEnv) -> None:
-    """backends/python: the bundled python backend with the stub for this Python; backends/onnxruntime:
-    the stand-in. Copies, not links: Triton and the loader resolve paths next to these files."""
-    python_backend = env.backends / "python"
-    shutil.copytree(env.pytriton / "tritonserver" / "backends" / "python", python_backend)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = env.pytriton / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise PipelineError(f"nvidia-pytriton has no python backend stub for Python {version}")
-    shutil.copy2(stub, python_backend / "triton_python_backend_stub")
-    shutil.copytree(STANDIN_BACKEND / "onnxruntime", env.backends / "onnxruntime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    """python/: the bundled python backend with the stub for this Python; onnxruntime/: the stand-in.
+    Copies, not links: Triton and the loader resolve paths next to these files. Made aside and renamed
+    into place, so a server never sees a half-written directory."""
+    building = Path(tempfile.mkdtemp(prefix=".backends-", dir=env.root))
+    try:
+        python_backend = building / "python"
+        shutil.copytree(env.pytriton / "tritonserver" / "backends" / "python", python_backend)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = env.pytriton / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise PipelineError(f"nvidia-pytriton has no python backend stub for Python {version}")
+        shutil.copy2(stub, python_backend / "triton_python_backend_stub")
+        shutil.copytree(STANDIN_BACKEND / "onnxruntime", building / "onnxruntime",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        building.rename(env.backends)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def free_port() -> int:
