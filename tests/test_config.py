@@ -54,6 +54,10 @@ BAD = [  # (yaml text, overrides, fragments the one-line message must contain)
     # micro-batches of one image crash the gate's BatchNorm1d mid-epoch
     ("train: {batch_size: 8, accumulate: 8}", [], ["train", "micro-batches of one image", "batch_size >= 16"]),
     ("train: {batch_size: 1}", [], ["train", "micro-batches of one image"]),
+    ("data: {label_noise: 1.0}", [], ["data.label_noise", "less than 1", "got 1.0"]),
+    ("{}", ["data.label_noise=-0.1"], ["data.label_noise", "greater than or equal to 0", "got -0.1"]),
+    ("data: {dataset: imagefolder, label_noise: 0.2}", [], ["data", "label_noise is not supported for imagefolder"]),
+    ("train: {eval_every: 0}", [], ["train.eval_every", "greater than or equal to 1"]),
 ]
 
 
