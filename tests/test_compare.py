@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline import compare as compare_module
 from pipeline.cli import app
-from pipeline.compare import compare, methods, parse_seeds, welch
+from pipeline.compare import compare, gain, methods, paired, parse_seeds, welch
 from pipeline.errors import ConfigError, UsageError
 from pipeline.rundir import RunDir
 from tests.conftest import tiny_dict
@@ -85,6 +85,18 @@ def test_the_table_comes_from_the_runs_recorded_accuracies(compared):
     assert rows["one", "kept"]["std"] == pytest.approx(statistics.stdev(kept))
     gain = summary["gains"][0]
     assert gain["method"] == "one" and gain["diff"] == pytest.approx(statistics.mean(kept) - statistics.mean(alone))
+    # the paired figures are scipy's on the same seeds' recorded accuracies, and they give the verdict
+    assert gain["test"] == "paired t-test" and gain["paired"]["per_seed"] == {
+        str(s): rows["one", "kept"]["per_seed"][str(s)] - rows["vanilla", "kept"]["per_seed"][str(s)] for s in SEEDS}
+    expected = stats.ttest_rel(kept, alone)
+    if statistics.pstdev(gain["paired"]["per_seed"].values()):
+        ci = expected.confidence_interval(0.95)
+        assert (gain["p"], gain["paired"]["p"]) == pytest.approx((expected.pvalue, expected.pvalue))
+        assert gain["ci95"] == gain["paired"]["ci95"] == pytest.approx([ci.low, ci.high])
+        assert "paired t-test p = " in gain["verdict"]
+    else:  # the same difference on both seeds: no spread for a t-test to measure
+        assert gain["p"] is None and "on every seed" in gain["verdict"]
+    assert gain["welch"]["p"] == pytest.approx(stats.ttest_ind(kept, alone, equal_var=False).pvalue, nan_ok=True)
     assert [g["method"] for g in summary["gains"]] == ["one", "one-model.branches-2"]
     markdown = result.markdown.read_text()
     assert f"**The kept ONE branch is {gain['verdict']}.**" in markdown
@@ -123,6 +135,33 @@ def test_welch_verdicts():
     assert welch([90.1, 90.5, 89.9], [90.0, 90.4, 90.2])["verdict"].startswith("not distinguishable at this budget")
     single = welch([90.5], [90.0])
     assert single["p"] is None and "--seeds" in single["verdict"]
+
+
+def test_paired_against_the_textbook_formula():
+    treated, control = {"0": 90.5, "1": 92.6, "2": 94.4, "7": 80.0}, {"0": 90.0, "1": 92.0, "2": 94.0, "5": 99.0}
+    result = paired(treated, control)  # seeds 7 and 5 have no partner: left out
+    diffs = [0.5, 0.6, 0.4]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    t = mean / (sd / math.sqrt(3))
+    assert result["per_seed"] == pytest.approx({"0": 0.5, "1": 0.6, "2": 0.4}) and result["n"] == 3
+    assert (result["diff"], result["sd"]) == pytest.approx((mean, sd))
+    assert result["p"] == pytest.approx(2 * stats.t.sf(t, 2))
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert result["ci95"] == pytest.approx([mean - half, mean + half])
+    assert result["verdict"].startswith("better")
+
+
+def test_the_verdict_is_paired_when_seeds_pair_up():
+    # a steady +0.5 on seeds whose own spread is 4 points: clear when paired, lost in Welch's groups
+    treated, control = {"0": 90.5, "1": 92.6, "2": 94.4}, {"0": 90.0, "1": 92.0, "2": 94.0}
+    result = gain(treated, control)
+    assert result["test"] == "paired t-test" and result["verdict"] == result["paired"]["verdict"]
+    assert result["verdict"].startswith("better") and result["welch"]["verdict"].startswith("not distinguishable")
+    unpaired = gain({"0": 90.5, "1": 92.6}, {"2": 90.0, "3": 92.0})
+    assert unpaired["test"] == "Welch's t-test" and unpaired["paired"]["p"] is None
+    assert unpaired["verdict"] == unpaired["welch"]["verdict"]
+    steady = paired({"0": 91.0, "1": 92.0}, {"0": 90.0, "1": 91.0})
+    assert steady["p"] is None and "on every seed" in steady["verdict"]
 
 
 def test_methods_and_seeds_from_the_command_line():
