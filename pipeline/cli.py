@@ -132,7 +132,13 @@ def compare(config: Path = ConfigArg,
                                         "(repeatable)"),
             overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether ONE's
-    kept branch is better, with a significance figure and the cost (writes <name>-compare/compare.md)."""
+    kept branch is better, with a paired significance figure and the cost (writes <name>-compare/compare.md).
+
+    Regimes measured (README, Results):
+    configs/edge.yaml: the quickstart, 55,000 images, 2 epochs
+    configs/edge_small_data_long.yaml: 5,000 images, 60 epochs
+    configs/edge_noisy_labels.yaml: the same with 40% of the training labels noisy
+    python -m pipeline.compare_map puts several compares in one table and one plot."""
     from pipeline.compare import compare as run_compare
     from pipeline.compare import parse_seeds
 

@@ -153,8 +153,10 @@ def run(ctx: StageContext) -> StageResult:
                       "train_loss": float(totals[0] / totals[2]), "train_acc": float(100 * totals[1] / totals[2]),
                       "seconds": round(seconds, 2), "images_per_s": round(totals[2].item() * ctx.world / seconds, 1)}
             if _validates(epoch + 1, cfg):
+                val_started = time.perf_counter()
                 record["val"] = evaluate(model, data.val, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
                                          channels_last=memory_format is not None)
+                record["val_seconds"] = round(time.perf_counter() - val_started, 2)  # what eval_every saves
             history.append(record)
             save_last(epoch + 1, 0)
             if ctx.rank == 0:

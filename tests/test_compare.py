@@ -3,7 +3,9 @@
 import io
 import json
 import math
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -180,6 +182,13 @@ def test_methods_and_seeds_from_the_command_line():
             parse_seeds(bad)
 
 
+def test_compare_help_names_shipped_regime_configs():
+    shown = CliRunner().invoke(app, ["compare", "--help"], terminal_width=200).output
+    named = set(re.findall(r"configs/[A-Za-z0-9_.-]+\.yaml", shown))
+    assert {"configs/edge_small_data_long.yaml", "configs/edge_noisy_labels.yaml"} <= named
+    assert all((Path(__file__).parent.parent / path).is_file() for path in named)
+
+
 def test_cli_reuses_the_runs_and_rejects_bad_input_in_one_line(compared):
     config, result, _, _ = compared
     trained = {name: RunDir(result.root / name).stage("train") for name in RUN_NAMES}
@@ -190,3 +199,26 @@ def test_cli_reuses_the_runs_and_rejects_bad_input_in_one_line(compared):
     bad = CliRunner().invoke(app, ["compare", str(config), "--seeds", "1,1"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "distinct seeds" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_the_map_puts_each_compare_s_paired_gain_in_one_table_and_one_plot(compared, tmp_path, capsys):
+    from pipeline.compare_map import main
+
+    _, result, _, _ = compared
+    summary = json.loads(result.summary.read_text())
+    noisy = {**summary, "name": "tiny-noisy", "recipe": {**summary["recipe"], "train_size": 100, "label_noise": 0.4}}
+    noisy_file = tmp_path / "noisy.json"
+    noisy_file.write_text(json.dumps(noisy))
+    plot = tmp_path / "map.png"
+    assert main([str(result.root), str(noisy_file), "--plot", str(plot)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    gain = summary["gains"][0]
+    interval = f"({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})" if gain["ci95"] else ""
+    assert [row.split(" | ")[0] for row in rows] == ["| `tiny`", "| `tiny-noisy`"]
+    assert all(f"| {gain['diff']:+.2f} {interval}".rstrip() in row for row in rows)
+    assert "100 images, 3 epochs, 40% noisy labels | 300 |" in rows[1]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**summary, "compare_version": 1}))
+    assert main([str(old), "--plot", str(tmp_path / "old.png")]) == 1
+    assert "predates the paired statistics" in capsys.readouterr().err and not (tmp_path / "old.png").exists()

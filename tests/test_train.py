@@ -76,7 +76,8 @@ def test_eval_every_validates_the_last_epoch_resumes_and_trains_the_same_weights
     monkeypatch.undo()
     run = _train(cfg)
     records = [json.loads(line) for line in run.path("train/metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], "val" in r) for r in records] == [(1, False), (2, True), (3, True)]
+    assert [(r["epoch"], "val" in r, "val_seconds" in r) for r in records] == [
+        (1, False, False), (2, True, True), (3, True, True)]
     summary = run.stage("train")["summary"]
     assert summary["val"] == records[-1]["val"] == every_epoch.stage("train")["summary"]["val"]
     a = torch.load(every_epoch.path("train/model.pt"), weights_only=True)["state_dict"]
