@@ -127,8 +127,11 @@ for _stage in STAGES:  # in the runner's order, so `--help` lists the stages as 
 
 
 @app.command(help="Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether "
-                  "ONE's kept branch is better, with a significance figure and the cost (writes "
-                  "<name>-compare/compare.md).")
+                  "ONE's kept branch is better, with a paired significance figure and the cost (writes "
+                  "<name>-compare/compare.md). Regimes measured (README, Results): configs/edge.yaml (the "
+                  "quickstart: 55,000 images, 2 epochs), configs/edge_small_data_long.yaml (5,000 images, 60 "
+                  "epochs), configs/edge_noisy_labels.yaml (the same with 40% of the training labels noisy); "
+                  "`python -m pipeline.compare_map` puts several compares in one table and one plot.")
 def compare(config: Path = ConfigArg,
             seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds to train each method with, e.g. 0,1,2"),
             variants: Optional[list[str]] = typer.Option(

@@ -1,8 +1,10 @@
 """`one-pipeline compare`: is ONE worth it on this data? The config's backbone is trained alone (vanilla) and
 with ONE, same recipe, same epochs, same seeds, each as its own run directory through the runner, so an
 interrupted compare resumes and a finished run is reused. Then the runs' recorded test accuracies are
-summarised per method (mean and std over seeds), the kept branch's gain over vanilla is tested with
-Welch's t-test, and the deploy cost of both networks is measured in ONNX Runtime.
+summarised per method (mean and std over seeds), the kept branch's gain over vanilla is tested seed by seed
+(a paired t-test: runs with the same seed share the shuffling and augmentation, and every run the images
+and their labels) beside Welch's t-test on the two groups, and the deploy cost of both networks is measured
+in ONNX Runtime.
 
     result = compare(cfg_path, overrides, seeds=[0, 1, 2], variants=["model.branches=4"], console=console)
     result.markdown  # <output_root>/<name>-compare/compare.md, beside compare.json and the plot
@@ -38,7 +40,7 @@ from pipeline.stage import StageContext
 from pipeline.training import checkpoint
 from pipeline.training.models import count_parameters
 
-COMPARE_VERSION = 1
+COMPARE_VERSION = 2  # 2: gains carry the paired test (the verdict's) and Welch's
 SIGNIFICANCE = 0.05  # two-sided p below this: the difference is called real
 UNTIL = "export"  # each run goes this far: accuracies (train, select) and the deployable fp32 ONNX (export)
 RUN_OVERRIDES = ("export.precisions=[fp32]", "export.ensemble=false")  # only the network's own cost is compared
@@ -207,17 +209,20 @@ def summarise(base: Config, seeds: Sequence[int], compared: Sequence[Method], re
             rows.append(_row(method.key, "ONE: worst branch on test", "ONE\nworst on test", runs, "worst"))
         rows.append(_row(method.key, f"{method.label}: ONE-E, the gated ensemble (the full model)",
                          f"{short}\nONE-E", runs, "teacher"))
-    vanilla = [r["kept"] for r in by_method["vanilla"]]
-    gains = [{"method": m.key, "label": m.label, **welch([r["kept"] for r in by_method[m.key]], vanilla)}
-             for m in compared[1:]]
+    def kept(method: str) -> dict[str, float]:
+        return {str(r["seed"]): r["kept"] for r in by_method[method]}
+
+    gains = [{"method": m.key, "label": m.label, **gain(kept(m.key), kept("vanilla"))} for m in compared[1:]]
     training = [{"method": m.key, "label": m.label,
                  "train_s": statistics.mean(r["train_s"] for r in by_method[m.key]),
                  "images_per_s": statistics.mean(r["images_per_s"] for r in by_method[m.key]),
                  "train_params": by_method[m.key][0]["train_params"]} for m in compared]
     return {"compare_version": COMPARE_VERSION, "name": base.name, "seeds": list(seeds),
-            "recipe": {"dataset": base.data.dataset, "train_size": base.data.train_size, "arch": base.model.arch,
+            "recipe": {"dataset": base.data.dataset, "train_size": base.data.train_size,
+                       "label_noise": base.data.label_noise, "augment": base.data.augment, "arch": base.model.arch,
                        "branches": base.model.branches, "epochs": base.train.epochs,
                        "batch_size": base.train.batch_size, "schedule": base.train.schedule,
+                       "weight_decay": base.train.weight_decay, "eval_every": base.train.eval_every,
                        "temperature": base.loss.temperature},
             "device": str(device), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
             "rows": rows, "gains": gains, "training": training, "runs": records}
@@ -230,22 +235,53 @@ def _row(method: str, label: str, short: str, runs: list[dict], field: str) -> d
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
+def gain(treated: dict[str, float], control: dict[str, float]) -> dict[str, Any]:
+    """The kept branch's gain over vanilla (test top-1 per seed, keyed by seed): the paired test decides
+    when at least 2 seeds pair up, else Welch's. The chosen test's figures at the top, both beside."""
+    both = {"paired": paired(treated, control), "welch": welch(list(treated.values()), list(control.values()))}
+    chosen = both["paired"] if both["paired"]["n"] >= 2 else both["welch"]
+    return {**{k: chosen[k] for k in ("test", "diff", "p", "ci95", "verdict")}, **both}
+
+
+def paired(treated: dict[str, float], control: dict[str, float]) -> dict[str, Any]:
+    """Per-seed differences (treated - control, in points) over the seeds both sides ran, their mean and
+    spread, the paired t-test's two-sided p-value (scipy's ttest_rel) and its 95% confidence interval."""
+    seeds = [s for s in treated if s in control]
+    diffs = [treated[s] - control[s] for s in seeds]
+    figures: dict[str, Any] = {"test": "paired t-test", "per_seed": dict(zip(seeds, diffs)),
+                               "diff": statistics.mean(diffs) if diffs else None,
+                               "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                               "p": None, "ci95": None, "n": len(seeds)}
+    if len(seeds) < 2:
+        return {**figures, "verdict": f"{len(seeds)} seed(s) run by both methods: no paired figure; run both "
+                                      "with the same seeds, at least 2 (--seeds 0,1,2)"}
+    if figures["sd"] == 0:  # ttest_rel would call an identical difference on every seed infinitely certain
+        return {**figures, "verdict": f"{figures['diff']:+.2f} points on every seed: no significance figure"}
+    return _judged(figures, stats.ttest_rel([treated[s] for s in seeds], [control[s] for s in seeds]),
+                   f"{len(seeds)} paired seeds")
+
+
 def welch(treated: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
     """Mean difference (treated - control, in points), Welch's t-test p-value (two-sided) and its 95%
     confidence interval, and the verdict in words."""
     diff = statistics.mean(treated) - statistics.mean(control)
-    figures: dict[str, Any] = {"diff": diff, "p": None, "ci95": None, "n": [len(treated), len(control)]}
+    figures: dict[str, Any] = {"test": "Welch's t-test", "diff": diff, "p": None, "ci95": None,
+                               "n": [len(treated), len(control)]}
     if min(len(treated), len(control)) < 2:
         return {**figures, "verdict": f"{diff:+.2f} points with one seed per method: no significance figure; run "
                                       "with at least 2 seeds (--seeds 0,1,2)"}
-    test = stats.ttest_ind(treated, control, equal_var=False)
-    p = float(test.pvalue)
+    return _judged(figures, stats.ttest_ind(treated, control, equal_var=False),
+                   f"{len(treated)} vs {len(control)} seeds")
+
+
+def _judged(figures: dict[str, Any], test: Any, counted: str) -> dict[str, Any]:
+    """A scipy t-test's result as p, 95% CI and the verdict in words."""
+    diff, p = figures["diff"], float(test.pvalue)
     if not np.isfinite(p):  # no spread at all on either side: a t-test has nothing to measure
         return {**figures, "verdict": f"{diff:+.2f} points, with no spread between seeds: no significance figure"}
     ci = test.confidence_interval(0.95)
-    figures.update(p=p, ci95=[float(ci.low), float(ci.high)])
-    where = f"{diff:+.2f} points (95% CI {ci.low:+.2f} to {ci.high:+.2f}; Welch's t-test p = {p:.3g}, " \
-            f"{len(treated)} vs {len(control)} seeds)"
+    figures = {**figures, "p": p, "ci95": [float(ci.low), float(ci.high)]}
+    where = f"{diff:+.2f} points (95% CI {ci.low:+.2f} to {ci.high:+.2f}; {figures['test']} p = {p:.3g}, {counted})"
     if p >= SIGNIFICANCE:
         return {**figures, "verdict": f"not distinguishable at this budget: {where}"}
     return {**figures, "verdict": f"{'better' if diff > 0 else 'worse'} than the network trained alone: {where}"}

@@ -17,9 +17,15 @@ def _mean_std(row: dict[str, Any]) -> str:
     return f"{row['mean']:.2f}" + (f" ± {row['std']:.2f}" if row["std"] is not None else "")
 
 
+def _ci(figures: dict[str, Any]) -> str:
+    return f"{figures['ci95'][0]:+.2f} to {figures['ci95'][1]:+.2f}" if figures["ci95"] else "-"
+
+
 def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_name: str | None = None) -> None:
     recipe, seeds = summary["recipe"], summary["seeds"]
     images = f"{recipe['train_size']} training images" if recipe["train_size"] else "all training images"
+    if recipe.get("label_noise"):
+        images += f", {100 * recipe['label_noise']:.0f}% of their labels replaced by another class"
     lines = [
         f"# Is ONE worth it? `{summary['name']}`, {len(seeds)} seed(s)",
         "",
@@ -41,13 +47,18 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_n
         lines.append(f"| {row['label']} | {_mean_std(row)} | " + " | ".join(cells) + " |")
     lines += ["", f"![test top-1 per seed]({plot_name})", "",
               "## Gain of the kept branch over the network trained alone", "",
-              "| method | gain (points) | 95% CI | p (Welch's t-test) | verdict |", "|---|---:|---:|---:|---|"]
+              "| method | gain (points) | " + " | ".join(f"seed {s}" for s in seeds) + " | paired 95% CI | "
+              "paired p | Welch 95% CI | Welch p | verdict |", "|---|---:|" + "---:|" * (len(seeds) + 4) + "---|"]
     for gain in summary["gains"]:
-        ci = f"{gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f}" if gain["ci95"] else "-"
-        lines.append(f"| {gain['label']} | {gain['diff']:+.2f} | {ci} | {fmt(gain['p'], '.3g')} | "
-                     f"{gain['verdict'].split(':')[0]} |")
-    lines += ["", f"Two-sided p below 0.05 counts as a difference; with {len(seeds)} seed(s) per method only a "
-                  "gain several times the seed-to-seed spread can reach it.", "",
+        per_seed = [fmt(gain["paired"]["per_seed"].get(str(s)), "+.2f") for s in seeds]
+        lines.append(f"| {gain['label']} | {gain['diff']:+.2f} | " + " | ".join(per_seed) + " | "
+                     f"{_ci(gain['paired'])} | {fmt(gain['paired']['p'], '.3g')} | {_ci(gain['welch'])} | "
+                     f"{fmt(gain['welch']['p'], '.3g')} | {gain['verdict'].split(':')[0]} |")
+    lines += ["", "Per seed: the kept branch's test top-1 minus vanilla's with the same seed (same shuffling and "
+                  "augmentation; every run sees the same images and labels). The verdict uses the paired t-test "
+                  "on these differences when at least 2 seeds pair up, else Welch's t-test on the two groups; "
+                  f"two-sided p below 0.05 counts as a difference. With {len(seeds)} seed(s) only a gain several "
+                  "times its seed-to-seed spread can reach it.", "",
               "## Cost", "",
               "| method | training s (mean) | training images/s | params trained | deployed params | MFLOPs | "
               "ONNX Runtime batch-1 p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -58,7 +69,7 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_n
                      f"{train['train_params']:,} | {deployed['params']:,} | {deployed['flops'] / 1e6:.2f} | "
                      f"{deployed['p50_ms']:.3f} |")
     rounds = summary["cost"][0]
-    lines += ["", f"Training time is the train stage's wall time (with its per-epoch validation). The deployed "
+    lines += ["", f"Training time is the train stage's wall time (with its validation passes). The deployed "
                   f"network is the first seed's fp32 ONNX; its batch-1 latency is the median of {rounds['rounds']} "
                   f"rounds of {rounds['calls_per_round']} calls, the methods taking turns in each round.", ""]
     if curves_name:

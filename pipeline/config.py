@@ -39,6 +39,16 @@ class DataConfig(Section):
     image_size: int = Field(224, ge=8, description="imagefolder only: side of the square crop")
     num_workers: int = Field(2, ge=0, description="imagefolder only: decoding processes")
     synthetic_size: int = Field(256, ge=8, description="synthetic only: training images (tests)")
+    label_noise: float | None = Field(None, ge=0, lt=1, description=(
+        "Share of the training labels replaced by a random other class (symmetric noise), the same labels for "
+        "every seed and method; validation and test labels stay clean. None: no noise"))
+
+    @model_validator(mode="after")
+    def _noise_on_memory_sets(self) -> DataConfig:
+        if self.label_noise is not None and self.dataset == "imagefolder":
+            raise ValueError("label_noise is not supported for imagefolder (its labels are the folders); "
+                             "leave it out")
+        return self
 
 
 class ModelConfig(Section):
@@ -77,6 +87,8 @@ class TrainConfig(Section):
     sync_batchnorm: bool = Field(False, description="Under torchrun: SyncBatchNorm across ranks")
     deterministic: bool = Field(False, description="Deterministic algorithms; resume then equals an uninterrupted run")
     threads: int | None = Field(None, ge=1, description="CPU threads; None: PyTorch's default")
+    eval_every: int | None = Field(None, ge=1, description="Validate every N epochs and always after the last "
+                                                           "(selection uses the last); None: every epoch")
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:

@@ -1,5 +1,6 @@
 """Train ONE (or the vanilla baseline) with SGD, evaluating every head on the validation split each
-epoch and checkpointing every epoch; an interrupted run resumes from `train/last.pt`.
+epoch (or every train.eval_every epochs, and always after the last) and checkpointing every epoch; an
+interrupted run resumes from `train/last.pt`.
 
 Under torchrun every rank runs this; DistributedDataParallel averages gradients and only rank 0 writes.
 """
@@ -148,12 +149,14 @@ def run(ctx: StageContext) -> StageResult:
             skip_batches = 0
             if ctx.world > 1:
                 _broadcast_buffers(model)
-            val = evaluate(model, data.val, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
-                           channels_last=memory_format is not None)
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                       "train_loss": float(totals[0] / totals[2]), "train_acc": float(100 * totals[1] / totals[2]),
-                      "val": val, "seconds": round(seconds, 2), "images_per_s": round(totals[2].item() * ctx.world
-                                                                                      / seconds, 1)}
+                      "seconds": round(seconds, 2), "images_per_s": round(totals[2].item() * ctx.world / seconds, 1)}
+            if _validates(epoch + 1, cfg):
+                val_started = time.perf_counter()
+                record["val"] = evaluate(model, data.val, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
+                                         channels_last=memory_format is not None)
+                record["val_seconds"] = round(time.perf_counter() - val_started, 2)  # what eval_every saves
             history.append(record)
             save_last(epoch + 1, 0)
             if ctx.rank == 0:
@@ -179,6 +182,11 @@ def run(ctx: StageContext) -> StageResult:
                  "params": count_parameters(model), "images_per_s": round(sum(measured) / len(measured), 1),
                  "spec": spec.to_dict()},
     )
+
+
+def _validates(epoch: int, cfg: Config) -> bool:
+    """train.eval_every: validate every N epochs and always after the last (the model that is selected)."""
+    return epoch == cfg.train.epochs or epoch % (cfg.train.eval_every or 1) == 0
 
 
 def _loss(out, labels: torch.Tensor, cfg: Config, progress_in_run: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,5 +267,5 @@ def _accuracy_text(acc: dict) -> str:
 
 
 def _epoch_line(record: dict) -> str:
-    return (f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, val {_accuracy_text(record['val'])}, "
-            f"{record['images_per_s']:.0f} img/s")
+    val = f", val {_accuracy_text(record['val'])}" if "val" in record else ""
+    return f"epoch {record['epoch']}: loss {record['train_loss']:.3f}{val}, {record['images_per_s']:.0f} img/s"

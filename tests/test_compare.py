@@ -3,7 +3,9 @@
 import io
 import json
 import math
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline import compare as compare_module
 from pipeline.cli import app
-from pipeline.compare import compare, methods, parse_seeds, welch
+from pipeline.compare import compare, gain, methods, paired, parse_seeds, welch
 from pipeline.compare_report import curves
 from pipeline.errors import ConfigError, UsageError
 from pipeline.plots import training_curves_figure
@@ -87,6 +89,18 @@ def test_the_table_comes_from_the_runs_recorded_accuracies(compared):
     assert rows["one", "kept"]["std"] == pytest.approx(statistics.stdev(kept))
     gain = summary["gains"][0]
     assert gain["method"] == "one" and gain["diff"] == pytest.approx(statistics.mean(kept) - statistics.mean(alone))
+    # the paired figures are scipy's on the same seeds' recorded accuracies, and they give the verdict
+    assert gain["test"] == "paired t-test" and gain["paired"]["per_seed"] == {
+        str(s): rows["one", "kept"]["per_seed"][str(s)] - rows["vanilla", "kept"]["per_seed"][str(s)] for s in SEEDS}
+    expected = stats.ttest_rel(kept, alone)
+    if statistics.pstdev(gain["paired"]["per_seed"].values()):
+        ci = expected.confidence_interval(0.95)
+        assert (gain["p"], gain["paired"]["p"]) == pytest.approx((expected.pvalue, expected.pvalue))
+        assert gain["ci95"] == gain["paired"]["ci95"] == pytest.approx([ci.low, ci.high])
+        assert "paired t-test p = " in gain["verdict"]
+    else:  # the same difference on both seeds: no spread for a t-test to measure
+        assert gain["p"] is None and "on every seed" in gain["verdict"]
+    assert gain["welch"]["p"] == pytest.approx(stats.ttest_ind(kept, alone, equal_var=False).pvalue, nan_ok=True)
     assert [g["method"] for g in summary["gains"]] == ["one", "one-model.branches-2"]
     markdown = result.markdown.read_text()
     assert f"**The kept ONE branch is {gain['verdict']}.**" in markdown
@@ -143,6 +157,33 @@ def test_welch_verdicts():
     assert single["p"] is None and "--seeds" in single["verdict"]
 
 
+def test_paired_against_the_textbook_formula():
+    treated, control = {"0": 90.5, "1": 92.6, "2": 94.4, "7": 80.0}, {"0": 90.0, "1": 92.0, "2": 94.0, "5": 99.0}
+    result = paired(treated, control)  # seeds 7 and 5 have no partner: left out
+    diffs = [0.5, 0.6, 0.4]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    t = mean / (sd / math.sqrt(3))
+    assert result["per_seed"] == pytest.approx({"0": 0.5, "1": 0.6, "2": 0.4}) and result["n"] == 3
+    assert (result["diff"], result["sd"]) == pytest.approx((mean, sd))
+    assert result["p"] == pytest.approx(2 * stats.t.sf(t, 2))
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert result["ci95"] == pytest.approx([mean - half, mean + half])
+    assert result["verdict"].startswith("better")
+
+
+def test_the_verdict_is_paired_when_seeds_pair_up():
+    # a steady +0.5 on seeds whose own spread is 4 points: clear when paired, lost in Welch's groups
+    treated, control = {"0": 90.5, "1": 92.6, "2": 94.4}, {"0": 90.0, "1": 92.0, "2": 94.0}
+    result = gain(treated, control)
+    assert result["test"] == "paired t-test" and result["verdict"] == result["paired"]["verdict"]
+    assert result["verdict"].startswith("better") and result["welch"]["verdict"].startswith("not distinguishable")
+    unpaired = gain({"0": 90.5, "1": 92.6}, {"2": 90.0, "3": 92.0})
+    assert unpaired["test"] == "Welch's t-test" and unpaired["paired"]["p"] is None
+    assert unpaired["verdict"] == unpaired["welch"]["verdict"]
+    steady = paired({"0": 91.0, "1": 92.0}, {"0": 90.0, "1": 91.0})
+    assert steady["p"] is None and "on every seed" in steady["verdict"]
+
+
 def test_methods_and_seeds_from_the_command_line():
     assert [m.key for m in methods(["branches=4", "loss.temperature=2"])] == [
         "vanilla", "one", "one-model.branches-4", "one-loss.temperature-2"]
@@ -157,6 +198,13 @@ def test_methods_and_seeds_from_the_command_line():
     for bad in ("0,0", "a", "-1", ""):
         with pytest.raises(UsageError, match="--seeds"):
             parse_seeds(bad)
+
+
+def test_compare_help_names_shipped_regime_configs():
+    shown = CliRunner().invoke(app, ["compare", "--help"], terminal_width=200).output
+    named = set(re.findall(r"configs/[A-Za-z0-9_.-]+\.yaml", shown))
+    assert {"configs/edge_small_data_long.yaml", "configs/edge_noisy_labels.yaml"} <= named
+    assert all((Path(__file__).parent.parent / path).is_file() for path in named)
 
 
 def test_cli_reuses_the_runs_and_rejects_bad_input_in_one_line(compared):
@@ -193,11 +241,16 @@ def test_compare_md_tables_hold_the_summarys_figures(compared):
         assert [float(c) for c in cells[2:]] == [near(row["per_seed"][str(s)]) for s in SEEDS]
 
     gains = _table(markdown, "Gain of the kept branch over the network trained alone")
-    assert [cells[0] for cells in gains] == [gain["label"] for gain in summary["gains"]]
-    for cells, gain in zip(gains, summary["gains"]):
-        low, high = (float(x) for x in cells[2].split(" to "))
-        assert (float(cells[1]), low, high) == (near(gain["diff"]), near(gain["ci95"][0]), near(gain["ci95"][1]))
-        assert float(cells[3]) == pytest.approx(gain["p"], rel=1e-2) and cells[4] == gain["verdict"].split(":")[0]
+    assert [cells[0] for cells in gains] == [figures["label"] for figures in summary["gains"]]
+    for cells, figures in zip(gains, summary["gains"]):
+        assert float(cells[1]) == near(figures["diff"])
+        assert [float(c) for c in cells[2:2 + len(SEEDS)]] == [near(figures["paired"]["per_seed"][str(s)])
+                                                               for s in SEEDS]
+        for test, (interval, p) in zip(("paired", "welch"), (cells[-5:-3], cells[-3:-1])):
+            low, high = (float(x) for x in interval.split(" to "))
+            assert (low, high) == (near(figures[test]["ci95"][0]), near(figures[test]["ci95"][1]))
+            assert float(p) == pytest.approx(figures[test]["p"], rel=1e-2)
+        assert cells[-1] == figures["verdict"].split(":")[0]
 
     cost = {c["method"]: c for c in summary["cost"]}
     costs = _table(markdown, "Cost")
@@ -209,3 +262,26 @@ def test_compare_md_tables_hold_the_summarys_figures(compared):
         assert [int(c.replace(",", "")) for c in cells[3:5]] == [train["train_params"], deployed["params"]]
         assert float(cells[5]) == near(deployed["flops"] / 1e6) and float(cells[6]) == pytest.approx(
             deployed["p50_ms"], abs=0.00051)
+
+
+def test_the_map_puts_each_compare_s_paired_gain_in_one_table_and_one_plot(compared, tmp_path, capsys):
+    from pipeline.compare_map import main
+
+    _, result, _, _ = compared
+    summary = json.loads(result.summary.read_text())
+    noisy = {**summary, "name": "tiny-noisy", "recipe": {**summary["recipe"], "train_size": 100, "label_noise": 0.4}}
+    noisy_file = tmp_path / "noisy.json"
+    noisy_file.write_text(json.dumps(noisy))
+    plot = tmp_path / "map.png"
+    assert main([str(result.root), str(noisy_file), "--plot", str(plot)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    gain = summary["gains"][0]
+    interval = f"({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})" if gain["ci95"] else ""
+    assert [row.split(" | ")[0] for row in rows] == ["| `tiny`", "| `tiny-noisy`"]
+    assert all(f"| {gain['diff']:+.2f} {interval}".rstrip() in row for row in rows)
+    assert "100 images, 3 epochs, 40% noisy labels | 300 |" in rows[1]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**summary, "compare_version": 1}))
+    assert main([str(old), "--plot", str(tmp_path / "old.png")]) == 1
+    assert "predates the paired statistics" in capsys.readouterr().err and not (tmp_path / "old.png").exists()

@@ -64,6 +64,10 @@ BAD = [  # (yaml text, overrides, fragments the one-line message must contain)
                                                                          "'engine.precision'?"]),
     ("select: {enabled: false}", [], ["unknown key 'select.enabled'", "'engine.enabled', 'triton.enabled'"]),
     ("epochs: 3", [], ["unknown key 'epochs'", "it lives at 'train.epochs' now"]),
+    ("data: {label_noise: 1.0}", [], ["data.label_noise", "less than 1", "got 1.0"]),
+    ("{}", ["data.label_noise=-0.1"], ["data.label_noise", "greater than or equal to 0", "got -0.1"]),
+    ("data: {dataset: imagefolder, label_noise: 0.2}", [], ["data", "label_noise is not supported for imagefolder"]),
+    ("train: {eval_every: 0}", [], ["train.eval_every", "greater than or equal to 1"]),
 ]
 
 SECTIONS = [name for name in Config.model_fields if isinstance(getattr(Config(), name), BaseModel)]

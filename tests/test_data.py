@@ -203,6 +203,21 @@ def test_train_size_keeps_the_same_images_whatever_the_seed_and_never_validation
         load_datasets(DataConfig(dataset="synthetic", synthetic_size=64, val_size=8, train_size=57))
 
 
+def test_label_noise_changes_the_configured_share_of_training_labels_only():
+    clean = load_datasets(DataConfig(dataset="synthetic", synthetic_size=400, val_size=40, train_size=250))
+    config = DataConfig(dataset="synthetic", synthetic_size=400, val_size=40, train_size=250, label_noise=0.4)
+    noisy = load_datasets(config)
+    changed = noisy.train.labels != clean.train.labels
+    assert int(changed.sum()) == 100  # 40% of 250, each moved to another class
+    assert set(noisy.train.labels[changed].tolist()) == set(range(noisy.num_classes))  # spread over the classes
+    assert torch.equal(noisy.train.images, clean.train.images)
+    for split in ("val", "test"):
+        assert torch.equal(getattr(noisy, split).labels, getattr(clean, split).labels)
+        assert torch.equal(getattr(noisy, split).images, getattr(clean, split).images)
+    # the data depend on the data section alone, never on the training seed: the same noise every time
+    assert torch.equal(load_datasets(config).train.labels, noisy.train.labels)
+
+
 def _set(n=20):
     (x, y), _ = synthetic_images(n)
     return ImageSet(x, y, (0.5,) * 3, (0.25,) * 3)

@@ -70,6 +70,34 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert resumed.stage("train")["summary"]["test"] == whole.stage("train")["summary"]["test"]
 
 
+def test_eval_every_validates_the_last_epoch_resumes_and_trains_the_same_weights(tmp_path, monkeypatch,
+                                                                                  trained_run):
+    """train.eval_every 2 of 3 epochs: validation after epochs 2 and 3 only; interrupted and resumed, the run
+    ends with the weights and the validation figures of the every-epoch run (validation changes no weights)."""
+    _, every_epoch = trained_run
+    cfg = validate_config(tiny_dict(tmp_path, train={"eval_every": 2}))
+    calls = []
+
+    @contextlib.contextmanager
+    def ctrl_c_at_step_30():
+        yield lambda: calls.append(1) or len(calls) == 30
+
+    monkeypatch.setattr(train_stage, "_catch_sigint", ctrl_c_at_step_30)
+    with pytest.raises(train_stage.Interrupted):
+        _train(cfg)
+    assert torch.load(cfg.run_dir / "train/last.pt", weights_only=True)["epoch"] == 1  # stopped inside epoch 2
+    monkeypatch.undo()
+    run = _train(cfg)
+    records = [json.loads(line) for line in run.path("train/metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], "val" in r, "val_seconds" in r) for r in records] == [
+        (1, False, False), (2, True, True), (3, True, True)]
+    summary = run.stage("train")["summary"]
+    assert summary["val"] == records[-1]["val"] == every_epoch.stage("train")["summary"]["val"]
+    a = torch.load(every_epoch.path("train/model.pt"), weights_only=True)["state_dict"]
+    b = torch.load(run.path("train/model.pt"), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     cfg = validate_config(tiny_dict(tmp_path, train={"epochs": 1}))
     run = _train(cfg)

@@ -28,6 +28,7 @@ from pipeline.training.splits import SPLIT_SEED, Datasets, batches_per_rank, sam
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path("~/.cache/one-pipeline/data")
+NOISE_SEED = 1  # data.label_noise: the same corrupted labels whatever the training seed or method
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -102,8 +103,9 @@ def _crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Ten
 
 
 def load_datasets(cfg: DataConfig) -> Datasets:
-    """Load the configured dataset, carve the validation split from its training images and keep
-    `train_size` of the rest, drawn with SPLIT_SEED: the same images whatever the training seed."""
+    """Load the configured dataset, carve the validation split from its training images, keep
+    `train_size` of the rest, drawn with SPLIT_SEED, and corrupt `label_noise` of their labels, drawn
+    with NOISE_SEED: the same images and labels whatever the training seed."""
     data = _load_splits(cfg)
     if cfg.train_size is not None:
         if cfg.train_size > len(data.train):
@@ -111,7 +113,20 @@ def load_datasets(cfg: DataConfig) -> Datasets:
                              f"left after data.val_size {cfg.val_size}; lower it, or leave it out to use them all")
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SPLIT_SEED))
         data.train = data.train.subset(order[:cfg.train_size].tolist())  # shuffled: folders come class by class
+    if cfg.label_noise:
+        data.train.labels = noisy_labels(data.train.labels, cfg.label_noise, data.num_classes)
     return data
+
+
+def noisy_labels(labels: torch.Tensor, share: float, num_classes: int) -> torch.Tensor:
+    """Symmetric label noise: round(share x N) labels, drawn with NOISE_SEED, each moved to a uniformly
+    random *other* class (so exactly that share is wrong)."""
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    changed = torch.randperm(len(labels), generator=g)[:round(share * len(labels))]
+    shift = torch.randint(1, num_classes, (len(changed),), generator=g)
+    noisy = labels.clone()
+    noisy[changed] = (labels[changed] + shift) % num_classes
+    return noisy
 
 
 def _load_splits(cfg: DataConfig) -> Datasets:

@@ -1,0 +1,100 @@
+"""Where does ONE pay? Several compares side by side: one row per regime (a compare.json), the kept branch's
+paired gain over the same network trained alone with its 95% confidence interval, as a Markdown table and
+one plot.
+
+    python -m pipeline.compare_map artifacts/edge_small_data_long-compare artifacts/edge_noisy_labels-compare \
+        --plot gain_map.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from matplotlib.figure import Figure
+
+from pipeline.compare import COMPARE_VERSION
+from pipeline.deploy.benchfile import fmt
+from pipeline.errors import ArtifactError, PipelineError
+from pipeline.rundir import atomic_path
+
+
+def load(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each compare's summary (a compare.json, or the `<name>-compare` folder that holds one)."""
+    summaries = []
+    for path in paths:
+        file = path / "compare.json" if path.is_dir() else path
+        try:
+            summary = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{file}: not a readable compare.json ({exc}); run `one-pipeline compare` first")
+        if summary.get("compare_version", 1) < COMPARE_VERSION:
+            raise ArtifactError(f"{file} predates the paired statistics; run the same `one-pipeline compare` again "
+                                "(its runs are cached, only the summary is rewritten)")
+        summaries.append(summary)
+    return summaries
+
+
+def regime(summary: dict[str, Any]) -> str:
+    recipe = summary["recipe"]
+    images = f"{recipe['train_size']:,} images" if recipe["train_size"] else "all images"
+    noise = f", {100 * recipe['label_noise']:.0f}% noisy labels" if recipe.get("label_noise") else ""
+    return f"{images}, {recipe['epochs']} epochs{noise}"
+
+
+def _mean(summary: dict[str, Any], method: str) -> float:
+    return next(r["mean"] for r in summary["rows"] if r["method"] == method and r["field"] == "kept")
+
+
+def table(summaries: Sequence[dict[str, Any]]) -> str:
+    lines = ["| compare | regime | images seen | vanilla % | ONE kept branch % | gain, points (paired 95% CI) | "
+             "paired p | seeds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for summary in summaries:
+        recipe, gain = summary["recipe"], summary["gains"][0]
+        seen = f"{recipe['train_size'] * recipe['epochs']:,}" if recipe["train_size"] else "-"
+        ci = f" ({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})" if gain["ci95"] else ""
+        lines.append(f"| `{summary['name']}` | {regime(summary)} | {seen} | {_mean(summary, 'vanilla'):.2f} | "
+                     f"{_mean(summary, 'one'):.2f} | {gain['diff']:+.2f}{ci} | {fmt(gain['p'], '.3g')} | "
+                     f"{len(summary['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
+    """One row per regime: the mean gain, whiskers to its 95% CI, and the line of no gain."""
+    fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(summaries)), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for row, summary in enumerate(summaries):
+        gain = summary["gains"][0]
+        low, high = gain["ci95"] or (gain["diff"], gain["diff"])
+        ax.errorbar(gain["diff"], row, xerr=[[gain["diff"] - low], [high - gain["diff"]]], fmt="o", capsize=4,
+                    color="tab:green" if low > 0 else "tab:red" if high < 0 else "tab:gray")
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(range(len(summaries)), [f"{s['name']}\n{regime(s)}" for s in summaries], fontsize=8)
+    ax.invert_yaxis()  # in the order given, top to bottom
+    ax.set(xlabel="kept ONE branch - vanilla, test top-1 points (paired 95% CI)",
+           title="Where does ONE pay? (green: the whole interval above zero)")
+    ax.grid(True, axis="x", alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.compare_map", description=__doc__.split("\n\n")[0])
+    parser.add_argument("compares", nargs="+", type=Path, help="<name>-compare folders or their compare.json")
+    parser.add_argument("--plot", type=Path, default=Path("gain_map.png"), help="where the plot goes")
+    args = parser.parse_args(argv)
+    try:
+        summaries = load(args.compares)
+        plot(summaries, args.plot)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(table(summaries) + f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
