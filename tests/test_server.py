@@ -196,6 +196,16 @@ def near_ties(served: np.ndarray, local: np.ndarray) -> np.ndarray:
     return np.flatnonzero(top_two[:, 1] - top_two[:, 0] <= 2 * gap)
 
 
+def build_gap_bound(run: RunDir, precision: str, images: np.ndarray) -> float:
+    """How far two builds' logits may be apart: fp32 to LOGITS_ATOL; a lower precision by no more than
+    its own rounding error (its logits against fp32's here) on top, since the builds differ only in
+    how they round."""
+    if precision == "fp32":
+        return LOGITS_ATOL
+    rounding = np.abs(onnxruntime_logits(run, precision, images) - onnxruntime_logits(run, "fp32", images))
+    return LOGITS_ATOL + float(rounding.max())
+
+
 @pytest.mark.server
 def test_accuracy_through_the_server_equals_the_bench_rows(server, served_run, test_split):
     images, labels = test_split
@@ -206,6 +216,8 @@ def test_accuracy_through_the_server_equals_the_bench_rows(server, served_run, t
         served = np.concatenate([http_infer(server, model, images[i:i + MAX_BATCH])
                                  for i in range(0, len(images), MAX_BATCH)])
         predictions = served_predictions(ServedModel(server.http, model), images, MAX_BATCH)
+        gap = float(np.abs(served - local).max())
+        assert gap <= build_gap_bound(run, precision, images), (model, gap)
         ties = near_ties(served, local)
         differ = np.flatnonzero(predictions != local.argmax(1))
         assert set(differ) <= set(ties), (model, differ, ties)  # other classes only on near ties
