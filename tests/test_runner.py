@@ -71,7 +71,7 @@ def test_changed_opset_reruns_export_and_after_not_training(full_run, tmp_path):
     result = runner.invoke(app, ["run", str(config), "--set", "export.opset=18"])
     assert result.exit_code == 0, result.output
     after = finished(run)
-    assert [n for n in STAGE_NAMES if after[n] == before[n]] == ["train", "select", "strip"]
+    assert [n for n in STAGE_NAMES if after[n] == before[n]] == ["train", "select", "strip", "compress"]
     status = runner.invoke(app, ["status", str(config)])  # the file still says opset 20: export is stale
     assert "stale" in status.output
 

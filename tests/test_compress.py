@@ -1,0 +1,141 @@
+"""The compress stage on the tiny run: structured pruning to a FLOPs target, fine-tuning from a teacher,
+the accuracy guard, model files without pickle, resume after an interruption, clear errors."""
+
+import contextlib
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import validate_config
+from pipeline.deploy.timing import count_flops
+from pipeline.errors import ConfigError
+from pipeline.rundir import RunDir
+from pipeline.runner import run_stages
+from pipeline.training import checkpoint, prune
+from pipeline.training.models import ModelSpec, SingleNet
+from stages import compress as compress_stage
+from tests.conftest import make_ctx, tiny_dict
+
+# width-4 tiny net (stages 4/8/16): blocks of 2 channels so that half the FLOPs is reachable
+SMALL = {"enabled": True, "channel_multiple": 2, "epochs": 1, "images_per_epoch": 96, "batch_size": 16, "lr": 0.02,
+         "max_accuracy_drop": 100}  # the tiny run is about the mechanics; the guard has its own test
+
+
+def _compress(trained_run, root, **compress):
+    cfg, run = trained_run
+    shutil.copytree(run.root, root / cfg.name)
+    new = validate_config(tiny_dict(root, compress={**SMALL, **compress}))
+    copy = RunDir(new.run_dir)
+    run_stages(new, copy, make_ctx(new, copy), until="compress")
+    return new, copy
+
+
+@pytest.fixture(scope="module")
+def compressed(trained_run, tmp_path_factory):
+    return _compress(trained_run, tmp_path_factory.mktemp("compress"))
+
+
+def test_pruned_file_loads_without_pickle_and_meets_the_flops_target(compressed):
+    cfg, run = compressed
+    summary = run.stage("compress")["summary"]
+    assert summary["deployed"] and summary["teacher"] == "one_e", summary
+    payload = torch.load(run.path("compress/model.pt"), weights_only=True)  # plain tensors and primitives
+    pruned = SingleNet(ModelSpec.from_dict(payload["spec"]))
+    pruned.load_state_dict(payload["state_dict"])
+    pruned.eval()
+    branch, _ = checkpoint.load_model(run.path("strip/branch.pt"))
+    image = torch.randn(1, 3, 16, 16)
+    assert count_flops(pruned, image) <= cfg.compress.flops_ratio * count_flops(branch, image)
+    assert count_flops(pruned, image) == summary["flops"]
+    assert payload["spec"]["stage_widths"] == summary["stage_widths"] and summary["stage_widths"] != [4, 8, 16]
+    assert all(w % 2 == 0 for w in summary["stage_widths"] + summary["inner_widths"])
+    assert pruned.branch.fc.out_features == 4  # the classifier's outputs are untouched
+    loaded, _ = checkpoint.load_model(run.path("compress/model.pt"))
+    assert torch.equal(loaded(image), pruned(image))
+
+
+def test_plan_flops_equal_torch_flop_counter():
+    torch.manual_seed(0)
+    net = SingleNet(ModelSpec("resnet20", 10, 1, "single", 1, 16)).eval()
+    example = torch.randn(2, 1, 28, 28)
+    plan = prune.plan_widths(net, example, 0.5, 16)
+    assert (plan.stage_widths, plan.inner_widths) == ((16, 16, 32), (16, 16, 16))
+    pruned = prune.prune(net, plan, example, "magnitude", 2)
+    assert count_flops(pruned, example[:1]) == plan.flops <= 0.5 * count_flops(net, example[:1])
+
+
+def test_unpruned_specs_keep_their_keys():
+    spec = ModelSpec("resnet20", 10, 1, "single", 1, 16)
+    assert "stage_widths" not in spec.to_dict() and ModelSpec.from_dict(spec.to_dict()) == spec
+    pruned = ModelSpec("resnet20", 10, 1, "single", 1, 16, (16, 16, 32), (16,) * 6 + (8,) * 3)
+    assert ModelSpec.from_dict(pruned.to_dict()) == pruned
+
+
+def test_guard_rejects_a_destroyed_pruning(trained_run, tmp_path):
+    """4% of the FLOPs (nearly the least the tiny net allows) with no fine-tune: not deployed, and the reason
+    names the bound and the drop."""
+    _, run = _compress(trained_run, tmp_path, flops_ratio=0.04, channel_multiple=1, epochs=0,
+                       max_accuracy_drop=0.5)
+    summary = run.stage("compress")["summary"]
+    assert not summary["deployed"] and summary["drop"] > 0.5
+    reason = summary["reason"]
+    assert "\n" not in reason and f"{summary['drop']:.2f}" in reason and "compress.max_accuracy_drop 0.5" in reason
+    assert not run.path("compress/model.pt").exists() and "model" not in run.stage("compress")["outputs"]
+
+
+def test_interrupted_fine_tune_resumes_to_the_same_weights(trained_run, tmp_path, monkeypatch):
+    settings = {"epochs": 2, "images_per_epoch": 64}  # 4 batches per epoch
+    _, whole = _compress(trained_run, tmp_path / "a", **settings)
+    calls = []
+
+    @contextlib.contextmanager
+    def ctrl_c_at_step_6():
+        yield lambda: calls.append(1) or len(calls) == 6
+
+    monkeypatch.setattr(compress_stage, "_catch_sigint", ctrl_c_at_step_6)
+    with pytest.raises(compress_stage.Interrupted, match="run the same command again to resume"):
+        _compress(trained_run, tmp_path / "b", **settings)
+    cfg = validate_config(tiny_dict(tmp_path / "b", compress={**SMALL, **settings}))
+    saved = torch.load(cfg.run_dir / "compress/last.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (1, 2)
+    steps = []
+
+    @contextlib.contextmanager
+    def count_steps():
+        yield lambda: steps.append(1) and False
+
+    monkeypatch.setattr(compress_stage, "_catch_sigint", count_steps)
+    resumed = RunDir(cfg.run_dir)
+    run_stages(cfg, resumed, make_ctx(cfg, resumed), until="compress")
+    assert len(steps) == 2  # the rest of epoch 2 only: it resumed rather than started over
+    a = torch.load(whole.path("compress/model.pt"), weights_only=True)["state_dict"]
+    b = torch.load(resumed.path("compress/model.pt"), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("compress, fragment", [
+    ({"flops_ratio": 0}, "compress.flops_ratio"), ({"flops_ratio": 1.5}, "compress.flops_ratio"),
+])
+def test_impossible_ratios_are_config_errors(tmp_path, compress, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate_config(tiny_dict(tmp_path, compress={"enabled": True, **compress}))
+
+
+def test_one_e_teacher_on_a_vanilla_run_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="compress.teacher branch"):
+        validate_config(tiny_dict(tmp_path, model={"method": "vanilla"}, compress={"enabled": True,
+                                                                                    "teacher": "one_e"}))
+
+
+def test_a_ratio_that_leaves_a_layer_with_no_channel_is_one_line(trained_run, tmp_path):
+    cfg, run = trained_run
+    shutil.copytree(run.root, tmp_path / cfg.name)
+    import yaml
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict(tmp_path, compress={**SMALL, "flops_ratio": 0.05})))
+    result = CliRunner().invoke(app, ["run", str(path), "--until", "compress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "leaves a layer with no channel" in result.output and "channel_multiple" in result.output
