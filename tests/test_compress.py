@@ -139,3 +139,74 @@ def test_a_ratio_that_leaves_a_layer_with_no_channel_is_one_line(trained_run, tm
     result = CliRunner().invoke(app, ["run", str(path), "--until", "compress"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "leaves a layer with no channel" in result.output and "channel_multiple" in result.output
+
+
+@pytest.fixture(scope="module")
+def deployed(compressed, tmp_path_factory):
+    """The compressed run taken through export (fp32 + fp16, branch and pruned) and triton."""
+    from tests.conftest import copy_run
+
+    return copy_run(compressed, tmp_path_factory.mktemp("deployed"), "triton",
+                    export={"precisions": ["fp32", "fp16"], "ensemble": False, "max_accuracy_drop": 100})
+
+
+def test_pruned_onnx_agrees_with_pytorch(deployed):
+    import onnxruntime as ort
+
+    from pipeline.training.data import load_datasets
+
+    cfg, run = deployed
+    summary = run.stage("export")["summary"]
+    assert summary["compress"]["deployed"] and summary["pruned_deployed"] == ["fp32", "fp16"]
+    model, _ = checkpoint.load_model(run.output("compress", "model"))
+    images, _ = next(load_datasets(cfg.data).val.batches(64))
+    session = ort.InferenceSession(str(run.output("export", "pruned_onnx_fp32")), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"input": images.numpy()})[0]
+    with torch.no_grad():
+        want = model(images).numpy()
+    assert abs(got - want).max() < 1e-4 and (got.argmax(1) == want.argmax(1)).all()
+    branch = ort.InferenceSession(str(run.output("export", "onnx_fp32")), providers=["CPUExecutionProvider"])
+    assert branch.get_inputs()[0].shape[1:] == session.get_inputs()[0].shape[1:]  # the same input, a smaller net
+    assert run.output("export", "pruned_onnx_fp32").stat().st_size < run.output("export", "onnx_fp32").stat().st_size
+
+
+def test_triton_repository_serves_the_pruned_models(deployed):
+    from pipeline.deploy.onnx_io import read_onnx_io
+
+    _, run = deployed
+    models = run.stage("triton")["summary"]["models"]
+    assert {"tiny_pruned_onnx", "tiny_pruned_onnx_fp16", "tiny_onnx"} <= models.keys()
+    served = run.path("triton", "tiny_pruned_onnx", "1", "model.onnx")
+    assert served.read_bytes() == run.output("export", "pruned_onnx_fp32").read_bytes()
+    assert "tiny_pruned_onnx" in run.path("triton", "README.txt").read_text()
+    class_names = torch.load(run.path("compress/model.pt"), weights_only=True)["data"]["class_names"]
+    assert read_onnx_io(served).class_names == tuple(class_names)
+
+
+@pytest.mark.server
+def test_a_real_server_answers_with_the_pruned_models_logits(deployed, tmp_path):
+    import onnxruntime as ort
+    import tritonclient.http as httpclient
+
+    from pipeline.deploy import triton_server
+    from pipeline.errors import PipelineError
+
+    _, run = deployed
+    try:
+        env = None if triton_server.external_command() else triton_server.setup_env()
+    except PipelineError as exc:
+        pytest.skip(f"server environment: {exc}")
+    server = triton_server.TritonServer(run.path("triton"), env=env, command=triton_server.external_command(),
+                                        log=tmp_path / "server.log")
+    server.start(timeout_s=180)
+    try:
+        images = torch.randn(4, 3, 16, 16).numpy()
+        tensor = httpclient.InferInput("input", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        with httpclient.InferenceServerClient(server.endpoints.http) as client:
+            got = client.infer("tiny_pruned_onnx", [tensor]).as_numpy("logits")
+    finally:
+        server.stop(timeout_s=60)
+    session = ort.InferenceSession(str(run.output("export", "pruned_onnx_fp32")), providers=["CPUExecutionProvider"])
+    want = session.run(["logits"], {"input": images})[0]
+    assert abs(got - want).max() < 2e-2 and (got.argmax(1) == want.argmax(1)).all()
