@@ -2,6 +2,7 @@
 the accuracy guard, model files without pickle, resume after an interruption, clear errors."""
 
 import contextlib
+import json
 import shutil
 
 import pytest
@@ -210,3 +211,36 @@ def test_a_real_server_answers_with_the_pruned_models_logits(deployed, tmp_path)
     session = ort.InferenceSession(str(run.output("export", "pruned_onnx_fp32")), providers=["CPUExecutionProvider"])
     want = session.run(["logits"], {"input": images})[0]
     assert abs(got - want).max() < 2e-2 and (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_bench_and_report_put_the_pruned_rows_beside_the_branch(deployed, tmp_path):
+    from tests.conftest import copy_run
+
+    _, run = copy_run(deployed, tmp_path, "report", bench={"served": False, "batch_sizes": [8], "warmup": 1,
+                                                           "iterations": 3, "throughput_iterations": 2})
+    bench = json.loads(run.path("bench/bench.json").read_text())
+    rows = {r["name"]: r for r in bench["rows"]}
+    for name in ("pruned_eager", "pruned_onnx_fp32", "pruned_onnx_fp16"):
+        assert rows[name]["status"] == "ok" and rows[name]["model"] == "pruned", rows[name]
+    assert rows["pruned_onnx_fp32"]["flops"] < rows["branch_onnx_fp32"]["flops"]
+    assert rows["pruned_onnx_fp32"]["triton_model"] == "tiny_pruned_onnx"
+    prune_gain = bench["headline"]["prune"]
+    assert (prune_gain["row"], prune_gain["versus"]) == ("pruned_onnx_fp32", "branch_onnx_fp32")
+    assert "Prune gain (same runtime, same precision)" in run.path("report/report.md").read_text()
+
+
+def test_a_pruning_the_guard_rejects_is_named_by_every_later_stage(trained_run, tmp_path):
+    from tests.conftest import copy_run
+
+    cfg, run = _compress(trained_run, tmp_path / "c", flops_ratio=0.04, channel_multiple=1, epochs=0,
+                         max_accuracy_drop=0.5)
+    reason = run.stage("compress")["summary"]["reason"]
+    _, run = copy_run((cfg, run), tmp_path / "d", "bench",
+                      export={"precisions": ["fp32"], "ensemble": False},
+                      bench={"served": False, "batch_sizes": [8], "warmup": 1, "iterations": 3,
+                             "throughput_iterations": 2})
+    assert run.stage("export")["summary"]["compress"] == {"deployed": False, "reason": reason}
+    assert not list(run.path("export").glob("pruned_*"))
+    assert reason in run.path("triton", "README.txt").read_text()
+    rows = {r["name"]: r for r in json.loads(run.path("bench/bench.json").read_text())["rows"]}
+    assert rows["pruned_onnx_fp32"]["status"] == "skipped" and reason in rows["pruned_onnx_fp32"]["reason"]
