@@ -99,7 +99,7 @@ def _stage_command(name: str, extra_help: str = "") -> None:
     app.command(name)(command)
 
 
-for _name in ("train", "engine", "triton", "bench", "report"):
+for _name in ("train", "compress", "engine", "triton", "bench", "report"):
     _stage_command(_name)
 
 
@@ -130,13 +130,22 @@ def compare(config: Path = ConfigArg,
             variants: Optional[list[str]] = typer.Option(
                 None, "--variant", help="One more ONE method with one field changed, e.g. --variant branches=4 "
                                         "(repeatable)"),
+            compress: bool = typer.Option(False, "--compress", help="Then prune both networks (compress section) "
+                                          "five ways: does ONE's teacher pay? (writes <name>-compare/compress.md)"),
             overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether ONE's
     kept branch is better, with a significance figure and the cost (writes <name>-compare/compare.md)."""
     from pipeline.compare import compare as run_compare
     from pipeline.compare import parse_seeds
 
-    _guard(lambda: run_compare(config, overrides or [], parse_seeds(seeds), variants or [], console), debug)
+    def both() -> None:
+        run_compare(config, overrides or [], parse_seeds(seeds), variants or [], console)
+        if compress:
+            from pipeline.compare_compress import compress_compare
+
+            compress_compare(config, overrides or [], parse_seeds(seeds), console)
+
+    _guard(both, debug)
 
 
 @app.command()

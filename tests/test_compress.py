@@ -244,3 +244,45 @@ def test_a_pruning_the_guard_rejects_is_named_by_every_later_stage(trained_run, 
     assert reason in run.path("triton", "README.txt").read_text()
     rows = {r["name"]: r for r in json.loads(run.path("bench/bench.json").read_text())["rows"]}
     assert rows["pruned_onnx_fp32"]["status"] == "skipped" and reason in rows["pruned_onnx_fp32"]["reason"]
+
+
+def _records(values: dict[str, list[float]]) -> list[dict]:
+    return [{"variant": key, "seed": seed, "test": v, "branch_test": 80.0, "val": v, "flops_ratio": 0.5,
+             "deployed": True, "run": "-"} for key, vs in values.items() for seed, v in enumerate(vs)]
+
+
+def test_compress_table_says_whether_ones_teacher_pays():
+    from pipeline.compare_compress import VARIANTS, markdown, summarise
+
+    base = validate_config(tiny_dict("/tmp", compress={"enabled": True}))
+    values = {key: [70.0, 71.0, 72.5] for key, *_ in VARIANTS}
+    values["one-ensemble"] = [72.0, 72.5, 74.6]
+    table = summarise(base, [0, 1, 2], _records(values))
+    assert [p["diff"] for p in table["pairs"]] == pytest.approx([5.6 / 3] * 2)  # seed by seed: 2.0, 1.5, 2.1
+    assert table["pairs"][0]["p"] < 0.05 and "pays its training cost" in table["verdict"]
+    assert "| ONE kept branch pruned, KD from ONE-E | one_e | 72.00 | 72.50 | 74.60 |" in markdown(table)
+    values["one-ensemble"] = [70.1, 70.9, 72.6]  # within the seeds' noise: no claim
+    table = summarise(base, [0, 1, 2], _records(values))
+    assert "does not pay here" in table["verdict"]
+
+
+@pytest.mark.slow
+def test_compare_compress_prunes_both_methods_five_ways(tmp_path):
+    import yaml
+    from rich.console import Console
+
+    from pipeline.compare import compare
+    from pipeline.compare_compress import VARIANTS, compress_compare
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", compress=SMALL)))
+    compare(config, [], [0, 1], [], Console(quiet=True))
+    assert not (tmp_path / "runs" / "tiny-compare" / "one-seed0" / "compress" / "model.pt").exists()  # plain compare
+    compress_compare(config, [], [0, 1], Console(quiet=True))
+    table = json.loads((tmp_path / "runs" / "tiny-compare" / "compress.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == [key for key, *_ in VARIANTS]
+    assert len(table["runs"]) == 10 and all(len(r["per_seed"]) == 2 for r in table["rows"])
+    run = RunDir(tmp_path / "runs" / "tiny-compare" / "compress-vanilla-branch-seed1")
+    assert run.stage("compress")["summary"]["teacher"] == "branch" and run.stage("train")["summary"]["method"] == \
+        "vanilla"
+    assert "ONE's teacher" in (tmp_path / "runs" / "tiny-compare" / "compress.md").read_text()
