@@ -129,9 +129,11 @@ def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, 
     last_path = ctx.stage_dir("compress") / "last.pt"
     start_epoch, skip, history = 0, 0, []
     torch.manual_seed(ctx.cfg.seed)
-    if last_path.exists() and not ctx.fresh:
+    # a checkpoint of other inputs (another branch, teacher or compress config) is a finished or abandoned
+    # fine-tune of something else, not this one's progress: start over
+    if last_path.exists() and not ctx.fresh and checkpoint.load(last_path).get("fingerprint") == fingerprint:
         start_epoch, skip, history = loop.resume(last_path, fingerprint, student, optimizer, scheduler,
-                                                 stage="compress", what="seed/data/compress (or another branch)")
+                                                 stage="compress", what="seed/data/compress")
         ctx.console.print(f"resuming the fine-tune from {escape(str(last_path))}: epoch {start_epoch + 1}, "
                           f"batch {skip}")
 
