@@ -137,11 +137,20 @@ def compare(config: Path = ConfigArg,
             variants: Optional[list[str]] = typer.Option(
                 None, "--variant", help="One more ONE method with one field changed, e.g. --variant branches=4 "
                                         "(repeatable)"),
+            compress: bool = typer.Option(False, "--compress", help="Then prune both networks (compress section) "
+                                          "five ways: does ONE's teacher pay? (writes <name>-compare/compress.md)"),
             overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     from pipeline.compare import compare as run_compare
     from pipeline.compare import parse_seeds
 
-    _guard(lambda: run_compare(config, overrides or [], parse_seeds(seeds), variants or [], console), debug)
+    def both() -> None:
+        run_compare(config, overrides or [], parse_seeds(seeds), variants or [], console)
+        if compress:
+            from pipeline.compare_compress import compress_compare
+
+            compress_compare(config, overrides or [], parse_seeds(seeds), console)
+
+    _guard(both, debug)
 
 
 @app.command()

@@ -43,7 +43,8 @@ from pipeline.training.models import count_parameters
 COMPARE_VERSION = 2  # 2: gains carry the paired test (the verdict's) and Welch's
 SIGNIFICANCE = 0.05  # two-sided p below this: the difference is called real
 UNTIL = "export"  # each run goes this far: accuracies (train, select) and the deployable fp32 ONNX (export)
-RUN_OVERRIDES = ("export.precisions=[fp32]", "export.ensemble=false")  # only the network's own cost is compared
+# only the network's own cost is compared; `--compress` prunes copies of these runs (pipeline/compare_compress.py)
+RUN_OVERRIDES = ("export.precisions=[fp32]", "export.ensemble=false", "compress.enabled=false")
 LATENCY_ROUNDS, LATENCY_CALLS = 7, 200
 
 

@@ -119,6 +119,38 @@ class SelectConfig(Section):
         return value
 
 
+class CompressConfig(Section):
+    enabled: bool = Field(False, description="Prune the kept branch to compress.flops_ratio of its FLOPs and "
+                                             "fine-tune it (stage compress); false: the branch is deployed as is")
+    flops_ratio: float = Field(0.5, gt=0, le=1, description="Share of the kept branch's FLOPs the pruned network "
+                                                            "may keep")
+    channel_multiple: int = Field(16, ge=1, description="Every pruned width is a multiple of this (or the "
+                                                        "original width): CPU convolution kernels work on channel "
+                                                        "blocks (8 on AVX2, 16 on AVX-512); a width off the block "
+                                                        "is padded and saves nothing")
+    importance: Literal["magnitude", "bn_scale"] = Field(
+        "magnitude", description="Which channels go: lowest L2 norm over the coupled group (magnitude) or lowest "
+                                 "BatchNorm scale (bn_scale)")
+    steps: int = Field(4, ge=1, description="Prune in this many steps, importance recomputed after each")
+    teacher: Literal["one_e", "branch", "none"] | None = Field(
+        None, description="Distillation teacher for the fine-tune: one_e (the ONE model's gated ensemble), branch "
+                          "(the unpruned kept branch), none (cross-entropy only); None: one_e for ONE, branch "
+                          "for vanilla")
+    temperature: float = Field(4.0, gt=0, description="Distillation temperature T")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of T^2 * KL(teacher || student) beside the CE")
+    epochs: int = Field(1, ge=0, description="Fine-tune passes (0: no fine-tune)")
+    images_per_epoch: int | None = Field(None, ge=2, description="Fine-tune on this many images of each epoch's "
+                                                                 "shuffled order; None: the whole training split")
+    batch_size: int = Field(128, ge=2, description="Fine-tune batch")
+    lr: float = Field(0.01, gt=0, description="SGD learning rate of the fine-tune")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: to 0 over the fine-tune, per step")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
+    max_accuracy_drop: float = Field(0.5, ge=0, description="Most validation top-1 points the pruned fp32 network "
+                                                            "may lose against the kept branch; worse is not "
+                                                            "deployed")
+
+
 class ExportConfig(Section):
     opset: int = Field(20, ge=18, le=23, description="ONNX opset (the dynamo exporter needs >= 18)")
     precisions: list[ExportPrecision] = Field(
@@ -217,6 +249,7 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     select: SelectConfig = SelectConfig()
+    compress: CompressConfig = CompressConfig()
     export: ExportConfig = ExportConfig()
     engine: EngineConfig = EngineConfig()
     triton: TritonConfig = TritonConfig()
@@ -233,6 +266,9 @@ class Config(Section):
             raise ValueError(
                 f"engine.precision {self.engine.precision} is not among export.precisions {self.export.precisions}"
             )
+        if self.compress.enabled and self.compress.teacher == "one_e" and self.model.method != "one":
+            raise ValueError("compress.teacher one_e is the ONE model's ensemble, which a vanilla run does not "
+                             "have; use compress.teacher branch (the unpruned network) or none")
         if self.name in (".", ".."):
             raise ValueError("name must be a plain folder name")
         return self

@@ -1,16 +1,17 @@
 """bench: measure every deployed form of the kept branch and its ONE-E twin on the same inputs, one row
 each, into bench.json, so that every comparison changes one thing at a time.
 
-Rows, in order: PyTorch eager (ONE-E, the full model used for the kept branch, the stripped branch),
-torch.compile (CUDA only), ONNX Runtime per exported precision (ONE-E and branch), TensorRT (ONE-E and
-branch), and with `bench.baseline` the same network trained alone (PyTorch eager and ONNX Runtime
-fp32). A row that cannot run here is `skipped` with the reason (a model the export accuracy guard
-rejected among them); one whose file could not be made is `failed` in "export", one whose file exists
-but did not run is `failed` in "bench" (Ultralytics keeps the two apart). Every row: top-1 on the test
-set, agreement with the same model in PyTorch eager, batch-1 latency (p50/p90/p99), throughput at each
-of `bench.batch_sizes`, params, FLOPs, file size. Accuracy is measured row by row; timing afterwards, in
-`bench.rounds` rounds in which every row takes its turn (the Triton row, timed through its server, apart).
-The headline splits the gain into its parts (strip, runtime, precision) and picks what to ship. Schema:
+Rows, in order: PyTorch eager (ONE-E, the full model used for the kept branch, the stripped branch, and
+with compress.enabled the pruned branch), torch.compile (CUDA only), ONNX Runtime per exported precision
+(ONE-E, branch, pruned), TensorRT (ONE-E, branch, pruned), and with `bench.baseline` the same network
+trained alone (PyTorch eager and ONNX Runtime fp32). A row that cannot run here is `skipped` with the
+reason (a model the export accuracy guard rejected among them); one whose file could not be made is
+`failed` in "export", one whose file exists but did not run is `failed` in "bench" (Ultralytics keeps the
+two apart). Every row: top-1 on the test set, agreement with the same model in PyTorch eager, batch-1
+latency (p50/p90/p99), throughput at each of `bench.batch_sizes`, params, FLOPs, file size. Accuracy is
+measured row by row; timing afterwards, in `bench.rounds` rounds in which every row takes its turn (the
+Triton row, timed through its server, apart). The headline splits the gain into its parts (strip, runtime,
+precision) and picks what to ship. Schema:
 docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
 
@@ -55,7 +56,8 @@ from pipeline.training.evaluate import evaluate
 from pipeline.training.models import EnsembleNet, count_parameters
 
 LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
-          "branch": "stripped branch", "baseline": "baseline: the same network trained alone"}
+          "branch": "stripped branch", "pruned": "pruned branch (compress)",
+          "baseline": "baseline: the same network trained alone"}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -140,10 +142,12 @@ class _Bench:
         self.static = {"branch": self._static(stripped, branch_path)}
         if self.method == "one":
             self.static["ensemble"] = self._static(EnsembleNet(full), full_path)
-        rows = [*self._eager_rows(full, stripped), *self._compiled_rows(full, stripped)]
+        models = ("ensemble", "branch", "pruned") if ctx.cfg.compress.enabled else ("ensemble", "branch")
+        rows = [*self._eager_rows(full, stripped), *([self._pruned_eager_row()] if "pruned" in models else []),
+                *self._compiled_rows(full, stripped)]
         for precision in PRECISIONS:
-            rows += [self._onnx_row("ensemble", precision), self._onnx_row("branch", precision)]
-        rows += [self._tensorrt_row("ensemble"), self._tensorrt_row("branch"), self._served_row()]
+            rows += [self._onnx_row(m, precision) for m in models]
+        rows += [self._tensorrt_row(m) for m in models] + [self._served_row()]
         if baseline is not None:
             rows += self._baseline_rows(*baseline)
         self._time_in_rounds(rows)
@@ -181,6 +185,23 @@ class _Bench:
                 for m in ("ensemble", "full_branch")]
         return rows + [self._guard(_base("branch", "pytorch"), branch_row)]
 
+    def _pruned_eager_row(self) -> dict:
+        """The compress stage's network in PyTorch, when its guard deployed one (else why not)."""
+        base = _base("pruned", "pytorch")
+        not_run = self._not_run("pruned", "compress", "model", "fp32")
+        if not_run:
+            return {**base, **not_run}
+        path = self.ctx.input("compress", "model")
+        pruned = load_model(path)[0].to(self.device)
+        self.static["pruned"] = self._static(pruned, path)
+
+        def measure() -> dict:
+            acc = self._evaluate(pruned, {base["name"]: lambda out: out})
+            self._time_later(base["name"], pruned, self.inputs, cuda_events=True)
+            return {"accuracy": acc["branches"][0], **self.static["pruned"]}
+
+        return self._guard(base, measure)
+
     def _compiled_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
         def measure(model: str) -> dict:
             if self.device.type != "cuda":
@@ -203,8 +224,9 @@ class _Bench:
             return {**base, **not_run}
         path = exported_onnx(self.ctx.run, onnx_key(model, precision))
         row = self._guard(base, lambda: self._onnx(base["name"], path, self.static[model]))
-        if model == "branch" and self.triton_base:
-            row["triton_model"] = triton_model_name(self.triton_base, precision)
+        if model in ("branch", "pruned") and self.triton_base:
+            name = self.triton_base + ("_pruned" if model == "pruned" else "")
+            row["triton_model"] = triton_model_name(name, precision)
         return row
 
     def _tensorrt_row(self, model: str) -> dict:
@@ -262,6 +284,10 @@ class _Bench:
         """None when `stage` recorded `key`; else the row's status and reason."""
         if model == "ensemble" and self.method == "vanilla":
             return {"status": "skipped", "reason": self._vanilla_reason()}
+        compress = self.ctx.run.stage("compress") or {}
+        if model == "pruned" and not (compress.get("summary") or {}).get("deployed"):
+            why = (compress.get("summary") or {}).get("reason") or compress.get("reason") or "compress has not run"
+            return {"status": "skipped", "reason": f"no pruned network: {why}"}
         entry = self.ctx.run.stage(stage)
         if entry is None:
             return {"status": "skipped", "reason": f"the {stage} stage has not run"}
@@ -508,5 +534,6 @@ def _headline(rows: list[Row], max_drop: float) -> dict:
     return {"runtime": "onnxruntime fp32", "strip": strip and strip.model_dump(),
             "runtime_gain": (g := gain(branch, by_name.get("branch_eager"))) and g.model_dump(),
             "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
+            "prune": (q := gain(by_name.get("pruned_onnx_fp32"), branch)) and q.model_dump(),
             "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
             "ship": ship_pick(rows, max_drop).model_dump(), "reason": "; ".join(reasons) or None}

@@ -288,6 +288,8 @@ def run(ctx: StageContext) -> StageResult:
     ctx.console.print(escape(f"engine precision {precision}: {why}"))
     subjects = ["branch"] + (["ensemble"] if cfg.ensemble and onnx_key("ensemble", precision) in
                              export.get("outputs", {}) else [])
+    if onnx_key("pruned", precision) in export.get("outputs", {}):  # compress's network, same precision
+        subjects.append("pruned")
     outputs: dict[str, Path] = {}
     summary: dict[str, Any] = {"precision": precision, "why": why}
     for subject in subjects:

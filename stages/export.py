@@ -4,7 +4,8 @@ precisions, and judge every file with ONNX Runtime on real validation images.
     proto = export_onnx(single_net, example_batch, opset=20)   # input "input" (N dynamic), output "logits"
     figures = check_onnx(path, images, reference_logits, ["CPUExecutionProvider"], atol=1e-4, same_top1=True)
 
-Checks, per subject (the branch; ONE-E when export.ensemble and the run is ONE):
+Checks, per subject (the branch; ONE-E when export.ensemble and the run is ONE; the pruned branch when the
+compress stage deployed one, its int8 recipes searched anew):
 - fp32: onnx.checker, names/types, max abs logit diff vs PyTorch <= export.atol, identical top-1 (a
   failure stops the stage: the graph does not compute what the network does);
 - fp16: the same with export.fp16_atol, then the accuracy guard;
@@ -277,6 +278,9 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.ensemble and ctx.summary("train").get("method", ctx.cfg.model.method) == "one":
         full, _ = checkpoint.load_model(ctx.input("train", "model"))
         models["ensemble"] = EnsembleNet(full)
+    pruned_path, compress_note = pruned_model(ctx)
+    if pruned_path is not None:
+        models["pruned"] = checkpoint.load_model(pruned_path)[0]
     data = load_datasets(ctx.cfg.data)
     check_images, _ = next(data.val.batches(min(cfg.check_size, len(data.val))))
     int8_targets = [p for p in PRECISIONS if p.startswith("int8") and p in cfg.precisions]
@@ -289,17 +293,20 @@ def run(ctx: StageContext) -> StageResult:
                 (out_dir / onnx_file_name(subject, precision)).unlink(missing_ok=True)
     summary: dict[str, Any] = {"check_images": len(check_images), "validation_images": len(data.val),
                                "providers": onnx_providers(ctx.device), "opset": cfg.opset, "branch": payload["branch"],
-                               "max_accuracy_drop": cfg.max_accuracy_drop}
+                               "max_accuracy_drop": cfg.max_accuracy_drop, "compress": compress_note}
     outputs: dict[str, Path] = {}
     kept_recipes: dict[str, list[Recipe]] = {}
     for subject, model in models.items():
-        meta = {**metadata, "model": "one-e" if subject == "ensemble" else "branch"}
+        meta = {**metadata, "model": {"ensemble": "one-e"}.get(subject, subject)}
+        if subject == "pruned":
+            meta["checkpoint_sha256"] = sha256_file(pruned_path)
         job = _Export(ctx, subject, model, meta, check_images, data, calibration)
         job.produce("fp32", job.fp32)
         if "fp16" in cfg.precisions:
             job.produce("fp16", job.fp16)
         for target in int8_targets:
-            candidates = kept_recipes.get(target, recipes(cfg.calibration_methods))
+            candidates = kept_recipes.get(target, recipes(cfg.calibration_methods)) if subject == "ensemble" else \
+                recipes(cfg.calibration_methods)  # the pruned network searches its own
             job.produce(target, lambda t=target, c=candidates: job.int8(t, c))
             recipe = job.figures[target].get("recipe")
             if subject == "branch":  # ONE-E's twin is quantized the way the branch was
@@ -307,4 +314,17 @@ def run(ctx: StageContext) -> StageResult:
         summary[subject] = job.figures
         outputs.update(job.outputs)
     summary["deployed"] = [p for p in PRECISIONS if onnx_key("branch", p) in outputs]
+    summary["pruned_deployed"] = [p for p in PRECISIONS if onnx_key("pruned", p) in outputs]
     return StageResult(outputs=outputs, summary=summary)
+
+
+def pruned_model(ctx: StageContext) -> tuple[Path | None, dict[str, Any]]:
+    """compress/model.pt when the compress stage deployed one, and what export says about it either way."""
+    entry = ctx.run.stage("compress") or {}
+    summary = entry.get("summary") or {}
+    if entry.get("status") != "done":
+        return None, {"deployed": False, "reason": entry.get("reason") or "the compress stage did not run"}
+    if not summary.get("deployed"):
+        return None, {"deployed": False, "reason": summary.get("reason", "compress deployed no network")}
+    return ctx.input("compress", "model"), {"deployed": True, "flops_ratio": summary.get("flops_ratio"),
+                                            "teacher": summary.get("teacher")}

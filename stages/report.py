@@ -33,7 +33,8 @@ from pipeline.rundir import atomic_path, write_text
 from pipeline.stage import StageContext, StageResult
 
 PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and its legend on the right
-COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "baseline": "tab:green"}
+COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "pruned": "tab:purple",
+           "baseline": "tab:green"}
 MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^", "triton": "v"}
 
 
@@ -143,6 +144,10 @@ def _headline(bench: BenchFile) -> list[str]:
     lines.append(_gain_line("Runtime gain (same model)", h.runtime_gain, bench, "not measured"))
     lines.append(_gain_line("Precision gain (same model, same runtime)", h.precision_gain, bench,
                             "no lower precision of the branch was deployed and measured"))
+    pruned = bench.row("pruned_onnx_fp32")
+    if pruned is not None:  # compress.enabled
+        lines.append(_gain_line("Prune gain (same runtime, same precision)", h.prune, bench,
+                                f"not measured ({pruned.reason or 'the branch ONNX row did not run'})"))
     return lines
 
 

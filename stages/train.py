@@ -10,35 +10,28 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
-import signal
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError, UsageError
 from pipeline.rundir import write_text
 from pipeline.stage import StageContext, StageResult
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, loop
 from pipeline.training.data import Datasets, load_datasets, training_batches
 from pipeline.training.evaluate import evaluate
 from pipeline.training.imagefolder import check_images
+from pipeline.training.loop import Interrupted
+from pipeline.training.loop import catch_sigint as _catch_sigint  # a name tests replace
+from pipeline.training.loop import progress_bar as _progress
 from pipeline.training.loss import one_loss
 from pipeline.training.models import ModelSpec, build_model, count_parameters
 
 TRAIN_SECTIONS = ("seed", "data", "model", "loss", "train")
-
-
-class Interrupted(PipelineError):
-    """Ctrl-C during training: a checkpoint was saved; running again resumes."""
-
-    exit_code = 130
 
 
 def model_spec(cfg: Config, data: Datasets) -> ModelSpec:
@@ -85,7 +78,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics_path = out_dir / "metrics.jsonl"
     start_epoch, skip_batches, history = 0, 0, []
     if last_path.exists() and not ctx.fresh:
-        start_epoch, skip_batches, history = _resume(last_path, fingerprint, model, optimizer, scheduler)
+        start_epoch, skip_batches, history = loop.resume(last_path, fingerprint, model, optimizer, scheduler)
         ctx.console.print(f"resuming from {escape(str(last_path))}: epoch {start_epoch + 1}, batch {skip_batches}")
 
     trained = model
@@ -99,12 +92,8 @@ def run(ctx: StageContext) -> StageResult:
 
     def save_last(epoch: int, batch: int) -> None:
         if ctx.rank == 0:
-            checkpoint.save(last_path, {
-                "spec": spec.to_dict(), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "batch": batch, "fingerprint": fingerprint,
-                "history": json.dumps(history), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            })
+            loop.save_state(last_path, model, optimizer, scheduler, epoch=epoch, batch=batch,
+                            fingerprint=fingerprint, history=history, spec=spec.to_dict())
 
     with _progress(ctx) as progress, _catch_sigint() as interrupted:
         task = progress.add_task("train", total=(cfg.train.epochs - start_epoch) * batches_per_epoch - skip_batches)
@@ -204,59 +193,8 @@ def _broadcast_buffers(model: nn.Module) -> None:
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
                steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped after every optimizer step: cosine anneals to 0 within the run (short runs end annealed);
-    multistep multiplies by gamma at the start of each milestone epoch."""
-    def factor(step: int) -> float:
-        epochs_done = step / steps_per_epoch
-        if cfg.train.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(epochs_done / cfg.train.epochs, 1.0)))
-        return cfg.train.gamma ** sum(m <= epochs_done for m in cfg.train.milestones)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _resume(path: Path, fingerprint: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, list]:
-    state = checkpoint.load(path)
-    if state.get("fingerprint") != fingerprint:
-        raise UsageError(f"{path} was written by a run with another data/model/loss/train config; run with "
-                         "--force train to start over (or use another run name)")
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError:
-        raise UsageError(f"{path} holds an incompatible architecture; run with --force train to start over") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if torch.cuda.is_available() and state["rng_cuda"]:
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["epoch"], state["batch"], json.loads(state["history"])
-
-
-@contextlib.contextmanager
-def _catch_sigint() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag read after each step; a second one stops at once."""
-    hits = []
-
-    def handler(signum, frame):
-        if hits:
-            raise KeyboardInterrupt
-        hits.append(signum)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield lambda: False
-        return
-    try:
-        yield lambda: bool(hits)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _progress(ctx: StageContext) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=ctx.console,
-                    disable=ctx.console.quiet or ctx.rank != 0, transient=False)
+    return loop.scheduler(optimizer, cfg.train.schedule, cfg.train.epochs, steps_per_epoch, cfg.train.milestones,
+                          cfg.train.gamma)
 
 
 def _accuracy_text(acc: dict) -> str:

@@ -7,6 +7,7 @@
       <name>_onnx_int8/   ... 1/model.onnx                          (symmetric Q/DQ ONNX: TensorRT's form)
       <name>_onnx_int8_cpu/ ... 1/model.onnx                        (uint8 Q/DQ ONNX on CPU instances: x86's form)
       <name>_trt/         ... 1/model.plan                          platform tensorrt_plan (when engine is done)
+      <name>_pruned_onnx/ ... (and _fp16, _int8, _int8_cpu)         the compress stage's pruned branch, when deployed
 
 <name> is triton.model_name or the run name. Only the models the export accuracy guard deployed are
 written. Inputs and outputs (names, data types, dims without the
@@ -114,16 +115,18 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
-    """The branch's ONNX models the export accuracy guard deployed; the x86 int8 form on CPU instances."""
+    """The branch's ONNX models the export accuracy guard deployed, and the pruned branch's as
+    <base>_pruned_onnx...; the x86 int8 form on CPU instances."""
     entries = []
     deployed = (ctx.run.stage("export") or {}).get("outputs", {})
-    for precision in [p for p in PRECISIONS if onnx_key("branch", p) in deployed]:
-        path = exported_onnx(ctx.run, onnx_key("branch", precision))
-        header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
-                  f"(sha256 {sha256_file(path)[:16]})"]
-        entries.append(ModelEntry(triton_model_name(base, precision), "onnxruntime_onnx", path, read_onnx_io(path),
-                                  ctx.cfg.triton.max_batch_size, header,
-                                  "KIND_CPU" if precision == "int8_cpu" else None))
+    for subject, name in (("branch", base), ("pruned", f"{base}_pruned")):
+        for precision in [p for p in PRECISIONS if onnx_key(subject, p) in deployed]:
+            path = exported_onnx(ctx.run, onnx_key(subject, precision))
+            header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
+                      f"(sha256 {sha256_file(path)[:16]})"]
+            entries.append(ModelEntry(triton_model_name(name, precision), "onnxruntime_onnx", path,
+                                      read_onnx_io(path), ctx.cfg.triton.max_batch_size, header,
+                                      "KIND_CPU" if precision == "int8_cpu" else None))
     return entries
 
 
@@ -190,6 +193,9 @@ def run(ctx: StageContext) -> StageResult:
     base = cfg.model_name or ctx.cfg.name
     notes: list[str] = []
     entries = _onnx_models(ctx, base)
+    compress = ((ctx.run.stage("export") or {}).get("summary") or {}).get("compress") or {}
+    if ctx.cfg.compress.enabled and not compress.get("deployed"):
+        notes.append(f"no {base}_pruned models: {compress.get('reason', 'the compress stage did not run')}")
     plan = _plan_model(ctx, base, notes)
     if plan is not None:
         entries.append(plan)

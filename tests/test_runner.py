@@ -25,6 +25,9 @@ def full_run(trained_run, tmp_path_factory):
     # fp32 only: these tests are about the runner and caching, not about int8 numerics (which differ
     # between CPUs: tests/test_export.py covers quantization with bounds that hold on every x86 CPU)
     raw["export"] = {**raw["export"], "precisions": ["fp32"], "ensemble": False}
+    # the tiny run goes through compress too (blocks of 2 channels, a few fine-tune batches, any accuracy)
+    raw["compress"] = {"enabled": True, "channel_multiple": 2, "epochs": 1, "images_per_epoch": 64,
+                       "batch_size": 16, "max_accuracy_drop": 100}
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["run", str(config)])
@@ -41,8 +44,8 @@ def test_run_produces_every_artifact(full_run):
     statuses = {name: run.stage(name)["status"] for name in STAGE_NAMES}
     assert statuses["engine"] == "skipped" and "TensorRT" in run.stage("engine")["reason"]
     assert all(s == "done" for n, s in statuses.items() if n != "engine"), statuses
-    for path in ("export/model_fp32.onnx", "bench/bench.json", "report/report.md",
-                 "report/accuracy_vs_latency.png", "config.yaml"):
+    for path in ("export/model_fp32.onnx", "compress/model.pt", "export/pruned_fp32.onnx", "bench/bench.json",
+                 "report/report.md", "report/accuracy_vs_latency.png", "config.yaml"):
         assert run.path(path).exists(), path
     assert list(run.path("triton").glob("*/config.pbtxt"))
 
@@ -71,7 +74,7 @@ def test_changed_opset_reruns_export_and_after_not_training(full_run, tmp_path):
     result = runner.invoke(app, ["run", str(config), "--set", "export.opset=18"])
     assert result.exit_code == 0, result.output
     after = finished(run)
-    assert [n for n in STAGE_NAMES if after[n] == before[n]] == ["train", "select", "strip"]
+    assert [n for n in STAGE_NAMES if after[n] == before[n]] == ["train", "select", "strip", "compress"]
     status = runner.invoke(app, ["status", str(config)])  # the file still says opset 20: export is stale
     assert "stale" in status.output
 

@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 SCHEMA_VERSION = 2
-MODELS = {"ensemble": "one_e", "full_branch": "full_branch", "branch": "branch", "baseline": "baseline"}
+MODELS = {"ensemble": "one_e", "full_branch": "full_branch", "branch": "branch", "pruned": "pruned",
+          "baseline": "baseline"}
 Precision = Literal["fp32", "fp16", "int8", "int8_cpu"]
 
 
@@ -56,7 +57,7 @@ class VsFP32(Strict):
 class Row(Strict):
     name: str
     label: str
-    model: Literal["ensemble", "full_branch", "branch", "baseline"]
+    model: Literal["ensemble", "full_branch", "branch", "pruned", "baseline"]
     format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt", "triton"]
     precision: Precision
     status: Literal["ok", "skipped", "failed"]
@@ -126,6 +127,7 @@ class Headline(Strict):
     strip: Gain | None  # kept branch vs ONE-E, same runtime and precision
     runtime_gain: Gain | None  # kept branch: ONNX Runtime fp32 vs PyTorch eager
     precision_gain: Gain | None  # kept branch in ONNX Runtime: fastest deployed lower precision vs fp32
+    prune: Gain | None = None  # the compress stage's pruned branch vs the kept branch, ONNX Runtime fp32 both
     size_ratio: float | None  # ONE-E file bytes / branch file bytes (same runtime and precision)
     params_ratio: float | None
     flops_ratio: float | None
@@ -173,20 +175,23 @@ def gain(row: Row | None, versus: Row | None) -> Gain | None:
                 batch=batch, accuracy_delta=round(row.accuracy - versus.accuracy, 4))
 
 
+SHIPPABLE = ("branch", "pruned")  # the kept branch and its pruned form (compress)
+
+
 def ship_pick(rows: list[Row], max_drop: float) -> Ship:
-    """What to ship on this machine: the fastest deployable form of the kept branch (a file a server
-    runs: ONNX Runtime or TensorRT) whose test top-1 is within `max_drop` points of the branch's fp32
-    ONNX; fastest by batch-1 p50, then by throughput at the largest batch."""
+    """What to ship on this machine: the fastest deployable form of the kept branch or of its pruned
+    form (a file a server runs: ONNX Runtime or TensorRT) whose test top-1 is within `max_drop` points of
+    the (unpruned) branch's fp32 ONNX; fastest by batch-1 p50, then by throughput at the largest batch."""
     reference = next((r for r in rows if r.name == row_name("branch", "onnxruntime")), None)
     ref_name = row_name("branch", "onnxruntime")
     if reference is None or reference.status != "ok":
         return Ship(row=None, reference_row=ref_name, max_accuracy_drop=max_drop,
                     reason="the fp32 ONNX branch row did not run, so no form can be measured against it")
-    candidates = [r for r in rows if r.model == "branch" and r.format in ("onnxruntime", "tensorrt")
+    candidates = [r for r in rows if r.model in SHIPPABLE and r.format in ("onnxruntime", "tensorrt")
                   and r.status == "ok" and r.accuracy >= reference.accuracy - max_drop]
     best_batch = max((t.batch for r in candidates for t in r.throughput), default=None)
     pick = min(candidates, key=lambda r: (r.latency_ms.p50, -(r.images_per_s(best_batch) or 0)))
-    others = sorted(r.name for r in rows if r.model == "branch" and r.format in ("onnxruntime", "tensorrt")
+    others = sorted(r.name for r in rows if r.model in SHIPPABLE and r.format in ("onnxruntime", "tensorrt")
                     and r.status == "ok" and r not in candidates)
     reason = (f"fastest at batch 1 (p50 {pick.latency_ms.p50:.3f} ms) of {len(candidates)} deployed forms within "
               f"{max_drop:g} top-1 points of {ref_name} ({pick.accuracy - reference.accuracy:+.2f} points)")
@@ -205,7 +210,8 @@ def pareto_front(rows: list[Row]) -> list[Row]:
 
 FORMAT_NAMES = {"pytorch": "PyTorch eager", "torch.compile": "torch.compile", "onnxruntime": "ONNX Runtime",
                 "tensorrt": "TensorRT", "triton": "Triton server"}
-WHO = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch", "baseline": "baseline"}
+WHO = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch", "pruned": "pruned branch",
+       "baseline": "baseline"}
 
 
 def runtime_text(row: Row) -> str:
@@ -261,7 +267,8 @@ def rich_table(bench: BenchFile) -> Table:
 
 
 def _tiny_label(row: Row) -> str:
-    who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch", "baseline": "baseline"}[row.model]
+    who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch", "pruned": "pruned",
+           "baseline": "baseline"}[row.model]
     how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT",
            "triton": "Triton"}[row.format]
     return f"{who} {how}" + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
@@ -285,6 +292,12 @@ def headline_text(bench: BenchFile) -> str:
     if h.precision_gain:
         p = bench.row(h.precision_gain.row).precision
         text += f"; {p} vs fp32 adds {_times(h.precision_gain)} ({h.precision_gain.accuracy_delta:+.2f} points)"
+    if h.prune:
+        flops = bench.row(h.prune.row).flops, br.flops
+        share = f", {flops[0] / flops[1]:.2f}x the FLOPs" if all(flops) else ""
+        text += (f"; pruning (compress) adds {_times(h.prune)} at batch 1 and {h.prune.throughput_ratio or 0:.2f}x "
+                 f"the images/s at batch {h.prune.batch} in {runtime_text(br)} ({h.prune.accuracy_delta:+.2f} "
+                 f"points{share})")
     return text + "."
 
 

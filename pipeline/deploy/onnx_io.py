@@ -101,8 +101,10 @@ def read_onnx_io(path: Path) -> OnnxSignature:
 
 
 # What the export stage writes, named once for the stages that read it. The stripped branch is the
-# deployed model; the full model's gated ensemble (ONE-E) is exported beside it for like-for-like benches.
-SUBJECTS = ("branch", "ensemble")
+# deployed model; the full model's gated ensemble (ONE-E) is exported beside it for like-for-like benches;
+# the pruned branch (the compress stage's, when its guard deployed one) beside both.
+SUBJECTS = ("branch", "ensemble", "pruned")
+SOURCES = {"branch": ("strip", "model"), "ensemble": ("strip", "model"), "pruned": ("compress", "model")}
 PRECISIONS = ("fp32", "fp16", "int8", "int8_cpu")  # int8: TensorRT's Q/DQ form; int8_cpu: ONNX Runtime's on x86
 
 
@@ -124,15 +126,18 @@ def triton_model_name(base: str, precision: str, tensorrt: bool = False) -> str:
 
 def exported_onnx(run: RunDir, key: str) -> Path:
     """Export's output `key`, sha256-checked, and refused unless its `checkpoint_sha256` metadata names
-    the strip/branch.pt the manifest records now (an ONNX file of another branch or training run)."""
+    the strip/branch.pt (compress/model.pt for the pruned files) the manifest records now (an ONNX file of
+    another branch or training run)."""
     path = run.output("export", key)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: a truncated or foreign file
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --force export")
     written_from = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256")
-    strip = (run.stage("strip") or {}).get("outputs", {}).get("model", {}).get("sha256")
-    if written_from != strip:
+    stage, output = SOURCES["pruned" if key.startswith("pruned_") else "branch"]
+    record = (run.stage(stage) or {}).get("outputs", {}).get(output, {})
+    if written_from != record.get("sha256"):
         raise ArtifactError(f"{path} was exported from another checkpoint (sha256 {str(written_from)[:16]}, "
-                            f"strip/branch.pt is {str(strip)[:16]}); rerun with --force export")
+                            f"{record.get('path', stage)} is {str(record.get('sha256'))[:16]}); rerun with "
+                            "--force export")
     return path

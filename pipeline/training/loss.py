@@ -49,3 +49,15 @@ def one_loss(out: ONEOutput, target: torch.Tensor, cfg: LossConfig, epoch: float
     weight = rampup_weight(epoch, cfg.rampup * epochs)
     total = cfg.branch_ce_weight * branch_ce + cfg.teacher_ce_weight * teacher_ce + cfg.kd_weight * weight * kd
     return LossParts(total, branch_ce, teacher_ce, kd, weight)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor, temperature: float,
+                 kd_weight: float) -> torch.Tensor:
+    """CE(student, y) + kd_weight * T^2 * KL(p_teacher || p_student); CE alone without a teacher."""
+    student = student.float()
+    ce = F.cross_entropy(student, target)
+    if teacher is None:
+        return ce
+    T = temperature
+    kd = F.kl_div(F.log_softmax(student / T, dim=1), F.softmax(teacher.float() / T, dim=1), reduction="batchmean")
+    return ce + kd_weight * T * T * kd

@@ -34,13 +34,20 @@ class ModelSpec:
     method: str = "one"  # "one": trunk + branches + gate; "single": one plain network
     branches: int = 3
     width: int = 16
+    # A pruned network (the compress stage): each stage's residual width and each block's inner width
+    # (its first conv's outputs), basic-block ResNets only; None: the widths `width` implies
+    stage_widths: tuple[int, ...] | None = None
+    block_widths: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Primitives only; unset widths are left out, so unpruned files keep the keys they always had."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in ("stage_widths", "block_widths")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**data)
+        widths = {k: tuple(data[k]) for k in ("stage_widths", "block_widths") if data.get(k) is not None}
+        return cls(**{**data, **widths})
 
     def single(self) -> ModelSpec:
         return dataclasses.replace(self, method="single", branches=1)
@@ -55,11 +62,12 @@ class ONEOutput(NamedTuple):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, inner: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        inner = inner or planes
+        self.conv1 = nn.Conv2d(inplanes, inner, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = _shortcut(inplanes, planes * self.expansion, stride)
 
@@ -95,10 +103,32 @@ def _shortcut(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
     return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), nn.BatchNorm2d(outplanes))
 
 
-def _stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-    layers = [block(inplanes, planes, stride)]
-    layers += [block(planes * block.expansion, planes) for _ in range(blocks - 1)]
+def _stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int,
+           inner: tuple[int, ...] | None = None) -> nn.Sequential:
+    widths = [{"inner": w} for w in inner] if inner else [{}] * blocks  # inner: pruned basic blocks only
+    layers = [block(inplanes, planes, stride, **widths[0])]
+    layers += [block(planes * block.expansion, planes, **widths[i]) for i in range(1, blocks)]
     return nn.Sequential(*layers)
+
+
+def stage_layout(spec: ModelSpec) -> tuple[tuple[int, ...], int]:
+    """(residual width of each stage, blocks per stage) of the unpruned architecture."""
+    if spec.arch in CIFAR_DEPTHS:
+        w = spec.width
+        return (w, 2 * w, 4 * w), (CIFAR_DEPTHS[spec.arch] - 2) // 6
+    return (64, 128, 256, 512), 2
+
+
+def _widths(spec: ModelSpec) -> tuple[tuple[int, ...], list[tuple[int, ...] | None]]:
+    """Each stage's residual width and its blocks' inner widths (None: equal to the residual width)."""
+    stages, blocks = stage_layout(spec)
+    if spec.stage_widths is None:
+        return stages, [None] * len(stages)
+    if spec.arch == "resnet110" or len(spec.stage_widths) != len(stages) or \
+            len(spec.block_widths or ()) != blocks * len(stages):
+        raise ValueError(f"widths {spec.stage_widths} / {spec.block_widths} do not fit {spec.arch}")
+    inner = spec.block_widths
+    return spec.stage_widths, [tuple(inner[i * blocks:(i + 1) * blocks]) for i in range(len(stages))]
 
 
 class Branch(nn.Module):
@@ -132,24 +162,27 @@ def _parts(spec: ModelSpec) -> tuple[nn.Module, int, Callable[[], Branch]]:
         depth = CIFAR_DEPTHS[spec.arch]
         block = Bottleneck if spec.arch == "resnet110" else BasicBlock
         n = (depth - 2) // 6
-        w = spec.width
+        (w1, w2, w3), (i1, i2, i3) = _widths(spec)
+        x = block.expansion
         trunk = nn.Sequential(
-            nn.Conv2d(spec.in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-            _stage(block, w, w, n, 1),
-            _stage(block, w * block.expansion, 2 * w, n, 2),
+            nn.Conv2d(spec.in_channels, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
+            _stage(block, w1, w1, n, 1, i1),
+            _stage(block, w1 * x, w2, n, 2, i2),
         )
-        trunk_out = 2 * w * block.expansion
+        trunk_out = w2 * x
         def branch() -> Branch:
-            return Branch(_stage(block, trunk_out, 4 * w, n, 2), 4 * w * block.expansion, spec.num_classes)
+            return Branch(_stage(block, trunk_out, w3, n, 2, i3), w3 * x, spec.num_classes)
     elif spec.arch == "resnet18":
+        (w1, w2, w3, w4), (i1, i2, i3, i4) = _widths(spec)
         trunk = nn.Sequential(
-            nn.Conv2d(spec.in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(spec.in_channels, w1, 7, 2, 3, bias=False), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
-            _stage(BasicBlock, 64, 64, 2, 1), _stage(BasicBlock, 64, 128, 2, 2), _stage(BasicBlock, 128, 256, 2, 2),
+            _stage(BasicBlock, w1, w1, 2, 1, i1), _stage(BasicBlock, w1, w2, 2, 2, i2),
+            _stage(BasicBlock, w2, w3, 2, 2, i3),
         )
-        trunk_out = 256
+        trunk_out = w3
         def branch() -> Branch:
-            return Branch(_stage(BasicBlock, 256, 512, 2, 2), 512, spec.num_classes)
+            return Branch(_stage(BasicBlock, w3, w4, 2, 2, i4), w4, spec.num_classes)
     else:
         raise ValueError(f"unknown architecture {spec.arch!r}; choose one of {', '.join(ARCHS)}")
     return trunk, trunk_out, branch

@@ -1,0 +1,152 @@
+"""Structured pruning of a plain ResNet (the stripped branch) with Torch-Pruning's dependency graph.
+
+    plan = plan_widths(branch, example, flops_ratio=0.5, multiple=16)   # which widths, within the FLOPs
+    pruned = prune(branch, plan, example, importance="magnitude", steps=4)  # a SingleNet of those widths
+
+The plan shrinks each stage's residual width (coupled across every addition of the stage, and the
+stem or the downsample that feeds it) and each stage's inner width (the blocks' first convolutions), in
+steps of `multiple` channels, always the group that keeps the largest share of its original width, until
+the FLOPs fit: ratios stay as even as the channel blocks allow. Multiples of 16 (channel_multiple) because
+ONNX Runtime's x86 convolutions work on blocks of 8 (AVX2) or 16 (AVX-512) channels and pad a width off the
+block: on the quickstart's branch, widths 8/24/48 (0.45x the MACs) ran only 1.08x faster at batch 1, all-16
+widths (0.47x) 1.57x (interleaved ONNX Runtime rounds, 2-core AVX-512 Xeon).
+
+Torch-Pruning removes the channels: per group, the lowest importance (L2 norm over every coupled
+parameter, or BatchNorm scale), recomputed after each of `steps` steps; the classifier keeps its outputs.
+The result is loaded into a fresh `SingleNet` whose spec carries the widths, so model files never pickle
+a module and `checkpoint.load_model` rebuilds it with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from pipeline.errors import UsageError
+from pipeline.training.models import CIFAR_DEPTHS, ModelSpec, SingleNet, stage_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    stage_widths: tuple[int, ...]  # residual width per stage
+    inner_widths: tuple[int, ...]  # the blocks' inner width, per stage
+    flops: int
+    base_flops: int
+
+    @property
+    def ratio(self) -> float:
+        return self.flops / self.base_flops
+
+    def spec(self, spec: ModelSpec) -> ModelSpec:
+        _, blocks = stage_layout(spec)
+        return dataclasses.replace(spec, stage_widths=self.stage_widths,
+                                   block_widths=tuple(w for w in self.inner_widths for _ in range(blocks)))
+
+
+def _stage_names(spec: ModelSpec) -> list[str]:
+    if spec.arch not in CIFAR_DEPTHS and spec.arch != "resnet18" or spec.arch == "resnet110":
+        raise UsageError(f"compress prunes basic-block ResNets (resnet20/32/44/56, resnet18), not {spec.arch}; "
+                         "set compress.enabled false")
+    return ["trunk.3", "trunk.4", "branch.stage"] if spec.arch in CIFAR_DEPTHS else \
+        ["trunk.4", "trunk.5", "trunk.6", "branch.stage"]
+
+
+def _conv_geometry(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Per conv: kernel area x output pixels, what its FLOPs scale with besides its channels."""
+    geometry, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            def hook(m, inputs, output, name=name):
+                geometry[name] = m.kernel_size[0] * m.kernel_size[1] * output.shape[2] * output.shape[3]
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return geometry
+
+
+def plan_flops(spec: ModelSpec, geometry: dict[str, int], stages: tuple[int, ...], inner: tuple[int, ...]) -> int:
+    """FLOPs (2 per multiply-add) of the convolutions and the classifier, as torch's flop counter counts."""
+    _, blocks = stage_layout(spec)
+    macs = geometry["trunk.0"] * spec.in_channels * stages[0]
+    for s, name in enumerate(_stage_names(spec)):
+        for b in range(blocks):
+            before = stages[s - 1] if b == 0 and s > 0 else stages[s]
+            macs += geometry[f"{name}.{b}.conv1"] * before * inner[s]
+            macs += geometry[f"{name}.{b}.conv2"] * inner[s] * stages[s]
+            if b == 0 and s > 0:
+                macs += geometry[f"{name}.0.downsample.0"] * stages[s - 1] * stages[s]
+    return 2 * (macs + stages[-1] * spec.num_classes)
+
+
+def plan_widths(model: SingleNet, example: torch.Tensor, flops_ratio: float, multiple: int) -> Plan:
+    """The widths (multiples of `multiple`, or the original width) with at most `flops_ratio` of the FLOPs."""
+    spec = model.spec
+    geometry = _conv_geometry(model, example)
+    original, _ = stage_layout(spec)
+    widths = list(original) * 2  # residual widths, then inner widths
+    base = plan_flops(spec, geometry, original, original)
+
+    def flops(w: list[int]) -> int:
+        return plan_flops(spec, geometry, tuple(w[:len(original)]), tuple(w[len(original):]))
+
+    def smaller(i: int) -> int:
+        return (widths[i] - 1) // multiple * multiple  # the next multiple below
+
+    while flops(widths) > flops_ratio * base:
+        options = [i for i in range(len(widths)) if smaller(i) >= 1]
+        if not options:
+            raise UsageError(f"compress.flops_ratio {flops_ratio:g} leaves a layer with no channel: with at least "
+                             f"{multiple} channels per layer (compress.channel_multiple) the smallest network keeps "
+                             f"{flops(widths) / base:.3f} of the FLOPs; raise flops_ratio to at least that or "
+                             "lower channel_multiple")
+        # the group keeping the largest share of its width goes first; ties: the one saving the most
+        share = {i: widths[i] / (list(original) * 2)[i] for i in options}
+        pick = max(options, key=lambda i: (share[i], flops(widths) - flops([*widths[:i], smaller(i),
+                                                                            *widths[i + 1:]]), -i))
+        widths[pick] = smaller(pick)
+    return Plan(tuple(widths[:len(original)]), tuple(widths[len(original):]), flops(widths), base)
+
+
+def _importance(kind: str) -> tp.importance.Importance:
+    if kind == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def prune(model: SingleNet, plan: Plan, example: torch.Tensor, importance: str = "magnitude",
+          steps: int = 1) -> SingleNet:
+    """A SingleNet with `plan`'s widths holding `model`'s most important channels (`model` is untouched)."""
+    spec, names = model.spec, _stage_names(model.spec)
+    _, blocks = stage_layout(spec)
+    work = copy.deepcopy(model).cpu().eval()
+    modules = dict(work.named_modules())
+    # each group is named by the conv whose outputs it is: the stem or a stage's downsample (residual
+    # width), and each block's first conv (inner width)
+    groups = [(modules["trunk.0"] if s == 0 else modules[f"{name}.0.downsample.0"], plan.stage_widths[s])
+              for s, name in enumerate(names)]
+    groups += [(modules[f"{name}.{b}.conv1"], plan.inner_widths[s]) for s, name in enumerate(names)
+               for b in range(blocks)]
+    scorer = _importance(importance)
+    example = example[:1].cpu()
+    for step in range(1, steps + 1):
+        with torch.enable_grad():  # DepGraph traces autograd
+            graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
+        for conv, target in groups:
+            want = max(target, conv.out_channels - -(-(conv.out_channels - target) // (steps - step + 1)))
+            if want >= conv.out_channels:
+                continue
+            everything = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+            scores = scorer(everything)
+            drop = torch.argsort(scores, stable=True)[:conv.out_channels - want]
+            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(drop.tolist())).prune()
+    pruned = SingleNet(plan.spec(spec))
+    pruned.load_state_dict(work.state_dict(), strict=True)  # every width where the plan says it is
+    return pruned.eval()
