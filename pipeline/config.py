@@ -374,7 +374,9 @@ def field_path(name: str) -> str:
 def _describe(exc: ValidationError, source: str) -> str:
     """The first error, as one line: file, field path, what is wrong, what is allowed."""
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
+    parts = [str(p) for p in err["loc"]]
+    unknown = parts.pop() if err["type"] == "extra_forbidden" else None  # the user's key, whatever it looks like
+    loc = [p for p in parts if not _UNION_TAG.match(p)] + ([unknown] if unknown is not None else [])
     field = ".".join(loc) or "(top level)"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     if err["type"] == "extra_forbidden":
