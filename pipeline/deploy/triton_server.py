@@ -44,6 +44,7 @@ ENV_VARIABLE = "ONE_PIPELINE_TRITON_ENV"
 COMMAND_VARIABLE = "ONE_PIPELINE_TRITONSERVER"
 SETUP_COMMAND = "python -m pipeline.deploy.triton_server setup"
 STANDIN_BACKEND = Path(__file__).parent / "triton_standin_backend"
+STANDIN_FOR = ("onnxruntime", "openvino")  # the C++ backends the stand-in takes the place of
 COMPLETE = ".complete"  # written last: an environment without it is unfinished
 
 
@@ -125,8 +126,10 @@ def _pip_install(python: Path, timeout_s: float) -> None:
 
 
 def _write_backends(env: ServerEnv) -> None:
-    """backends/python: the bundled python backend with the stub for this Python; backends/onnxruntime:
-    the stand-in. Copies, not links: Triton and the loader resolve paths next to these files."""
+    """backends/python: the bundled python backend with the stub for this Python; backends/onnxruntime and
+    backends/openvino: the stand-in (for openvino too: it checks that the repository's openvino models load
+    and answer, with ONNX Runtime's numerics, not OpenVINO's). Copies, not links: Triton and the loader
+    resolve paths next to these files."""
     python_backend = env.backends / "python"
     shutil.copytree(env.pytriton / "tritonserver" / "backends" / "python", python_backend)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -134,8 +137,9 @@ def _write_backends(env: ServerEnv) -> None:
     if not stub.is_file():
         raise PipelineError(f"nvidia-pytriton has no python backend stub for Python {version}")
     shutil.copy2(stub, python_backend / "triton_python_backend_stub")
-    shutil.copytree(STANDIN_BACKEND / "onnxruntime", env.backends / "onnxruntime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for backend in STANDIN_FOR:
+        shutil.copytree(STANDIN_BACKEND / "onnxruntime", env.backends / backend,
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def free_port() -> int:
