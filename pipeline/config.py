@@ -211,6 +211,8 @@ class TritonConfig(Section):
     max_queue_delay_us: int = Field(100, ge=0, description="Dynamic batching: longest wait for a fuller batch")
     instance_count: int = Field(1, ge=1, description="Model instances per model")
     tensorrt_accelerator: bool = Field(True, description="onnxruntime backend: build TensorRT on the serving GPU")
+    openvino: bool = Field(True, description="Also serve the int8_cpu form with Triton's openvino backend (CPU "
+                                             "instances; the fastest x86 form at large batches, see the bench)")
 
 
 class BenchConfig(Section):
@@ -231,6 +233,12 @@ class BenchConfig(Section):
     ship_max_accuracy_drop: float = Field(0.5, ge=0, description="What to ship: the fastest deployed form of the "
                                                                  "branch within this many top-1 points of its fp32 "
                                                                  "ONNX")
+    ship_for: Literal["latency", "throughput"] = Field(
+        "latency", description="What 'fastest' means for the ship pick: latency, batch-1 p50 (one request at a "
+                               "time); throughput, images/s at the largest of batch_sizes (a batching server)")
+    openvino: bool = Field(True, description="OpenVINO rows (CPU): fp32 and int8_cpu compiled at f32, and bf16 where "
+                                             "the CPU has it, behind export.max_accuracy_drop (skipped with the "
+                                             "install command where OpenVINO is missing)")
 
     @field_validator("batch_sizes")
     @classmethod

@@ -3,15 +3,15 @@ each, into bench.json, so that every comparison changes one thing at a time.
 
 Rows, in order: PyTorch eager (ONE-E, the full model used for the kept branch, the stripped branch, and
 with compress.enabled the pruned branch), torch.compile (CUDA only), ONNX Runtime per exported precision
-(ONE-E, branch, pruned), TensorRT (ONE-E, branch, pruned), and with `bench.baseline` the same network
-trained alone (PyTorch eager and ONNX Runtime fp32). A row that cannot run here is `skipped` with the
-reason (a model the export accuracy guard rejected among them); one whose file could not be made is
-`failed` in "export", one whose file exists but did not run is `failed` in "bench" (Ultralytics keeps the
-two apart). Every row: top-1 on the test set, agreement with the same model in PyTorch eager, batch-1
-latency (p50/p90/p99), throughput at each of `bench.batch_sizes`, params, FLOPs, file size. Accuracy is
-measured row by row; timing afterwards, in `bench.rounds` rounds in which every row takes its turn (the
-Triton row, timed through its server, apart). The headline splits the gain into its parts (strip, runtime,
-precision) and picks what to ship. Schema:
+(ONE-E, branch, pruned), OpenVINO on the CPU (fp32, bf16, int8_cpu; ONE-E, branch, pruned), TensorRT
+(ONE-E, branch, pruned), and with `bench.baseline` the same network trained alone (PyTorch eager and ONNX
+Runtime fp32). A row that cannot run here is `skipped` with the reason (a model the export accuracy guard
+rejected among them); one whose file could not be made is `failed` in "export", one whose file exists but
+did not run is `failed` in "bench" (Ultralytics keeps the two apart). Every row: top-1 on the test set,
+agreement with the same model in PyTorch eager, batch-1 latency (p50/p90/p99), throughput at each of
+`bench.batch_sizes`, params, FLOPs, file size. Accuracy is measured row by row; timing afterwards, in
+`bench.rounds` rounds in which every row takes its turn (the Triton row, timed through its server, apart).
+The headline splits the gain into its parts (strip, runtime, precision) and picks what to ship. Schema:
 docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
 
@@ -30,6 +30,7 @@ from rich.markup import escape
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.deploy import openvino_runtime
 from pipeline.deploy.benchfile import (
     FORMAT_NAMES,
     SCHEMA_VERSION,
@@ -54,6 +55,7 @@ from pipeline.training.checkpoint import load_model
 from pipeline.training.data import ImageSet, load_datasets
 from pipeline.training.evaluate import evaluate
 from pipeline.training.models import EnsembleNet, count_parameters
+from stages.export import guard
 
 LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
           "branch": "stripped branch", "pruned": "pruned branch (compress)",
@@ -121,7 +123,8 @@ class _Bench:
         self.eval_batch = ctx.cfg.train.eval_batch_size
         self.preds: dict[str, torch.Tensor] = {}
         self.timers: dict[str, _Timer] = {}
-        full_test = load_datasets(ctx.cfg.data).test
+        self.datasets = load_datasets(ctx.cfg.data)
+        full_test = self.datasets.test
         limit = self.cfg.test_limit
         self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
         self.full_test_set = len(self.test) == len(full_test)
@@ -147,6 +150,8 @@ class _Bench:
                 *self._compiled_rows(full, stripped)]
         for precision in PRECISIONS:
             rows += [self._onnx_row(m, precision) for m in models]
+        for precision in openvino_runtime.FORMS:
+            rows += [self._openvino_row(m, precision) for m in models]
         rows += [self._tensorrt_row(m) for m in models] + [self._served_row()]
         if baseline is not None:
             rows += self._baseline_rows(*baseline)
@@ -158,7 +163,8 @@ class _Bench:
                  "settings": self.cfg.model_dump(mode="json"), "environment": environment(),
                  "baseline": str(self.cfg.baseline) if self.cfg.baseline else None, "checks": self._checks(rows),
                  "rows": rows}
-        headline = _headline([Row.model_validate(r) for r in rows], self.cfg.ship_max_accuracy_drop)
+        headline = _headline([Row.model_validate(r) for r in rows], self.cfg.ship_max_accuracy_drop,
+                             self.cfg.ship_for)
         return BenchFile.model_validate({**bench, "headline": headline})
 
     def _eager_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
@@ -224,10 +230,47 @@ class _Bench:
             return {**base, **not_run}
         path = exported_onnx(self.ctx.run, onnx_key(model, precision))
         row = self._guard(base, lambda: self._onnx(base["name"], path, self.static[model]))
-        if model in ("branch", "pruned") and self.triton_base:
-            name = self.triton_base + ("_pruned" if model == "pruned" else "")
-            row["triton_model"] = triton_model_name(name, precision)
+        if self._triton_base(model):
+            row["triton_model"] = triton_model_name(self._triton_base(model), precision)
         return row
+
+    def _triton_base(self, model: str) -> str | None:
+        """The triton stage's model-name stem for the branch or its pruned form; None for other models."""
+        if model not in ("branch", "pruned") or not self.triton_base:
+            return None
+        return self.triton_base + ("_pruned" if model == "pruned" else "")
+
+    def _openvino_row(self, model: str, precision: str) -> dict:
+        """An exported ONNX file compiled by OpenVINO for the CPU (pipeline/deploy/openvino_runtime.py)."""
+        base = _base(model, "openvino", precision)
+        if not self.cfg.openvino:
+            return {**base, "status": "skipped", "reason": "bench.openvino is false in the config"}
+        source = openvino_runtime.FORMS[precision][0]
+        not_run = self._not_run(model, "export", onnx_key(model, source), source)
+        if not_run:
+            return {**base, **not_run}
+        path = exported_onnx(self.ctx.run, onnx_key(model, source))
+        row = self._guard(base, lambda: self._openvino(base["name"], model, precision, path))
+        if self._triton_base(model) and precision == "int8_cpu":
+            row["triton_model"] = triton_model_name(self._triton_base(model), precision, openvino=True)
+        return row
+
+    def _openvino(self, name: str, model: str, precision: str, path: Path) -> dict:
+        compiled = openvino_runtime.compile_onnx(path, precision, self.threads)
+        if precision == "bf16":  # a precision of OpenVINO's own: the export accuracy guard, here
+            val = self.datasets.val
+            accuracy = top1_accuracy(openvino_runtime.run_split(compiled, val.batches(self.eval_batch)),
+                                     val.labels.numpy())
+            fp32 = self.ctx.summary("export")[model]["fp32"]["val_accuracy"]
+            verdict = guard("OpenVINO bf16", accuracy, fp32, len(val), self.ctx.cfg.export.max_accuracy_drop)
+            if not verdict["passed"]:
+                raise StageSkipped(f"not deployed: {verdict['reason']}")
+        logits = openvino_runtime.run_split(compiled, self.test.batches(self.eval_batch))
+        self.preds[name] = torch.from_numpy(logits.argmax(1))
+        self._time_later(name, compiled, {b: x.cpu().numpy() for b, x in self.inputs.items()}, cuda_events=False)
+        return {**self.static[model], "accuracy": top1_accuracy(logits, self.labels.numpy()), "provider": "CPU",
+                "file": str(path.relative_to(self.ctx.run.root)), "file_bytes": path.stat().st_size,
+                "properties": compiled.properties}
 
     def _tensorrt_row(self, model: str) -> dict:
         entry = self.ctx.run.stage("engine") or {}
@@ -421,8 +464,8 @@ class _Bench:
                 row["images"] = len(preds)
         parsed = {r["name"]: Row.model_validate(r) for r in rows}
         for row in rows:  # a TensorRT engine has one precision: it has no fp32 twin to compare with
-            if row["format"] == "onnxruntime" and row["precision"] != "fp32" and row["status"] == "ok":
-                found = gain(parsed[row["name"]], parsed.get(row_name(row["model"], "onnxruntime", "fp32")))
+            if row["format"] in ("onnxruntime", "openvino") and row["precision"] != "fp32" and row["status"] == "ok":
+                found = gain(parsed[row["name"]], parsed.get(row_name(row["model"], row["format"], "fp32")))
                 if found:
                     row["vs_fp32"] = {"row": found.versus, "accuracy_delta": found.accuracy_delta,
                                       "speedup_p50": found.speedup_p50, "throughput_ratio": found.throughput_ratio}
@@ -511,12 +554,12 @@ def _onnx_call(session: Any, provider: str) -> Callable[[np.ndarray], Any]:
 
 def _base(model: str, fmt: str, precision: str = "fp32") -> dict:
     label = LABELS[model] if fmt == "pytorch" else f"{LABELS[model].split(' (')[0]}, {FORMAT_NAMES[fmt]}" + (
-        f" {precision}" if fmt in ("onnxruntime", "tensorrt", "triton") else "")
+        f" {precision}" if fmt in ("onnxruntime", "tensorrt", "triton", "openvino") else "")
     return {"name": row_name(model, fmt, precision), "label": label, "model": model, "format": fmt,
             "precision": precision}
 
 
-def _headline(rows: list[Row], max_drop: float) -> dict:
+def _headline(rows: list[Row], max_drop: float, ship_for: str) -> dict:
     """The gain in parts: strip (same runtime and precision), runtime (same model), precision (same model
     and runtime); what to ship."""
     by_name = {r.name: r for r in rows}
@@ -536,4 +579,4 @@ def _headline(rows: list[Row], max_drop: float) -> dict:
             "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
             "prune": (q := gain(by_name.get("pruned_onnx_fp32"), branch)) and q.model_dump(),
             "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
-            "ship": ship_pick(rows, max_drop).model_dump(), "reason": "; ".join(reasons) or None}
+            "ship": ship_pick(rows, max_drop, ship_for).model_dump(), "reason": "; ".join(reasons) or None}

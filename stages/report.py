@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from pipeline.deploy.benchfile import (
+    FORMAT_NAMES,
     BenchFile,
     Gain,
     fmt,
@@ -35,7 +36,7 @@ from pipeline.stage import StageContext, StageResult
 PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and its legend on the right
 COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "pruned": "tab:purple",
            "baseline": "tab:green"}
-MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^", "triton": "v"}
+MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^", "triton": "v", "openvino": "P"}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -160,9 +161,29 @@ def _ship(bench: BenchFile) -> list[str]:
         return head + [f"Nothing to pick: {ship.reason}."]
     row = bench.row(ship.row)
     served = f", Triton model `{ship.triton_model}`" if ship.triton_model else ""
-    return head + [f"**{short_label(row)}**: `{ship.file}`{served}. Why: {ship.reason}. The bound is measured on "
-                   f"the test set from `{ship.reference_row}` (bench.ship_max_accuracy_drop); lower precisions "
-                   "passed the export accuracy guard on the validation split first."]
+    lines = [f"**{short_label(row)}**: `{ship.file}`{served}. Why: {ship.reason}. The bound is measured on "
+             f"the test set from `{ship.reference_row}` (bench.ship_max_accuracy_drop); lower precisions "
+             "passed the export accuracy guard on the validation split first."]
+    other = "throughput" if ship.objective == "latency" else "latency"
+    lines += ["", f"Shipped for {ship.objective} (bench.ship_for). " + (
+        f"For {other} it would be {ship.other_objective} (`--set bench.ship_for={other}`)." if ship.other_objective
+        else f"The same form wins for {other}.")]
+    return head + lines + _runtimes(bench)
+
+
+def _runtimes(bench: BenchFile) -> list[str]:
+    """The kept branch's fastest form in each runtime, for both objectives."""
+    batch = bench.batch_sizes[-1]
+    lines = []
+    for fmt_name in ("onnxruntime", "openvino", "tensorrt"):
+        rows = [r for r in bench.rows if r.model == "branch" and r.format == fmt_name and r.status == "ok"]
+        if not rows:
+            continue
+        quick = min(rows, key=lambda r: r.latency_ms.p50)
+        wide = max(rows, key=lambda r: r.images_per_s(batch) or 0)
+        lines.append(f"- {FORMAT_NAMES[fmt_name]}: batch-1 p50 {quick.latency_ms.p50:.3f} ms ({quick.precision}); "
+                     f"{fmt(wide.images_per_s(batch), ',.0f')} images/s at batch {batch} ({wide.precision})")
+    return ["", "Each runtime's best kept-branch figures:", "", *lines] if lines else []
 
 
 def _strip_by_batch(bench: BenchFile) -> list[str]:

@@ -6,6 +6,8 @@
       <name>_onnx_fp16/   ... 1/model.onnx                          (when export.precisions has fp16)
       <name>_onnx_int8/   ... 1/model.onnx                          (symmetric Q/DQ ONNX: TensorRT's form)
       <name>_onnx_int8_cpu/ ... 1/model.onnx                        (uint8 Q/DQ ONNX on CPU instances: x86's form)
+      <name>_openvino_int8_cpu/ ... 1/model.onnx                    backend openvino, the int8_cpu ONNX on CPU
+                                                                     instances (triton.openvino)
       <name>_trt/         ... 1/model.plan                          platform tensorrt_plan (when engine is done)
       <name>_pruned_onnx/ ... (and _fp16, _int8, _int8_cpu)         the compress stage's pruned branch, when deployed
 
@@ -47,11 +49,12 @@ from pipeline.stage import StageContext, StageResult
 MARKER = "# one-pipeline"  # first line of every config.pbtxt this stage writes (stale ones are removed)
 LABELS = "labels.txt"
 VERSION = "1"
+MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "openvino": "model.onnx", "tensorrt_plan": "model.plan"}
 
 @dataclasses.dataclass
 class ModelEntry:
     name: str
-    platform: str  # onnxruntime_onnx | tensorrt_plan
+    platform: str  # onnxruntime_onnx | tensorrt_plan | openvino (a backend: Triton's config says `backend:`)
     source: Path  # file copied to <name>/1/model.<ext>
     signature: OnnxSignature
     max_batch_size: int
@@ -81,13 +84,17 @@ def config_text(entry: ModelEntry, *, dynamic_batching: bool, max_queue_delay_us
             lines.append("  }," if i < len(specs) - 1 else "  }")
         return lines + ["]"]
 
-    lines = [*entry.header, f"name: {json.dumps(entry.name)}", f'platform: "{entry.platform}"',
-             f"max_batch_size: {entry.max_batch_size}",
+    runs_on = ([f'backend: "{entry.platform}"', f'default_model_filename: "{MODEL_FILE[entry.platform]}"']
+               if entry.platform == "openvino" else [f'platform: "{entry.platform}"'])
+    lines = [*entry.header, f"name: {json.dumps(entry.name)}", *runs_on, f"max_batch_size: {entry.max_batch_size}",
              *tensors("input", entry.signature.inputs), *tensors("output", entry.signature.outputs)]
     if dynamic_batching:
         lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
     kind = [f"    kind: {entry.kind}"] if entry.kind else []
     lines += ["instance_group [", "  {", f"    count: {instance_count}", *kind, "  }", "]"]
+    if entry.platform == "openvino":  # the backend's documented latency setting: one stream per instance
+        lines += [f"parameters: {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}"
+                  for k, v in (("NUM_STREAMS", "1"), ("PERFORMANCE_HINT", "LATENCY"))]
     if tensorrt_accelerator and entry.platform == "onnxruntime_onnx" and entry.kind != "KIND_CPU":
         lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator: [",
                   '      { name: "tensorrt" }', "    ]", "  }", "}"]
@@ -127,6 +134,13 @@ def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
             entries.append(ModelEntry(triton_model_name(name, precision), "onnxruntime_onnx", path,
                                       read_onnx_io(path), ctx.cfg.triton.max_batch_size, header,
                                       "KIND_CPU" if precision == "int8_cpu" else None))
+            if precision == "int8_cpu" and ctx.cfg.triton.openvino:
+                # OpenVINO's backend has no f32 hint: on a bfloat16 CPU its float layers (the int8 file's first
+                # conv and classifier) run in bf16, where the bench's OpenVINO rows are compiled at f32
+                entries.append(ModelEntry(triton_model_name(name, precision, openvino=True), "openvino", path,
+                                          entries[-1].signature, ctx.cfg.triton.max_batch_size,
+                                          [*header, "# OpenVINO backend: float layers may run in bf16 on CPUs "
+                                                    "with bfloat16 (the backend sets no f32 hint)"], "KIND_CPU"))
     return entries
 
 
@@ -207,7 +221,7 @@ def run(ctx: StageContext) -> StageResult:
                            instance_count=cfg.instance_count, tensorrt_accelerator=cfg.tensorrt_accelerator)
         validated = validate_config_text(text, f"{e.name}/config.pbtxt")
         folder = repo / e.name
-        model_file = folder / VERSION / ("model.plan" if e.platform == "tensorrt_plan" else "model.onnx")
+        model_file = folder / VERSION / MODEL_FILE[e.platform]
         _copy(e.source, model_file)
         outputs[f"{e.name}/{VERSION}/{model_file.name}"] = model_file
         labels = folder / LABELS

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_i
               "rounds": 2}
 ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile", "branch_compile",
              *[f"{m}_onnx_{p}" for p in ("fp32", "fp16", "int8", "int8_cpu") for m in ("one_e", "branch")],
+             *[f"{m}_openvino_{p}" for p in ("fp32", "bf16", "int8_cpu") for m in ("one_e", "branch")],
              "one_e_tensorrt", "branch_tensorrt", "branch_triton_fp32"]
 
 
@@ -95,7 +97,7 @@ def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
     _, run, data, _ = benched
     by_name = rows(data)
     assert [r["name"] for r in data["rows"]] == ROW_NAMES
-    measured = [n for n in ROW_NAMES if not any(k in n for k in ("compile", "tensorrt", "triton"))]
+    measured = [n for n in ROW_NAMES if not any(k in n for k in ("compile", "tensorrt", "triton", "bf16"))]
     for name in measured:
         row = by_name[name]
         assert row["status"] == "ok", (name, row["reason"])
@@ -122,6 +124,51 @@ def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
     assert by_name["branch_eager"]["flops"] < by_name["one_e_eager"]["flops"]
     assert by_name["branch_onnx_int8"]["triton_model"] == "tiny_onnx_int8" and by_name["one_e_eager"][
         "triton_model"] is None
+    assert by_name["branch_openvino_int8_cpu"]["triton_model"] == "tiny_openvino_int8_cpu"
+
+
+def test_openvino_rows_run_at_the_precision_they_claim(benched):
+    """OpenVINO compiles float layers to bf16 by default on CPUs that have it: the fp32 and int8_cpu rows
+    must report f32 as the compiled model's own precision, and bf16 runs only where the CPU has it."""
+    import openvino
+
+    _, _, data, _ = benched
+    by_name = rows(data)
+    for model in ("one_e", "branch"):
+        for precision, source in (("fp32", "fp32"), ("int8_cpu", "int8_cpu")):
+            row = by_name[f"{model}_openvino_{precision}"]
+            assert row["properties"]["INFERENCE_PRECISION_HINT"] == "<Type: 'float32'>", row["properties"]
+            assert row["properties"]["NUM_STREAMS"] == "1" and row["properties"]["INFERENCE_NUM_THREADS"] == "1"
+            assert row["file"] == by_name[f"{model}_onnx_{source}"]["file"]
+        assert by_name[f"{model}_openvino_fp32"]["agreement"] >= 99.0  # the same fp32 graph as ONNX Runtime's
+        bf16 = by_name[f"{model}_openvino_bf16"]
+        if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            assert bf16["status"] == "skipped" and "no native bfloat16" in bf16["reason"]
+        elif bf16["status"] == "ok":
+            assert bf16["properties"]["INFERENCE_PRECISION_HINT"] == "<Type: 'bfloat16'>"
+            assert bf16["vs_fp32"]["row"] == f"{model}_openvino_fp32"
+        else:  # the tiny model may lose more than the bound in bf16: the export guard's reason, then
+            assert bf16["status"] == "skipped" and "export.max_accuracy_drop" in bf16["reason"], bf16
+
+
+def test_the_bf16_guard_rejects_what_loses_more_than_the_bound(exported_run, tmp_path):
+    """The guard that keeps fp16 and int8 honest also keeps OpenVINO's bf16: against a recorded fp32
+    validation top-1 that no model can reach within the bound, every bf16 compilation loses too much."""
+    import openvino
+
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no native bfloat16, so OpenVINO has no bf16 row to guard")
+    cfg, run = benched_copy(exported_run, tmp_path)
+    entry = run.stage("export")
+    entry["summary"]["branch"]["fp32"]["val_accuracy"] = 100.0 + cfg.export.max_accuracy_drop + 1.0
+    run.record("export", entry)
+    bench = bench_stage._Bench(make_ctx(cfg, run), threads=1)
+    bench.static = {"branch": {}}
+    row = bench._openvino_row("branch", "bf16")
+    assert row["status"] == "skipped", row
+    assert row["reason"].startswith("not deployed: OpenVINO bf16 loses ")
+    assert row["reason"].endswith(f"> export.max_accuracy_drop {cfg.export.max_accuracy_drop:g}")
+    assert bench._openvino_row("branch", "fp32")["status"] == "ok"  # fp32 is the reference, never guarded
 
 
 def test_accuracies_equal_what_training_recorded(benched):
@@ -222,6 +269,22 @@ def test_ship_pick_takes_the_fastest_deployed_branch_form_within_the_bound():
     assert ship_pick(ties, 0.5).row == "branch_tensorrt"  # equal latency: more throughput wins
     none = ship_pick([_row("branch_onnx_fp32", 0.0, 1.0, status="skipped")], 0.5)
     assert none.row is None and "did not run" in none.reason
+
+
+def test_ship_for_throughput_takes_the_most_images_per_s_across_runtimes():
+    rows_ = [_row("branch_onnx_fp32", 90.0, 1.0, ips=100), _row("branch_onnx_int8_cpu", 90.0, 0.4, ips=300,
+                                                                precision="int8_cpu"),
+             _row("branch_openvino_int8_cpu", 90.0, 0.6, ips=500, format="openvino", precision="int8_cpu"),
+             _row("branch_openvino_bf16", 80.0, 0.3, ips=900, format="openvino", precision="bf16"),  # over the bound
+             _row("one_e_openvino_int8_cpu", 90.0, 0.1, ips=9000, model="ensemble", format="openvino")]
+    latency, throughput = ship_pick(rows_, 0.5, "latency"), ship_pick(rows_, 0.5, "throughput")
+    assert (latency.row, latency.objective) == ("branch_onnx_int8_cpu", "latency")
+    assert (throughput.row, throughput.objective) == ("branch_openvino_int8_cpu", "throughput")
+    assert "most images/s at batch 64 (500)" in throughput.reason and "branch_openvino_bf16" in throughput.reason
+    assert throughput.other_objective.startswith("branch_onnx_int8_cpu: fastest at batch 1 (p50 0.400 ms)")
+    assert latency.other_objective.startswith("branch_openvino_int8_cpu: most images/s")
+    same = ship_pick(rows_[:2], 0.5, "throughput")
+    assert same.row == "branch_onnx_int8_cpu" and same.other_objective is None  # one form wins both
 
 
 def test_pareto_front_keeps_rows_no_other_row_beats_on_both_axes():
@@ -365,3 +428,11 @@ def test_the_served_row_without_tritonclient_says_how_to_install_it(tiny_cfg, mo
                         lambda name, *args: None if name == "tritonclient" else real(name, *args))
     with pytest.raises(StageSkipped, match=r"tritonclient: pip install -e '\.\[triton\]'"):
         served_row(make_ctx(tiny_cfg), np.zeros((1, 3, 16, 16), np.float32), np.zeros(1, np.int64))
+
+
+def test_without_openvino_its_rows_are_skipped_with_the_install_command(tiny_onnx, monkeypatch):
+    from pipeline.deploy import openvino_runtime
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    with pytest.raises(StageSkipped, match=r"OpenVINO is not installed: pip install openvino"):
+        openvino_runtime.compile_onnx(tiny_onnx, "fp32", threads=1)

@@ -57,7 +57,8 @@ def test_report_markdown_has_headline_table_reasons_and_environment(reported):
     assert "- **Precision gain (same model, same runtime):** branch, ONNX Runtime " in text
     ship = by_name[head["ship"]["row"]]
     assert "## What to ship on this machine" in text
-    assert f"`{ship['file']}`, Triton model `{ship['triton_model']}`" in text
+    served = f", Triton model `{ship['triton_model']}`" if ship["triton_model"] else ""
+    assert f"`{ship['file']}`{served}. Why: " in text
     results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
     table = [line for line in results.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| variant | runtime | status | size MB | top-1 % | agree % | p50 ms | p99 ms | "
@@ -67,7 +68,13 @@ def test_report_markdown_has_headline_table_reasons_and_environment(reported):
     one_e = by_name["one_e_eager"]
     assert f"| {one_e['accuracy']:.2f} |" in ensemble and f"| {one_e['params']:,} |" in ensemble
     by_runtime = text.split("## The kept branch against ONE-E, runtime by runtime", 1)[1].split("\n## ", 1)[0]
-    assert len([line for line in by_runtime.splitlines() if line.startswith("| ")]) == 1 + 5  # header, eager, 4 ORT
+    twins = [r for r in bench["rows"] if r["model"] == "branch" and r["status"] == "ok"
+             and by_name.get(r["name"].replace("branch_", "one_e_", 1), {}).get("status") == "ok"]
+    assert len(twins) >= 1 + 4 + 2  # eager, 4 ONNX Runtime, OpenVINO fp32 and int8_cpu (and bf16 where it ran)
+    assert len([line for line in by_runtime.splitlines() if line.startswith("| ")]) == 1 + len(twins)
+    ship_text = text.split("## What to ship on this machine", 1)[1].split("\n## ", 1)[0]
+    assert "Shipped for latency (bench.ship_for)." in ship_text
+    assert "- ONNX Runtime: batch-1 p50 " in ship_text and "- OpenVINO: batch-1 p50 " in ship_text
     assert "## Skipped and failed rows" in text
     for row in bench["rows"]:
         if row["status"] != "ok":

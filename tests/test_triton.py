@@ -269,8 +269,16 @@ def test_after_the_real_export(tmp_path, exported_run):
     summary = copy.stage("triton")["summary"]
     expected = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8",
                 "tiny_onnx_int8_cpu": "int8_cpu"}
-    assert summary["models"] == {**{m: "onnxruntime_onnx" for m in expected},
+    assert summary["models"] == {**{m: "onnxruntime_onnx" for m in expected}, "tiny_openvino_int8_cpu": "openvino",
                                  **({"tiny_trt": "tensorrt_plan"} if has_engine else {})}
+    openvino = parse(copy.path("triton", "tiny_openvino_int8_cpu", "config.pbtxt"))  # the backend's documented keys
+    assert (openvino.backend, openvino.platform, openvino.default_model_filename) == ("openvino", "", "model.onnx")
+    assert {k: v.string_value for k, v in openvino.parameters.items()} == {"NUM_STREAMS": "1",
+                                                                           "PERFORMANCE_HINT": "LATENCY"}
+    assert [g.kind for g in openvino.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    assert config_io(openvino) == onnx_io(copy.output("export", "onnx_int8_cpu"))
+    assert copy.path("triton", "tiny_openvino_int8_cpu", "1", "model.onnx").read_bytes() == \
+        copy.output("export", "onnx_int8_cpu").read_bytes()
     for model, precision in expected.items():
         onnx_path = copy.output("export", f"onnx_{precision}")
         message = parse(copy.path("triton", model, "config.pbtxt"))

@@ -15,13 +15,13 @@ from rich.table import Table
 SCHEMA_VERSION = 2
 MODELS = {"ensemble": "one_e", "full_branch": "full_branch", "branch": "branch", "pruned": "pruned",
           "baseline": "baseline"}
-Precision = Literal["fp32", "fp16", "int8", "int8_cpu"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int8_cpu"]  # bf16: OpenVINO's, compiled from fp32
 
 
 def row_name(model: str, fmt: str, precision: str = "fp32") -> str:
     """one_e_eager, branch_onnx_int8, branch_tensorrt, baseline_onnx_fp32, ..."""
-    how = {"pytorch": "eager", "torch.compile": "compile", "tensorrt": "tensorrt",
-           "triton": f"triton_{precision}"}.get(fmt, f"onnx_{precision}")
+    how = {"pytorch": "eager", "torch.compile": "compile", "tensorrt": "tensorrt", "triton": f"triton_{precision}",
+           "openvino": f"openvino_{precision}"}.get(fmt, f"onnx_{precision}")
     return f"{MODELS[model]}_{how}"
 
 
@@ -58,7 +58,7 @@ class Row(Strict):
     name: str
     label: str
     model: Literal["ensemble", "full_branch", "branch", "pruned", "baseline"]
-    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt", "triton"]
+    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt", "triton", "openvino"]
     precision: Precision
     status: Literal["ok", "skipped", "failed"]
     reason: str | None = None
@@ -77,6 +77,7 @@ class Row(Strict):
     provider: str | None = None
     vs_fp32: VsFP32 | None = None
     triton_model: str | None = None  # the Triton model that serves this file, where the triton stage writes one
+    properties: dict[str, str] | None = None  # OpenVINO: the compiled model's settings, as it reports them
 
     @model_validator(mode="after")
     def _consistent(self) -> Row:
@@ -117,9 +118,11 @@ class Ship(Strict):
     row: str | None  # the pick; None when no form qualifies
     reference_row: str  # the fp32 branch the accuracy bound is measured from
     max_accuracy_drop: float
+    objective: Literal["latency", "throughput"] = "latency"  # bench.ship_for
     file: str | None = None
     triton_model: str | None = None
     reason: str  # why this one, or why none
+    other_objective: str | None = None  # the pick had the bench been told to ship for the other objective
 
 
 class Headline(Strict):
@@ -176,29 +179,46 @@ def gain(row: Row | None, versus: Row | None) -> Gain | None:
 
 
 SHIPPABLE = ("branch", "pruned")  # the kept branch and its pruned form (compress)
+DEPLOYABLE = ("onnxruntime", "tensorrt", "openvino")  # formats a server runs from a file
 
 
-def ship_pick(rows: list[Row], max_drop: float) -> Ship:
+def ship_pick(rows: list[Row], max_drop: float, objective: str = "latency") -> Ship:
     """What to ship on this machine: the fastest deployable form of the kept branch or of its pruned
-    form (a file a server runs: ONNX Runtime or TensorRT) whose test top-1 is within `max_drop` points of
-    the (unpruned) branch's fp32 ONNX; fastest by batch-1 p50, then by throughput at the largest batch."""
+    form (a file a server runs: ONNX Runtime, OpenVINO or TensorRT) whose test top-1 is within `max_drop`
+    points of the (unpruned) branch's fp32 ONNX. Fastest for `objective`: latency, by batch-1 p50 (then
+    throughput at the largest batch); throughput, by images/s at the largest bench batch (then p50).
+    `other_objective` names the winner under the other objective."""
     reference = next((r for r in rows if r.name == row_name("branch", "onnxruntime")), None)
     ref_name = row_name("branch", "onnxruntime")
     if reference is None or reference.status != "ok":
-        return Ship(row=None, reference_row=ref_name, max_accuracy_drop=max_drop,
+        return Ship(row=None, reference_row=ref_name, max_accuracy_drop=max_drop, objective=objective,
                     reason="the fp32 ONNX branch row did not run, so no form can be measured against it")
-    candidates = [r for r in rows if r.model in SHIPPABLE and r.format in ("onnxruntime", "tensorrt")
-                  and r.status == "ok" and r.accuracy >= reference.accuracy - max_drop]
-    best_batch = max((t.batch for r in candidates for t in r.throughput), default=None)
-    pick = min(candidates, key=lambda r: (r.latency_ms.p50, -(r.images_per_s(best_batch) or 0)))
-    others = sorted(r.name for r in rows if r.model in SHIPPABLE and r.format in ("onnxruntime", "tensorrt")
-                    and r.status == "ok" and r not in candidates)
-    reason = (f"fastest at batch 1 (p50 {pick.latency_ms.p50:.3f} ms) of {len(candidates)} deployed forms within "
-              f"{max_drop:g} top-1 points of {ref_name} ({pick.accuracy - reference.accuracy:+.2f} points)")
+    deployed = [r for r in rows if r.model in SHIPPABLE and r.format in DEPLOYABLE and r.status == "ok"]
+    candidates = [r for r in deployed if r.accuracy >= reference.accuracy - max_drop]
+    pick, why = _fastest(candidates, objective)
+    other, other_why = _fastest(candidates, "throughput" if objective == "latency" else "latency")
+    others = sorted(r.name for r in deployed if r not in candidates)
+    reason = (f"{why} of {len(candidates)} deployed forms within {max_drop:g} top-1 points of {ref_name} "
+              f"({pick.accuracy - reference.accuracy:+.2f} points)")
     if others:
         reason += f"; over the bound: {', '.join(others)}"
-    return Ship(row=pick.name, reference_row=ref_name, max_accuracy_drop=max_drop, file=pick.file,
-                triton_model=pick.triton_model, reason=reason)
+    return Ship(row=pick.name, reference_row=ref_name, max_accuracy_drop=max_drop, objective=objective,
+                file=pick.file, triton_model=pick.triton_model, reason=reason,
+                other_objective=None if other is pick else f"{other.name}: {other_why}")
+
+
+def _fastest(candidates: list[Row], objective: str) -> tuple[Row, str]:
+    """The fastest row for `objective` and the figure that makes it so."""
+    best_batch = max((t.batch for r in candidates for t in r.throughput), default=None)
+
+    def rate(r: Row) -> float:
+        return r.images_per_s(best_batch) or 0.0
+
+    if objective == "throughput" and best_batch is not None:
+        pick = min(candidates, key=lambda r: (-rate(r), r.latency_ms.p50))
+        return pick, f"most images/s at batch {best_batch} ({rate(pick):,.0f})"
+    pick = min(candidates, key=lambda r: (r.latency_ms.p50, -rate(r)))
+    return pick, f"fastest at batch 1 (p50 {pick.latency_ms.p50:.3f} ms)"
 
 
 def pareto_front(rows: list[Row]) -> list[Row]:
@@ -209,14 +229,14 @@ def pareto_front(rows: list[Row]) -> list[Row]:
 
 
 FORMAT_NAMES = {"pytorch": "PyTorch eager", "torch.compile": "torch.compile", "onnxruntime": "ONNX Runtime",
-                "tensorrt": "TensorRT", "triton": "Triton server"}
+                "tensorrt": "TensorRT", "triton": "Triton server", "openvino": "OpenVINO"}
 WHO = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch", "pruned": "pruned branch",
        "baseline": "baseline"}
 
 
 def runtime_text(row: Row) -> str:
     """E.g. "PyTorch eager" or "ONNX Runtime int8_cpu"."""
-    return FORMAT_NAMES[row.format] + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
+    return FORMAT_NAMES[row.format] + (f" {row.precision}" if row.format in DEPLOYABLE else "")
 
 
 def short_label(row: Row) -> str:
@@ -270,8 +290,8 @@ def _tiny_label(row: Row) -> str:
     who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch", "pruned": "pruned",
            "baseline": "baseline"}[row.model]
     how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT",
-           "triton": "Triton"}[row.format]
-    return f"{who} {how}" + (f" {row.precision}" if row.format in ("onnxruntime", "tensorrt") else "")
+           "triton": "Triton", "openvino": "OV"}[row.format]
+    return f"{who} {how}" + (f" {row.precision}" if row.format in DEPLOYABLE else "")
 
 
 def _times(g: Gain) -> str:

@@ -117,10 +117,13 @@ def onnx_file_name(subject: str, precision: str) -> str:
     return f"{'model' if subject == 'branch' else subject}_{precision}.onnx"
 
 
-def triton_model_name(base: str, precision: str, tensorrt: bool = False) -> str:
-    """The Triton model the triton stage writes for the branch: <base>_onnx, <base>_onnx_int8, <base>_trt."""
+def triton_model_name(base: str, precision: str, tensorrt: bool = False, openvino: bool = False) -> str:
+    """The Triton model the triton stage writes for the branch: <base>_onnx, <base>_onnx_int8, <base>_trt,
+    <base>_openvino_int8_cpu."""
     if tensorrt:
         return f"{base}_trt"
+    if openvino:
+        return f"{base}_openvino_{precision}"
     return f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"
 
 

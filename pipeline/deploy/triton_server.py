@@ -46,6 +46,7 @@ ENV_VARIABLE = "ONE_PIPELINE_TRITON_ENV"
 COMMAND_VARIABLE = "ONE_PIPELINE_TRITONSERVER"
 SETUP_COMMAND = "python -m pipeline.deploy.triton_server setup"
 STANDIN_BACKEND = Path(__file__).parent / "triton_standin_backend"
+STANDIN_FOR = ("onnxruntime", "openvino")  # the C++ backends the stand-in takes the place of
 COMPLETE = ".complete"  # written last: an environment without it is unfinished
 
 
@@ -136,8 +137,9 @@ def _pip_install(python: Path, timeout_s: float) -> None:
 
 
 def _write_backends(env: ServerEnv) -> None:
-    """python/: the bundled python backend with the stub for this Python; onnxruntime/: the stand-in.
-    Copies, not links: Triton and the loader resolve paths next to these files. Made aside and renamed
+    """python/: the bundled python backend with the stub for this Python; onnxruntime/ and openvino/: the
+    stand-in (for openvino too: it checks that the repository's openvino models load and answer, with ONNX
+    Runtime's numerics, not OpenVINO's). Copies, not links: Triton and the loader resolve paths next to these files. Made aside and renamed
     into place, so a server never sees a half-written directory."""
     building = Path(tempfile.mkdtemp(prefix=".backends-", dir=env.root))
     try:
@@ -148,8 +150,9 @@ def _write_backends(env: ServerEnv) -> None:
         if not stub.is_file():
             raise PipelineError(f"nvidia-pytriton has no python backend stub for Python {version}")
         shutil.copy2(stub, python_backend / "triton_python_backend_stub")
-        shutil.copytree(STANDIN_BACKEND / "onnxruntime", building / "onnxruntime",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        for backend in STANDIN_FOR:
+            shutil.copytree(STANDIN_BACKEND / "onnxruntime", building / backend,
+                            ignore=shutil.ignore_patterns("__pycache__"))
         building.rename(env.backends)
     finally:
         shutil.rmtree(building, ignore_errors=True)
