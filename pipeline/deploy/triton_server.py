@@ -79,8 +79,8 @@ class ServerEnv:
 
 
 def standin_digest() -> str:
-    """A hash of the stand-in backend's files (names and bytes)."""
-    digest = hashlib.sha256()
+    """A hash of the stand-in backend's files (names and bytes) and of the backends it stands in for."""
+    digest = hashlib.sha256("\0".join(STANDIN_FOR).encode())
     for path in sorted(p for p in STANDIN_BACKEND.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(f"{path.relative_to(STANDIN_BACKEND)}\0{path.stat().st_size}\0".encode())
         digest.update(path.read_bytes())
@@ -139,8 +139,8 @@ def _pip_install(python: Path, timeout_s: float) -> None:
 def _write_backends(env: ServerEnv) -> None:
     """python/: the bundled python backend with the stub for this Python; onnxruntime/ and openvino/: the
     stand-in (for openvino too: it checks that the repository's openvino models load and answer, with ONNX
-    Runtime's numerics, not OpenVINO's). Copies, not links: Triton and the loader resolve paths next to these files. Made aside and renamed
-    into place, so a server never sees a half-written directory."""
+    Runtime's numerics, not OpenVINO's). Copies, not links: Triton and the loader resolve paths next to
+    these files. Made aside and renamed into place, so a server never sees a half-written directory."""
     building = Path(tempfile.mkdtemp(prefix=".backends-", dir=env.root))
     try:
         python_backend = building / "python"
