@@ -35,7 +35,9 @@ httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'trito
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="pip install 'tritonclient[grpc,http]'")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-MODELS = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8", "tiny_onnx_int8_cpu": "int8_cpu"}
+# model -> the exported precision it serves; the openvino-backend model serves the int8_cpu file
+MODELS = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8", "tiny_onnx_int8_cpu": "int8_cpu",
+          "tiny_openvino_int8_cpu": "int8_cpu"}
 MAX_BATCH = 128  # triton.max_batch_size's default, which the tiny config keeps
 STOP_BOUND_S = 30
 # NVIDIA's container (ONE_PIPELINE_TRITONSERVER) runs the ONNX models on a GPU with TensorRT (TF32 kernels):
