@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import Config, validate_config
 from pipeline.deploy.benchfile import (
+    DEPLOYABLE,
     SCHEMA_VERSION,
     BenchFile,
     Check,
@@ -364,7 +365,7 @@ def test_a_model_the_guard_rejected_is_a_skipped_row_that_says_why(exported_run,
     assert (row["status"], row["reason"]) == ("skipped", "not deployed: int8 loses 3.10 top-1 points on 64 images")
     # the ship pick weighs the measured forms only, against bench.ship_max_accuracy_drop (here 100: all of them)
     ship = data["headline"]["ship"]
-    measured = [r for r in data["rows"] if r["model"] == "branch" and r["format"] in ("onnxruntime", "tensorrt")
+    measured = [r for r in data["rows"] if r["model"] == "branch" and r["format"] in DEPLOYABLE
                 and r["status"] == "ok"]
     assert ship["max_accuracy_drop"] == 100.0 and "branch_onnx_int8" not in ship["reason"]
     assert f"of {len(measured)} deployed forms within 100 top-1 points" in ship["reason"]
