@@ -12,7 +12,10 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from pipeline.deploy.benchfile import (
+    DEPLOYABLE,
     FORMAT_NAMES,
+    SHIPPABLE,
+    WHO,
     BenchFile,
     Gain,
     fmt,
@@ -172,18 +175,20 @@ def _ship(bench: BenchFile) -> list[str]:
 
 
 def _runtimes(bench: BenchFile) -> list[str]:
-    """The kept branch's fastest form in each runtime, for both objectives."""
+    """The fastest form of the kept branch (or its pruned form) in each runtime, for both objectives."""
     batch = bench.batch_sizes[-1]
     lines = []
-    for fmt_name in ("onnxruntime", "openvino", "tensorrt"):
-        rows = [r for r in bench.rows if r.model == "branch" and r.format == fmt_name and r.status == "ok"]
+    for fmt_name in DEPLOYABLE:
+        rows = [r for r in bench.rows if r.model in SHIPPABLE and r.format == fmt_name and r.status == "ok"]
         if not rows:
             continue
         quick = min(rows, key=lambda r: r.latency_ms.p50)
         wide = max(rows, key=lambda r: r.images_per_s(batch) or 0)
-        lines.append(f"- {FORMAT_NAMES[fmt_name]}: batch-1 p50 {quick.latency_ms.p50:.3f} ms ({quick.precision}); "
-                     f"{fmt(wide.images_per_s(batch), ',.0f')} images/s at batch {batch} ({wide.precision})")
-    return ["", "Each runtime's best kept-branch figures:", "", *lines] if lines else []
+        lines.append(f"- {FORMAT_NAMES[fmt_name]}: batch-1 p50 {quick.latency_ms.p50:.3f} ms ({WHO[quick.model]} "
+                     f"{quick.precision}); {fmt(wide.images_per_s(batch), ',.0f')} images/s at batch {batch} "
+                     f"({WHO[wide.model]} {wide.precision})")
+    return ["", "Each runtime's fastest deployed form at batch 1 and at the largest batch:", "", *lines] if lines \
+        else []
 
 
 def _strip_by_batch(bench: BenchFile) -> list[str]:
