@@ -108,3 +108,19 @@ def test_each_bad_input_gets_one_line_naming_the_fix(benched, trained_run, tmp_p
         result = runner.invoke(app, ["predict", *args], env={"COLUMNS": "500"})
         assert result.exit_code != 0 and fragment in result.output, (args, result.output)
         assert result.output.count("\n") == 1 and "Traceback" not in result.output, result.output
+
+
+def test_a_pruned_ship_pick_is_predicted_with_the_pruned_file(tmp_path):
+    """The bench may ship the pruned branch (compress): predict then runs pruned_<precision>.onnx, not the
+    unpruned branch's file of the same precision."""
+    from pipeline.deploy.predict import shipped_form
+    from pipeline.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    bench = run.stage_dir("bench") / "bench.json"
+    rows = [{"name": "pruned_openvino_int8_cpu", "model": "pruned", "precision": "int8_cpu"},
+            {"name": "branch_onnx_int8_cpu", "model": "branch", "precision": "int8_cpu"}]
+    for pick, form in (("pruned_openvino_int8_cpu", "pruned_int8_cpu"), ("branch_onnx_int8_cpu", "int8_cpu")):
+        bench.write_text(json.dumps({"headline": {"ship": {"row": pick}}, "rows": rows}))
+        run.record("bench", {"status": "done", "outputs": run.describe_outputs({"bench": bench})})
+        assert shipped_form(run) == (form, f"{form}: the form the bench picked to ship ({pick})")

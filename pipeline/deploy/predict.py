@@ -32,7 +32,8 @@ class Prediction:
 
 
 def forms(run: RunDir) -> list[str]:
-    """The forms the export stage wrote: fp32, int8_cpu, ... (the branch), ensemble_fp32, ... (ONE-E)."""
+    """The forms the export stage wrote: fp32, int8_cpu, ... (the branch), ensemble_fp32, ... (ONE-E),
+    pruned_fp32, ... (compress)."""
     outputs = (run.stage("export") or {}).get("outputs", {})
     return [(p if s == "branch" else f"{s}_{p}") for s in SUBJECTS for p in PRECISIONS if onnx_key(s, p) in outputs]
 
@@ -46,7 +47,8 @@ def shipped_form(run: RunDir) -> tuple[str, str]:
     row = next((r for r in bench.get("rows", []) if r.get("name") == ship.get("row")), None)
     if row is None:
         return "fp32", "fp32: the bench picked no form to ship"
-    return row["precision"], f"{row['precision']}: the form the bench picked to ship ({row['name']})"
+    form = row["precision"] if row["model"] == "branch" else f"{row['model']}_{row['precision']}"  # e.g. pruned_fp32
+    return form, f"{form}: the form the bench picked to ship ({row['name']})"
 
 
 @dataclasses.dataclass
@@ -73,8 +75,8 @@ class Predictor:
         if form not in available:
             raise UsageError(f"--model {form}: {run_dir} has no such exported model; choose one of "
                              f"{', '.join(available)} (or add it to export.precisions and run export again)")
-        subject, precision = ("ensemble", form.removeprefix("ensemble_")) if form.startswith("ensemble_") else \
-            ("branch", form)
+        subject, _, precision = form.partition("_") if form.startswith(("ensemble_", "pruned_")) else \
+            ("branch", "", form)
         path = exported_onnx(run, onnx_key(subject, precision))
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         try:
