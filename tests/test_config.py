@@ -63,7 +63,8 @@ BAD = [  # (yaml text, overrides, fragments the one-line message must contain)
     ("export: {precision: fp16}", [], ["unknown key 'export.precision'", "did you mean 'precisions' or "
                                                                          "'engine.precision'?"]),
     ("select: {enabled: false}", [], ["unknown key 'select.enabled'", "'engine.enabled', 'triton.enabled'"]),
-    ("epochs: 3", [], ["unknown key 'epochs'", "it lives at 'train.epochs' now"]),
+    ("nesterov: true", [], ["unknown key 'nesterov'", "it lives at 'train.nesterov' now"]),
+    ("epochs: 3", [], ["unknown key 'epochs'", "fields of that name: 'train.epochs', 'compress.epochs'"]),
     ("data: {label_noise: 1.0}", [], ["data.label_noise", "less than 1", "got 1.0"]),
     ("{}", ["data.label_noise=-0.1"], ["data.label_noise", "greater than or equal to 0", "got -0.1"]),
     ("data: {dataset: imagefolder, label_noise: 0.2}", [], ["data", "label_noise is not supported for imagefolder"]),
