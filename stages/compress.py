@@ -1,7 +1,8 @@
 """Make the kept branch smaller: prune whole channels to `compress.flops_ratio` of its FLOPs (Torch-Pruning,
 see pipeline/training/prune.py), then fine-tune it with CE + T^2 * KL(teacher || student), the teacher
 being ONE's gated ensemble (`one_e`), the unpruned branch (`branch`) or nobody (`none`), frozen in eval
-mode and fed the same augmented batch.
+mode and fed the same augmented batch. Without augmentation the teacher's logits of an image never change,
+so when the fine-tune draws more images than the training set holds they are computed once, in one pass.
 
 The pruned fp32 network is deployed only when it loses at most `compress.max_accuracy_drop` validation
 top-1 points against the kept branch; either way compress/summary.json and the stage summary say what it
@@ -24,7 +25,7 @@ from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.rundir import sha256_file, write_json
 from pipeline.stage import StageContext, StageResult
 from pipeline.training import checkpoint, loop, prune
-from pipeline.training.data import Datasets, load_datasets, training_batches
+from pipeline.training.data import Datasets, ImageSet, load_datasets, training_batches
 from pipeline.training.evaluate import evaluate
 from pipeline.training.loop import Interrupted
 from pipeline.training.loop import catch_sigint as _catch_sigint  # a name tests replace
@@ -123,6 +124,8 @@ def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, 
     if per_epoch == 0:
         raise UsageError(f"compress.images_per_epoch {images} is too few for one batch of compress.batch_size "
                          f"{cfg.batch_size}; raise it")
+    memory_format = torch.channels_last if ctx.cfg.train.channels_last else torch.contiguous_format
+    student.to(memory_format=memory_format)  # train.channels_last: NHWC, as in training
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = loop.scheduler(optimizer, cfg.schedule, cfg.epochs, per_epoch)
@@ -141,17 +144,32 @@ def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, 
         loop.save_state(last_path, student, optimizer, scheduler, epoch=epoch, batch=batch,
                         fingerprint=fingerprint, history=history)
 
+    remaining = (cfg.epochs - start_epoch) * per_epoch - skip
+    cached = None
+    if teacher is not None:
+        teacher.to(memory_format=memory_format)
+        if caches_teacher(ctx, remaining * cfg.batch_size, len(data.train)):
+            started = time.perf_counter()
+            cached = teacher_logits(teacher, data.train, device, ctx.cfg.train.eval_batch_size, memory_format)
+            ctx.console.print(f"teacher logits of the {len(data.train):,} training images computed once in "
+                              f"{time.perf_counter() - started:.1f} s (no augmentation: they never change)")
     with loop.progress_bar(ctx) as progress, _catch_sigint() as interrupted:
-        task = progress.add_task("fine-tune", total=(cfg.epochs - start_epoch) * per_epoch - skip)
+        task = progress.add_task("fine-tune", total=remaining)
         for epoch in range(start_epoch, cfg.epochs):
             student.train()
             started, seen, loss_sum = time.perf_counter(), 0, 0.0
-            batches = data.train.batches(cfg.batch_size, seed=ctx.cfg.seed, epoch=epoch, augment=ctx.cfg.data.augment,
-                                         skip=skip)
-            for step, (x, y) in enumerate(itertools.islice(batches, per_epoch - skip), start=skip):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.no_grad():
-                    target = teacher(x) if teacher is not None else None
+            batches = data.train.indexed_batches(cfg.batch_size, seed=ctx.cfg.seed, epoch=epoch,
+                                                 augment=ctx.cfg.data.augment, skip=skip)
+            for step, (x, y, idx) in enumerate(itertools.islice(batches, per_epoch - skip), start=skip):
+                x = x.to(device, memory_format=memory_format, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                if cached is not None:
+                    target = cached[idx.to(device)]
+                elif teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x)
+                else:
+                    target = None
                 loss = distill_loss(student(x), target, y, cfg.temperature, cfg.kd_weight)
                 if not torch.isfinite(loss):
                     raise PipelineError(f"the fine-tune loss became {loss.item()} at epoch {epoch + 1}; lower "
@@ -173,4 +191,18 @@ def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, 
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "seconds": round(seconds, 2),
                             "images_per_s": round(seen / max(seconds, 1e-9), 1)})
             save(epoch + 1, 0)
+    student.to(memory_format=torch.contiguous_format)  # the model file holds plain tensors
     return history
+
+
+def caches_teacher(ctx: StageContext, images_to_draw: int, train_size: int) -> bool:
+    """One teacher pass over the training set instead of one per drawn image: only without augmentation
+    (an augmented image is new each time) and when the fine-tune draws more images than the set holds."""
+    return not ctx.cfg.data.augment and images_to_draw > train_size
+
+
+def teacher_logits(teacher: nn.Module, images: ImageSet, device: torch.device, batch_size: int,
+                   memory_format: torch.memory_format) -> torch.Tensor:
+    """The frozen teacher's logits of every image of the set, in its order (eval mode: independent of the batch)."""
+    with torch.no_grad():
+        return torch.cat([teacher(x.to(device, memory_format=memory_format)) for x, _ in images.batches(batch_size)])

@@ -25,10 +25,12 @@ SMALL = {"enabled": True, "channel_multiple": 2, "epochs": 1, "images_per_epoch"
          "max_accuracy_drop": 100}  # the tiny run is about the mechanics; the guard has its own test
 
 
-def _compress(trained_run, root, **compress):
+def _compress(trained_run, root, data=None, **compress):
     cfg, run = trained_run
-    shutil.copytree(run.root, root / cfg.name)
-    new = validate_config(tiny_dict(root, compress={**SMALL, **compress}))
+    if not data:  # another data section is another training run
+        shutil.copytree(run.root, root / cfg.name)
+    data = {**cfg.data.model_dump(), **(data or {})}
+    new = validate_config(tiny_dict(root, compress={**SMALL, **compress}, data=data))
     copy = RunDir(new.run_dir)
     run_stages(new, copy, make_ctx(new, copy), until="compress")
     return new, copy
@@ -115,6 +117,25 @@ def test_interrupted_fine_tune_resumes_to_the_same_weights(trained_run, tmp_path
     a = torch.load(whole.path("compress/model.pt"), weights_only=True)["state_dict"]
     b = torch.load(resumed.path("compress/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_augmentation_the_teacher_runs_once_per_image_and_the_fine_tune_is_the_same(trained_run, tmp_path,
+                                                                                           monkeypatch):
+    passes = []
+    real_pass, real_rule = compress_stage.teacher_logits, compress_stage.caches_teacher
+    monkeypatch.setattr(compress_stage, "teacher_logits", lambda *a: passes.append(1) or real_pass(*a))
+    settings = {"epochs": 2, "images_per_epoch": None}  # 2 x 320 images drawn from 320: worth one pass
+    _, cached = _compress(trained_run, tmp_path / "cached", data={"augment": False}, **settings)
+    assert passes == [1]
+    monkeypatch.setattr(compress_stage, "caches_teacher", lambda *a: False)
+    _, per_batch = _compress(trained_run, tmp_path / "per_batch", data={"augment": False}, **settings)
+    assert passes == [1]
+    a = torch.load(cached.path("compress/model.pt"), weights_only=True)["state_dict"]
+    b = torch.load(per_batch.path("compress/model.pt"), weights_only=True)["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+    monkeypatch.setattr(compress_stage, "caches_teacher", real_rule)
+    _compress(trained_run, tmp_path / "augmented", **settings)  # a crop is new each time it is drawn
+    assert passes == [1]
 
 
 @pytest.mark.parametrize("compress, fragment", [

@@ -66,6 +66,14 @@ class ImageSet:
                 skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised float batches. With `seed`, shuffled per epoch (training); else in order,
         every sample exactly once across ranks (evaluation). `skip` leaves out the first batches."""
+        for images, labels, _ in self.indexed_batches(batch_size, seed=seed, epoch=epoch, augment=augment, skip=skip,
+                                                      rank=rank, world=world):
+            yield images, labels
+
+    def indexed_batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, augment: bool = False,
+                        skip: int = 0, rank: int = 0,
+                        world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`batches`, each with the indices of its samples in this set."""
         order = torch.tensor(sample_order(len(self), seed, epoch, rank, world), dtype=torch.long)
         crops = flips = None
         if augment:
@@ -78,7 +86,7 @@ class ImageSet:
             images = self.images[idx]
             if augment:
                 images = _crop_and_flip(images, crops[idx], flips[idx])
-            yield self.normalise(images), self.labels[idx]
+            yield self.normalise(images), self.labels[idx], idx
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
         return batches_per_rank(len(self), batch_size, world)
