@@ -10,16 +10,15 @@ rejected among them); one whose file could not be made is `failed` in "export", 
 did not run is `failed` in "bench" (Ultralytics keeps the two apart). Every row: top-1 on the test set,
 agreement with the same model in PyTorch eager, batch-1 latency (p50/p90/p99), throughput at each of
 `bench.batch_sizes`, params, FLOPs, file size. Accuracy is measured row by row; timing afterwards, in
-`bench.rounds` rounds in which every row takes its turn (the Triton row, timed through its server, apart).
+`bench.rounds` rounds in which every row takes its turn (pipeline/deploy/bench_rounds.py; the Triton row,
+timed through its server, apart).
 The headline splits the gain into its parts (strip, runtime, precision) and picks what to ship. Schema:
 docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,29 +29,29 @@ from rich.markup import escape
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.deploy import openvino_runtime
+from pipeline.deploy import bench_rounds, openvino_runtime
 from pipeline.deploy.benchfile import (
     FORMAT_NAMES,
     SCHEMA_VERSION,
     BenchFile,
     Row,
     gain,
+    headline_figures,
     headline_text,
     reason_lines,
     rich_table,
     row_name,
-    ship_pick,
 )
 from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, exported_onnx, onnx_key, triton_model_name
 from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
 from pipeline.deploy.served import served_row
-from pipeline.deploy.timing import Latency, count_flops, in_turns, latency_samples, throughput
+from pipeline.deploy.timing import count_flops
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir, atomic_path, environment, write_json
 from pipeline.stage import StageContext, StageResult
 from pipeline.training.checkpoint import load_model
-from pipeline.training.data import ImageSet, load_datasets
+from pipeline.training.data import load_datasets
 from pipeline.training.evaluate import evaluate
 from pipeline.training.models import EnsembleNet, count_parameters
 from stages.export import guard
@@ -122,14 +121,14 @@ class _Bench:
         self.ctx, self.cfg, self.device, self.threads = ctx, ctx.cfg.bench, ctx.device, threads
         self.eval_batch = ctx.cfg.train.eval_batch_size
         self.preds: dict[str, torch.Tensor] = {}
-        self.timers: dict[str, _Timer] = {}
+        self.timers: dict[str, bench_rounds.RowTimer] = {}
         self.datasets = load_datasets(ctx.cfg.data)
         full_test = self.datasets.test
         limit = self.cfg.test_limit
         self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
         self.full_test_set = len(self.test) == len(full_test)
         self.labels = torch.cat([labels for _, labels in self.test.batches(self.eval_batch)])
-        self.inputs = _inputs(self.test, self.cfg.batch_sizes, self.device)
+        self.inputs = bench_rounds.timing_inputs(self.test, self.cfg.batch_sizes, self.device)
         self.triton_base = ctx.cfg.triton.model_name or ctx.cfg.name if ctx.cfg.triton.enabled else None
 
     # --- the rows --------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class _Bench:
         rows += [self._tensorrt_row(m) for m in models] + [self._served_row()]
         if baseline is not None:
             rows += self._baseline_rows(*baseline)
-        self._time_in_rounds(rows)
+        bench_rounds.time_rows(list(self.timers.values()), rows, self.cfg, self.device, self.ctx.console)
         self._derived(rows)
         bench = {"schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": self.method, "branch": self.branch,
                  "device": str(self.device), "threads": self.threads, "test_images": len(self.test),
@@ -163,8 +162,8 @@ class _Bench:
                  "settings": self.cfg.model_dump(mode="json"), "environment": environment(),
                  "baseline": str(self.cfg.baseline) if self.cfg.baseline else None, "checks": self._checks(rows),
                  "rows": rows}
-        headline = _headline([Row.model_validate(r) for r in rows], self.cfg.ship_max_accuracy_drop,
-                             self.cfg.ship_for)
+        headline = headline_figures([Row.model_validate(r) for r in rows], self.cfg.ship_max_accuracy_drop,
+                                    self.cfg.ship_for)
         return BenchFile.model_validate({**bench, "headline": headline})
 
     def _eager_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
@@ -361,7 +360,7 @@ class _Bench:
         except StageSkipped as exc:
             return {**base, "status": "skipped", "reason": str(exc)}
         except Exception as exc:  # one row's failure is recorded in its row; the other rows still run
-            reason = _failure(exc)
+            reason = bench_rounds.failure(exc)
             self.ctx.console.print(f"[red]{base['name']} failed:[/red] {escape(reason)}")
             return {**base, "status": "failed", "failed_in": "bench", "reason": reason}
 
@@ -382,53 +381,15 @@ class _Bench:
     def _time_later(self, name: str, call: Callable[[Any], Any], inputs: dict[int, Any], cuda_events: bool,
                     batches: list[int] | None = None) -> None:
         """Row `name` takes part in the timing rounds: batch-1 latency and throughput at each of `batches`
-        (default all), filled into the row by `_time_in_rounds`. `cuda_events`: torch and TensorRT work."""
-        self.timers[name] = _Timer(call, inputs, cuda_events, batches or self.cfg.batch_sizes)
-
-    def _time_in_rounds(self, rows: list[dict]) -> None:
-        """Time every registered row in `bench.rounds` rounds, each row taking its turn in every round, so
-        that a machine that slows down or speeds up during the bench moves every row alike (timed one
-        after the other, a row's place in the order could decide what to ship). Batch-1 samples are
-        pooled over the rounds; throughput is the median round."""
-        c = self.cfg
-
-        def turn(timer: _Timer) -> Callable[[int], None]:
-            return lambda index: self._take_turn(timer, _share(c.iterations, c.rounds, index),
-                                                 _share(c.throughput_iterations, c.rounds, index))
-
-        with torch.inference_mode():
-            errors = in_turns({name: turn(timer) for name, timer in self.timers.items()}, c.rounds)
-        failed = {name: _failure(exc) for name, exc in errors.items()}  # as in `_guard`: the others go on
-        for name, reason in failed.items():
-            self.ctx.console.print(f"[red]{name} failed:[/red] {escape(reason)}")
-        for row in rows:
-            timer = self.timers.get(row["name"])
-            if timer is None or row["status"] != "ok":
-                continue
-            if row["name"] in failed:
-                row.update(status="failed", failed_in="bench", reason=failed[row["name"]])
-                continue
-            row["latency_ms"] = Latency.from_ns(timer.samples).figures(c.warmup)
-            row["throughput"] = [{"images_per_s": round(statistics.median(timer.rates[b]), 1), "batch": b,
-                                  "warmup": min(c.warmup, 3), "iterations": c.throughput_iterations}
-                                 for b in timer.batches]
-
-    def _take_turn(self, timer: _Timer, iterations: int, throughput_iterations: int) -> None:
-        """One row's turn in a round: warm-up, its batch-1 latency samples, one throughput figure per batch."""
-        c, first = self.cfg, timer.inputs[1]
-        timer.samples += latency_samples(lambda: timer.call(first), warmup=c.warmup, iterations=iterations,
-                                         device=self.device, cuda_events=timer.cuda_events)
-        for b in timer.batches if throughput_iterations else ():
-            x = timer.inputs[b]
-            timer.rates.setdefault(b, []).append(throughput(lambda: timer.call(x), batch=b, warmup=min(c.warmup, 3),
-                                                            iterations=throughput_iterations, device=self.device))
+        (default all), filled into the row by `bench_rounds.time_rows`. `cuda_events`: torch and TensorRT work."""
+        self.timers[name] = bench_rounds.RowTimer(name, call, inputs, cuda_events, batches or self.cfg.batch_sizes)
 
     def _onnx(self, name: str, path: Path, static: dict) -> dict:
         session = ort_session(path, onnx_providers(self.device), self.threads)
         logits = run_split(session, self.test, self.eval_batch)
         self.preds[name] = torch.from_numpy(logits.argmax(1))
         provider = session.get_providers()[0]
-        call = _onnx_call(session, provider)
+        call = bench_rounds.onnx_call(session, provider)
         dtype = input_dtype(session)
         self._time_later(name, call, {b: x.cpu().numpy().astype(dtype) for b, x in self.inputs.items()},
                          cuda_events=False)
@@ -491,27 +452,6 @@ class _Bench:
         return checks
 
 
-def _share(total: int, rounds: int, turn: int) -> int:
-    """Turn `turn`'s part of `total` calls split over `rounds` turns (the parts add up to `total`)."""
-    return total // rounds + (turn < total % rounds)
-
-
-def _failure(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-
-
-@dataclasses.dataclass
-class _Timer:
-    """A row's model call and inputs, and the figures its turns have gathered."""
-
-    call: Callable[[Any], Any]
-    inputs: dict[int, Any]
-    cuda_events: bool
-    batches: list[int]
-    samples: list[int] = dataclasses.field(default_factory=list)  # batch-1 latencies, ns
-    rates: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # images/s per batch, one per round
-
-
 class _Recorder(nn.Module):
     """Passes a model's output through unchanged to `evaluate`, keeping each head's top-1 predictions."""
 
@@ -527,57 +467,8 @@ class _Recorder(nn.Module):
         return out
 
 
-def _inputs(test: ImageSet, batch_sizes: list[int], device: torch.device) -> dict[int, torch.Tensor]:
-    """The timing inputs, made once outside every timed region and shared by every row: batch 1 and
-    each throughput batch (the first test images, repeated if the test set is smaller)."""
-    sizes = sorted({1, *batch_sizes})
-    return {b: test.normalise(test.images[torch.arange(b) % len(test)]).contiguous().to(device) for b in sizes}
-
-
-def _onnx_call(session: Any, provider: str) -> Callable[[np.ndarray], Any]:
-    inp, out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    if provider != "CUDAExecutionProvider":
-        return lambda x: session.run([out], {inp: x})
-    import onnxruntime as ort  # on the GPU: input copied to the device first, like the torch rows
-
-    bound: dict[int, Any] = {}
-
-    def call(x: np.ndarray) -> Any:
-        if id(x) not in bound:
-            binding, value = session.io_binding(), ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-            binding.bind_ortvalue_input(inp, value)
-            binding.bind_output(out, "cuda")
-            bound[id(x)] = (binding, value)  # `value` lives as long as its binding
-        return session.run_with_iobinding(bound[id(x)][0])
-
-    return call
-
-
 def _base(model: str, fmt: str, precision: str = "fp32") -> dict:
     label = LABELS[model] if fmt == "pytorch" else f"{LABELS[model].split(' (')[0]}, {FORMAT_NAMES[fmt]}" + (
         f" {precision}" if fmt in ("onnxruntime", "tensorrt", "triton", "openvino") else "")
     return {"name": row_name(model, fmt, precision), "label": label, "model": model, "format": fmt,
             "precision": precision}
-
-
-def _headline(rows: list[Row], max_drop: float, ship_for: str) -> dict:
-    """The gain in parts: strip (same runtime and precision), runtime (same model), precision (same model
-    and runtime); what to ship."""
-    by_name = {r.name: r for r in rows}
-    branch, ensemble = by_name.get("branch_onnx_fp32"), by_name.get("one_e_onnx_fp32")
-    strip = gain(branch, ensemble)
-    lower = [r for r in rows if r.model == "branch" and r.format == "onnxruntime" and r.precision != "fp32"
-             and r.status == "ok" and r.vs_fp32 and r.vs_fp32.speedup_p50]
-    fastest = min(lower, key=lambda r: r.latency_ms.p50, default=None)
-    reasons = [f"{r.name} {r.status}: {r.reason}" for r in (ensemble, branch) if r is not None and r.status != "ok"]
-
-    def ratio(key: str) -> float | None:
-        a, b = getattr(ensemble, key, None) if ensemble else None, getattr(branch, key, None) if branch else None
-        return round(a / b, 4) if strip and a and b else None
-
-    return {"runtime": "onnxruntime fp32", "strip": strip and strip.model_dump(),
-            "runtime_gain": (g := gain(branch, by_name.get("branch_eager"))) and g.model_dump(),
-            "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
-            "prune": (q := gain(by_name.get("pruned_onnx_fp32"), branch)) and q.model_dump(),
-            "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
-            "ship": ship_pick(rows, max_drop, ship_for).model_dump(), "reason": "; ".join(reasons) or None}

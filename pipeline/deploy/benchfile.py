@@ -207,6 +207,29 @@ def ship_pick(rows: list[Row], max_drop: float, objective: str = "latency") -> S
                 other_objective=None if other is pick else f"{other.name}: {other_why}")
 
 
+def headline_figures(rows: list[Row], max_drop: float, ship_for: str) -> dict:
+    """The bench's headline: the gain in parts, strip (same runtime and precision), runtime (same model),
+    precision (same model and runtime) and prune (same runtime and precision); what to ship."""
+    by_name = {r.name: r for r in rows}
+    branch, ensemble = by_name.get("branch_onnx_fp32"), by_name.get("one_e_onnx_fp32")
+    strip = gain(branch, ensemble)
+    lower = [r for r in rows if r.model == "branch" and r.format == "onnxruntime" and r.precision != "fp32"
+             and r.status == "ok" and r.vs_fp32 and r.vs_fp32.speedup_p50]
+    fastest = min(lower, key=lambda r: r.latency_ms.p50, default=None)
+    reasons = [f"{r.name} {r.status}: {r.reason}" for r in (ensemble, branch) if r is not None and r.status != "ok"]
+
+    def ratio(key: str) -> float | None:
+        a, b = getattr(ensemble, key, None) if ensemble else None, getattr(branch, key, None) if branch else None
+        return round(a / b, 4) if strip and a and b else None
+
+    return {"runtime": "onnxruntime fp32", "strip": strip and strip.model_dump(),
+            "runtime_gain": (g := gain(branch, by_name.get("branch_eager"))) and g.model_dump(),
+            "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
+            "prune": (q := gain(by_name.get("pruned_onnx_fp32"), branch)) and q.model_dump(),
+            "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
+            "ship": ship_pick(rows, max_drop, ship_for).model_dump(), "reason": "; ".join(reasons) or None}
+
+
 def _fastest(candidates: list[Row], objective: str) -> tuple[Row, str]:
     """The fastest row for `objective` and the figure that makes it so."""
     best_batch = max((t.batch for r in candidates for t in r.throughput), default=None)
