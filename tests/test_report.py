@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
+from pipeline.config import load_config
 from pipeline.deploy.benchfile import BenchFile
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.plots import CURVES_DPI, CURVES_SIZE_IN, Curves, training_curves_figure
@@ -189,3 +191,20 @@ def test_latency_axis_reads_in_plain_milliseconds_and_the_legend_covers_no_point
     labels = [t.get_text() for t in ax.get_xticklabels(which="both") if t.get_text()]
     assert ax.get_xscale() == "log" and labels and all(re.fullmatch(r"\d+(\.\d+)?", t) for t in labels), labels
     assert_legend_covers_nothing(fig)
+
+
+def test_a_one_run_says_whether_one_paid_from_its_compare_else_what_was_measured(reported):
+    run, _ = reported
+    text = run.path("report/report.md").read_text()
+    assert "Is ONE worth its training cost?" in text and "one-pipeline compare CONFIG --seeds 0,1,2" in text
+    cfg = load_config(run.root / "config.yaml")
+    compare_dir = cfg.output_root / f"{cfg.name}-compare"
+    compare_dir.mkdir()
+    try:
+        (compare_dir / "compare.json").write_text(json.dumps({"gains": [{"verdict": "+1.23 points, paired p = 0.01"}]}))
+        assert execute(cfg, stage_def("report"), run, make_ctx(cfg, run)) == "done"
+        text = run.path("report/report.md").read_text()
+        assert "+1.23 points, paired p = 0.01" in text and "Is ONE worth its training cost?" not in text
+    finally:
+        shutil.rmtree(compare_dir)
+        execute(cfg, stage_def("report"), run, make_ctx(cfg, run))
