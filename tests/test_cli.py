@@ -164,8 +164,8 @@ def test_corrupted_checkpoint_is_detected_never_used(trained_run, tmp_path):
     assert by_dir.exit_code == 0 and "corrupted" in by_dir.output
 
 
-def _cli(config, *args):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(config), *args],
+def _cli(config, *args, command="train"):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", command, str(config), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
 
 
@@ -215,3 +215,30 @@ def test_messages_keep_their_brackets(tmp_path):
     config = write_config(tmp_path)
     result = runner.invoke(app, ["run", str(config), "--set", "engine.extra[tensorrt]=1"])
     assert result.exit_code == 2 and "unknown key 'engine.extra[tensorrt]'" in result.output
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path):
+    """SIGKILL inside compress's fine-tune: the next run resumes from the last finished epoch's checkpoint
+    and ends with the weights of a fine-tune that was never interrupted."""
+    compress = {"enabled": True, "channel_multiple": 2, "epochs": 12, "images_per_epoch": None, "batch_size": 16,
+                "lr": 0.02, "max_accuracy_drop": 100}
+    (tmp_path / "ref").mkdir()
+    reference, _ = copy_trained(trained_run, tmp_path / "ref")
+    reference.write_text(yaml.safe_dump({**yaml.safe_load(reference.read_text()), "compress": compress}))
+    config, run = copy_trained(trained_run, tmp_path)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "compress": compress}))
+    assert _cli(reference, command="compress").wait() == 0
+    proc = _cli(config, command="compress")
+    _wait_for(run.path("compress/last.pt"), proc)  # the first epoch finished: kill it inside a later one
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=600)
+    saved = torch.load(run.path("compress/last.pt"), weights_only=True)
+    assert 1 <= saved["epoch"] < compress["epochs"] and saved["batch"] == 0  # killed inside the fine-tune
+    resumed = _cli(config, command="compress")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert re.search(rf"resuming the fine-tune from .+: epoch\s+{saved['epoch'] + 1},\s+batch\s+0\b", output, re.S)
+    a = torch.load(tmp_path / "ref/runs/tiny/compress/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run.path("compress/model.pt"), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
