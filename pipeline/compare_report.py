@@ -69,7 +69,9 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_n
                      f"{train['train_params']:,} | {deployed['params']:,} | {deployed['flops'] / 1e6:.2f} | "
                      f"{deployed['p50_ms']:.3f} |")
     rounds = summary["cost"][0]
-    lines += ["", f"Training time is the train stage's wall time (with its validation passes). The deployed "
+    lines += ["", f"Training time is the train stage's wall time (with its validation passes), as each run went: "
+                  "a run that shared the CPU or was resumed later reads slower, so compare these figures only "
+                  "between runs made alike. The deployed "
                   f"network is the first seed's fp32 ONNX; its batch-1 latency is the median of {rounds['rounds']} "
                   f"rounds of {rounds['calls_per_round']} calls, the methods taking turns in each round.", ""]
     if curves_name:
