@@ -99,7 +99,8 @@ def summarise(base: Config, seeds: Sequence[int], records: list[dict]) -> dict[s
     c = base.compress
     return {"seeds": list(seeds), "recipe": {"flops_ratio": c.flops_ratio, "channel_multiple": c.channel_multiple,
                                              "epochs": c.epochs, "images_per_epoch": c.images_per_epoch, "lr": c.lr,
-                                             "temperature": c.temperature, "train_epochs": base.train.epochs},
+                                             "temperature": c.temperature, "train_epochs": base.train.epochs,
+                                             "max_accuracy_drop": c.max_accuracy_drop},
             "rows": rows, "pairs": pairs, "verdict": verdict, "runs": records}
 
 
@@ -125,11 +126,16 @@ def markdown(table: dict[str, Any]) -> str:
              f"Pruned to {r['flops_ratio']:g} of the kept branch's FLOPs (channel multiples of "
              f"{r['channel_multiple']}), fine-tuned {r['epochs']} epoch(s) of {r['images_per_epoch'] or 'all'} "
              f"images at lr {r['lr']:g}; test top-1 %, seeds {', '.join(map(str, seeds))}.", "",
-             "| variant | teacher | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | unpruned mean |",
-             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+             "| variant | teacher | " + " | ".join(f"seed {s}" for s in seeds) +
+             " | mean | std | unpruned mean | deployed (guard) |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|"]
     for row in table["rows"]:
         std = "-" if row["std"] is None else f"{row['std']:.2f}"
         lines.append(f"| {row['label']} | {row['teacher']} | " +
                      " | ".join(f"{row['per_seed'].get(s, float('nan')):.2f}" for s in seeds) +
-                     f" | {row['mean']:.2f} | {std} | {row['unpruned_mean']:.2f} |")
-    return "\n".join([*lines, "", table["verdict"], ""])
+                     f" | {row['mean']:.2f} | {std} | {row['unpruned_mean']:.2f} | {row['deployed']} of {len(seeds)} |")
+    bound = table["recipe"].get("max_accuracy_drop")
+    guard = (f"Deployed: the seeds on which the pruned network stayed within compress.max_accuracy_drop "
+             f"({bound:g}) validation top-1 points of its unpruned network, so that the pipeline would ship it." if
+             bound is not None else "")
+    return "\n".join([*lines, "", guard, "", table["verdict"], ""])

@@ -282,6 +282,9 @@ def test_compress_table_says_whether_ones_teacher_pays():
     assert [p["diff"] for p in table["pairs"]] == pytest.approx([5.6 / 3] * 2)  # seed by seed: 2.0, 1.5, 2.1
     assert table["pairs"][0]["p"] < 0.05 and "pays its training cost" in table["verdict"]
     assert "| ONE kept branch pruned, KD from ONE-E | one_e | 72.00 | 72.50 | 74.60 |" in markdown(table)
+    records = _records(values)
+    records[0]["deployed"] = False  # one-ensemble, seed 0: over the guard's bound
+    assert "| 80.00 | 2 of 3 |" in markdown(summarise(base, [0, 1, 2], records))
     values["one-ensemble"] = [70.1, 70.9, 72.6]  # within the seeds' noise: no claim
     table = summarise(base, [0, 1, 2], _records(values))
     assert "does not pay here" in table["verdict"]
