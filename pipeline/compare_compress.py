@@ -134,8 +134,7 @@ def markdown(table: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | {row['teacher']} | " +
                      " | ".join(f"{row['per_seed'].get(s, float('nan')):.2f}" for s in seeds) +
                      f" | {row['mean']:.2f} | {std} | {row['unpruned_mean']:.2f} | {row['deployed']} of {len(seeds)} |")
-    bound = table["recipe"].get("max_accuracy_drop")
     guard = (f"Deployed: the seeds on which the pruned network stayed within compress.max_accuracy_drop "
-             f"({bound:g}) validation top-1 points of its unpruned network, so that the pipeline would ship it." if
-             bound is not None else "")
+             f"({r['max_accuracy_drop']:g}) validation top-1 points of its unpruned network, so that the pipeline "
+             "would ship it.")
     return "\n".join([*lines, "", guard, "", table["verdict"], ""])

@@ -38,7 +38,7 @@ from pipeline.stage import StageContext, StageResult
 
 # Said after every ONE run whose data has no compare yet: what this project measured of ONE's kept branch
 # against the same network trained alone (README: "Is ONE worth it on this data?", "Where does ONE pay?").
-MEASURED_SO_FAR = ("on Fashion-MNIST, no regime measured so far made ONE's kept branch more accurate than the same "
+MEASURED_SO_FAR = ("On Fashion-MNIST, no regime measured so far made ONE's kept branch more accurate than the same "
                    "network trained alone beyond the seed noise: -0.25 points on this quickstart's recipe (3 seeds), "
                    "+1.02 with 40% noisy labels (5 seeds, 95% interval -0.37 to +2.42), for 1.5x the training time")
 PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and its legend on the right
@@ -55,13 +55,13 @@ def run(ctx: StageContext) -> StageResult:
     out = ctx.stage_dir("report")
     report, plot, curves = out / "report.md", out / "accuracy_vs_latency.png", out / "training_curves.png"
     history = read_metrics(ctx.input("train", "metrics"))
-    write_text(report, markdown(bench, plot.name, ctx.summary("export"), curves.name, history, worth_it(ctx)))
+    worth = worth_it(ctx)
+    write_text(report, markdown(bench, plot.name, ctx.summary("export"), curves.name, history, worth))
     write_plot(bench, plot)
     write_training_curves([Curves(bench.run, history, kept=ctx.summary("select").get("branch"))], curves,
                           f"{bench.run}: training, per epoch")
     ctx.console.print(rich_table(bench))
     ctx.console.print(escape(headline_text(bench)))
-    worth = worth_it(ctx)
     if worth:
         ctx.console.print(escape(worth), highlight=False)
     ctx.console.print(escape(f"report: {report}\nplots:  {plot}, {curves.name}"), highlight=False)
@@ -80,12 +80,8 @@ def worth_it(ctx: StageContext) -> str | None:
         verdict = json.loads(found.read_text())["gains"][0]["verdict"]
         return f"ONE against the same network trained alone on this data ({found.parent / 'compare.md'}): {verdict}"
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # no compare (or an unreadable one) yet
-        return (f"Is ONE worth its training cost? {_sentence(MEASURED_SO_FAR)}. Measure it on your data: "
+        return (f"Is ONE worth its training cost? {MEASURED_SO_FAR}. Measure it on your data: "
                 "one-pipeline compare CONFIG --seeds 0,1,2 (add --compress for the pruned branch).")
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 def load_bench(path: Path) -> BenchFile:
