@@ -1,6 +1,7 @@
 """Where does ONE pay? Several compares side by side: one row per regime (a compare.json), the kept branch's
 paired gain over the same network trained alone with its 95% confidence interval, as a Markdown table and
-one plot.
+one plot. Compares that differ only in training-set size for the same images seen (train_size x epochs, the
+same label noise) also get the gain against the training-set size, in a second panel.
 
     python -m pipeline.compare_map artifacts/edge_small_data_long-compare artifacts/edge_noisy_labels-compare \
         --plot gain_map.png
@@ -62,21 +63,58 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def size_sweep(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The largest group of compares with the same images seen and label noise but different training-set
+    sizes, smallest set first; empty when no two compares form one."""
+    groups: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for summary in summaries:
+        recipe = summary["recipe"]
+        if recipe["train_size"]:
+            key = (recipe["train_size"] * recipe["epochs"], recipe.get("label_noise") or 0.0)
+            groups.setdefault(key, {})[recipe["train_size"]] = summary
+    sweep = max(groups.values(), key=len, default={})
+    return [sweep[size] for size in sorted(sweep)] if len(sweep) > 1 else []
+
+
+def _interval(gain: dict[str, Any]) -> tuple[float, float, str]:
+    """The 95% CI's ends and the colour that says whether it excludes zero."""
+    low, high = gain["ci95"] or (gain["diff"], gain["diff"])
+    return low, high, "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:gray"
+
+
 def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
-    """One row per regime: the mean gain, whiskers to its 95% CI, and the line of no gain."""
-    fig = Figure(figsize=(8.0, 1.2 + 0.6 * len(summaries)), dpi=100, layout="constrained")
-    ax = fig.subplots()
+    """One row per regime: the mean gain, whiskers to its 95% CI, and the line of no gain; beside it, the
+    size sweep's gain against the training-set size."""
+    sweep = size_sweep(summaries)
+    fig = Figure(figsize=(12.0 if sweep else 8.0, 1.2 + 0.6 * len(summaries)), dpi=100, layout="constrained")
+    ax, *by_size = fig.subplots(1, 2, width_ratios=[2, 1]) if sweep else [fig.subplots()]
     for row, summary in enumerate(summaries):
         gain = summary["gains"][0]
-        low, high = gain["ci95"] or (gain["diff"], gain["diff"])
+        low, high, colour = _interval(gain)
         ax.errorbar(gain["diff"], row, xerr=[[gain["diff"] - low], [high - gain["diff"]]], fmt="o", capsize=4,
-                    color="tab:green" if low > 0 else "tab:red" if high < 0 else "tab:gray")
+                    color=colour)
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(range(len(summaries)), [f"{s['name']}\n{regime(s)}" for s in summaries], fontsize=8)
     ax.invert_yaxis()  # in the order given, top to bottom
     ax.set(xlabel="kept ONE branch - vanilla, test top-1 points (paired 95% CI)",
            title="Where does ONE pay? (green: the whole interval above zero)")
     ax.grid(True, axis="x", alpha=0.3)
+    if sweep:
+        size_ax = by_size[0]
+        for summary in sweep:
+            gain = summary["gains"][0]
+            low, high, colour = _interval(gain)
+            size_ax.errorbar(summary["recipe"]["train_size"], gain["diff"],
+                             yerr=[[gain["diff"] - low], [high - gain["diff"]]], fmt="o", capsize=4, color=colour)
+        recipe = sweep[0]["recipe"]
+        size_ax.axhline(0, color="black", linewidth=1)
+        sizes = [s["recipe"]["train_size"] for s in sweep]
+        size_ax.set_xscale("log")
+        size_ax.minorticks_off()
+        size_ax.set_xticks(sizes, [f"{size:,}" for size in sizes])
+        size_ax.set(xlabel="training images", ylabel="gain, points",
+                    title=f"the same {recipe['train_size'] * recipe['epochs']:,} images seen")
+        size_ax.grid(True, alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
 

@@ -285,3 +285,25 @@ def test_the_map_puts_each_compare_s_paired_gain_in_one_table_and_one_plot(compa
     old.write_text(json.dumps({**summary, "compare_version": 1}))
     assert main([str(old), "--plot", str(tmp_path / "old.png")]) == 1
     assert "predates the paired statistics" in capsys.readouterr().err and not (tmp_path / "old.png").exists()
+
+
+def test_the_map_draws_the_gain_against_training_set_size_for_compares_of_the_same_images_seen(compared, tmp_path):
+    from pipeline.compare_map import plot, size_sweep
+
+    summary = json.loads(compared[1].summary.read_text())
+
+    def recipe(name: str, train_size: int | None, epochs: int, noise: float | None = None) -> dict:
+        return {**summary, "name": name,
+                "recipe": {**summary["recipe"], "train_size": train_size, "epochs": epochs, "label_noise": noise}}
+
+    small, mid, large = recipe("2500", 2500, 120), recipe("5000", 5000, 60), recipe("10000", 10000, 30)
+    others = [recipe("all", None, 2), recipe("noisy", 5000, 60, 0.4), recipe("short", 5000, 15)]
+    assert [s["name"] for s in size_sweep([mid, *others, large, small])] == ["2500", "5000", "10000"]
+    assert size_sweep([mid, *others]) == []  # no two sizes for the same images seen and noise
+
+    def width(path: Path) -> int:  # of a PNG, from its IHDR chunk
+        return int.from_bytes(path.read_bytes()[16:20], "big")
+
+    plot([mid, *others, large, small], tmp_path / "sweep.png")
+    plot([mid, *others], tmp_path / "regimes.png")
+    assert width(tmp_path / "sweep.png") > width(tmp_path / "regimes.png")  # the size panel beside the regimes
