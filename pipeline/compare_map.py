@@ -76,10 +76,16 @@ def size_sweep(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [sweep[size] for size in sorted(sweep)] if len(sweep) > 1 else []
 
 
-def _interval(gain: dict[str, Any]) -> tuple[float, float, str]:
-    """The 95% CI's ends and the colour that says whether it excludes zero."""
+def _gain_point(ax: Any, summary: dict[str, Any], at: float, vertical: bool) -> None:
+    """The mean gain at `at` with whiskers to its 95% CI, coloured by whether the interval excludes zero."""
+    gain = summary["gains"][0]
     low, high = gain["ci95"] or (gain["diff"], gain["diff"])
-    return low, high, "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:gray"
+    whiskers = [[gain["diff"] - low], [high - gain["diff"]]]
+    colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:gray"
+    if vertical:
+        ax.errorbar(at, gain["diff"], yerr=whiskers, fmt="o", capsize=4, color=colour)
+    else:
+        ax.errorbar(gain["diff"], at, xerr=whiskers, fmt="o", capsize=4, color=colour)
 
 
 def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
@@ -89,10 +95,7 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(12.0 if sweep else 8.0, 1.2 + 0.6 * len(summaries)), dpi=100, layout="constrained")
     ax, *by_size = fig.subplots(1, 2, width_ratios=[2, 1]) if sweep else [fig.subplots()]
     for row, summary in enumerate(summaries):
-        gain = summary["gains"][0]
-        low, high, colour = _interval(gain)
-        ax.errorbar(gain["diff"], row, xerr=[[gain["diff"] - low], [high - gain["diff"]]], fmt="o", capsize=4,
-                    color=colour)
+        _gain_point(ax, summary, row, vertical=False)
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(range(len(summaries)), [f"{s['name']}\n{regime(s)}" for s in summaries], fontsize=8)
     ax.invert_yaxis()  # in the order given, top to bottom
@@ -102,10 +105,7 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
     if sweep:
         size_ax = by_size[0]
         for summary in sweep:
-            gain = summary["gains"][0]
-            low, high, colour = _interval(gain)
-            size_ax.errorbar(summary["recipe"]["train_size"], gain["diff"],
-                             yerr=[[gain["diff"] - low], [high - gain["diff"]]], fmt="o", capsize=4, color=colour)
+            _gain_point(size_ax, summary, summary["recipe"]["train_size"], vertical=True)
         recipe = sweep[0]["recipe"]
         size_ax.axhline(0, color="black", linewidth=1)
         sizes = [s["recipe"]["train_size"] for s in sweep]
