@@ -46,6 +46,11 @@ def regime(summary: dict[str, Any]) -> str:
     return f"{images}, {recipe['epochs']} epochs{noise}"
 
 
+def images_seen(recipe: dict[str, Any]) -> int | None:
+    """Training images drawn over the run (train_size x epochs); None when it trains on all images."""
+    return recipe["train_size"] * recipe["epochs"] if recipe["train_size"] else None
+
+
 def _mean(summary: dict[str, Any], method: str) -> float:
     return next(r["mean"] for r in summary["rows"] if r["method"] == method and r["field"] == "kept")
 
@@ -55,7 +60,7 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
              "paired p | seeds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for summary in summaries:
         recipe, gain = summary["recipe"], summary["gains"][0]
-        seen = f"{recipe['train_size'] * recipe['epochs']:,}" if recipe["train_size"] else "-"
+        seen = f"{images_seen(recipe):,}" if recipe["train_size"] else "-"
         ci = f" ({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})" if gain["ci95"] else ""
         lines.append(f"| `{summary['name']}` | {regime(summary)} | {seen} | {_mean(summary, 'vanilla'):.2f} | "
                      f"{_mean(summary, 'one'):.2f} | {gain['diff']:+.2f}{ci} | {fmt(gain['p'], '.3g')} | "
@@ -70,7 +75,7 @@ def size_sweep(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for summary in summaries:
         recipe = summary["recipe"]
         if recipe["train_size"]:
-            key = (recipe["train_size"] * recipe["epochs"], recipe.get("label_noise") or 0.0)
+            key = (images_seen(recipe), recipe.get("label_noise") or 0.0)
             groups.setdefault(key, {})[recipe["train_size"]] = summary
     sweep = max(groups.values(), key=len, default={})
     return [sweep[size] for size in sorted(sweep)] if len(sweep) > 1 else []
@@ -106,14 +111,13 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
         size_ax = by_size[0]
         for summary in sweep:
             _gain_point(size_ax, summary, summary["recipe"]["train_size"], vertical=True)
-        recipe = sweep[0]["recipe"]
         size_ax.axhline(0, color="black", linewidth=1)
         sizes = [s["recipe"]["train_size"] for s in sweep]
         size_ax.set_xscale("log")
         size_ax.minorticks_off()
         size_ax.set_xticks(sizes, [f"{size:,}" for size in sizes])
         size_ax.set(xlabel="training images", ylabel="gain, points",
-                    title=f"the same {recipe['train_size'] * recipe['epochs']:,} images seen")
+                    title=f"the same {images_seen(sweep[0]['recipe']):,} images seen")
         size_ax.grid(True, alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
