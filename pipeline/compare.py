@@ -219,14 +219,18 @@ def summarise(base: Config, seeds: Sequence[int], compared: Sequence[Method], re
                  "images_per_s": statistics.mean(r["images_per_s"] for r in by_method[m.key]),
                  "train_params": by_method[m.key][0]["train_params"]} for m in compared]
     return {"compare_version": COMPARE_VERSION, "name": base.name, "seeds": list(seeds),
-            "recipe": {"dataset": base.data.dataset, "train_size": base.data.train_size,
-                       "label_noise": base.data.label_noise, "augment": base.data.augment, "arch": base.model.arch,
-                       "branches": base.model.branches, "epochs": base.train.epochs,
-                       "batch_size": base.train.batch_size, "schedule": base.train.schedule,
-                       "weight_decay": base.train.weight_decay, "eval_every": base.train.eval_every,
-                       "temperature": base.loss.temperature},
+            "recipe": recipe(base),
             "device": str(device), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
             "rows": rows, "gains": gains, "training": training, "runs": records}
+
+
+def recipe(cfg: Config) -> dict[str, Any]:
+    """What a compare's verdict holds for: the data and the training recipe (not the seed or the later stages)."""
+    return {"dataset": cfg.data.dataset, "train_size": cfg.data.train_size, "label_noise": cfg.data.label_noise,
+            "augment": cfg.data.augment, "arch": cfg.model.arch, "branches": cfg.model.branches,
+            "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "schedule": cfg.train.schedule,
+            "weight_decay": cfg.train.weight_decay, "eval_every": cfg.train.eval_every,
+            "temperature": cfg.loss.temperature}
 
 
 def _row(method: str, label: str, short: str, runs: list[dict], field: str) -> dict[str, Any]:

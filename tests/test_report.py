@@ -12,6 +12,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
+from pipeline.compare import recipe
 from pipeline.config import load_config
 from pipeline.deploy.benchfile import BenchFile
 from pipeline.errors import ArtifactError, StageSkipped
@@ -200,11 +201,15 @@ def test_a_one_run_says_whether_one_paid_from_its_compare_else_what_was_measured
     cfg = load_config(run.root / "config.yaml")
     compare_dir = cfg.output_root / f"{cfg.name}-compare"
     compare_dir.mkdir()
-    try:
-        (compare_dir / "compare.json").write_text(json.dumps({"gains": [{"verdict": "+1.23 points, paired p = 0.01"}]}))
-        assert execute(cfg, stage_def("report"), run, make_ctx(cfg, run)) == "done"
-        text = run.path("report/report.md").read_text()
-        assert "+1.23 points, paired p = 0.01" in text and "Is ONE worth its training cost?" not in text
+    verdict = {"gains": [{"verdict": "+1.23 points, paired p = 0.01"}]}
+    try:  # a compare of this recipe is quoted; one of another recipe (more epochs) is not
+        for epochs, quoted in ((cfg.train.epochs + 1, False), (cfg.train.epochs, True)):
+            other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+            (compare_dir / "compare.json").write_text(json.dumps({**verdict, "recipe": recipe(other)}))
+            assert execute(cfg, stage_def("report"), run, make_ctx(cfg, run)) == "done"
+            text = run.path("report/report.md").read_text()
+            assert ("+1.23 points, paired p = 0.01" in text) is quoted
+            assert ("Is ONE worth its training cost?" in text) is not quoted
     finally:
         shutil.rmtree(compare_dir)
         execute(cfg, stage_def("report"), run, make_ctx(cfg, run))
