@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
         teacher = EnsembleNet(checkpoint.load_model(teacher_path)[0])
     elif kind == "branch":
         teacher = branch
-    branch, student = branch.to(device), student.to(device)
+    student = student.to(device)  # the unpruned branch runs only as the teacher (moved below); select has its accuracy
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
     batch = ctx.cfg.train.eval_batch_size
