@@ -158,8 +158,14 @@ class ExportConfig(Section):
                                                       "int8_cpu: uint8 activations for ONNX Runtime on x86 CPUs")
     ensemble: bool = Field(True, description="Also export the full model's gated ensemble (ONE-E) in the same "
                                              "precisions, for the like-for-like bench")
-    atol: float = Field(1e-4, gt=0, description="fp32: max abs logit difference ONNX Runtime vs PyTorch")
-    fp16_atol: float = Field(5e-2, gt=0, description="fp16: max abs logit difference vs PyTorch fp32")
+    atol: float = Field(1e-4, gt=0, description="fp32: max abs logit difference ONNX Runtime vs PyTorch, plus rtol "
+                                                "x the image's largest absolute logit")
+    rtol: float = Field(1e-4, ge=0, description="fp32: the share of each image's largest absolute logit added to atol "
+                                                "(rounding grows with the logits' scale)")
+    fp16_atol: float = Field(5e-2, gt=0, description="fp16: max abs logit difference vs PyTorch fp32, plus "
+                                                     "fp16_rtol x the image's largest absolute logit")
+    fp16_rtol: float = Field(1e-2, ge=0, description="fp16: the share of each image's largest absolute logit added to "
+                                                     "fp16_atol")
     max_accuracy_drop: float = Field(0.5, ge=0, description="fp16/int8: most top-1 points lost against the fp32 "
                                                             "ONNX on the whole validation split; worse is not deployed")
     calibration_size: int = Field(1024, ge=1, description="int8: training images for calibration, balanced over "
@@ -191,8 +197,14 @@ class EngineConfig(Section):
     verify: bool = Field(True, description="After the build, run export.check_size validation images through the "
                                            "engine and compare with ONNX Runtime on the same ONNX file")
     fp32_atol: float = Field(1e-2, gt=0, description="fp32 engine: max abs logit difference vs ONNX Runtime "
-                                                     "(TensorRT may use TF32 kernels for fp32 tensors)")
-    fp16_atol: float = Field(5e-2, gt=0, description="fp16 engine: max abs logit difference vs ONNX Runtime")
+                                                     "(TensorRT may use TF32 kernels for fp32 tensors), plus "
+                                                     "fp32_rtol x the image's largest absolute logit")
+    fp32_rtol: float = Field(1e-2, ge=0, description="fp32 engine: the share of each image's largest absolute logit "
+                                                     "added to fp32_atol (TF32 rounds like fp16)")
+    fp16_atol: float = Field(5e-2, gt=0, description="fp16 engine: max abs logit difference vs ONNX Runtime, plus "
+                                                     "fp16_rtol x the image's largest absolute logit")
+    fp16_rtol: float = Field(1e-2, ge=0, description="fp16 engine: the share of each image's largest absolute logit "
+                                                     "added to fp16_atol")
     int8_min_agreement: float = Field(0.9, ge=0, le=1, description="int8 engine: least top-1 agreement with "
                                                                     "ONNX Runtime on the same Q/DQ ONNX")
 

@@ -257,7 +257,8 @@ class _Bench:
     def _openvino(self, name: str, model: str, precision: str, path: Path) -> dict:
         compiled = openvino_runtime.compile_onnx(path, precision, self.threads)
         # the export accuracy guard, for OpenVINO too: bf16 is a precision of its own, and a runtime that
-        # computes a file's graph wrongly (seen: ONE-E's int8_cpu file at chance level) is not deployed
+        # computes a file's graph wrongly (seen: ONE-E's int8_cpu file at chance level, docs/DEPLOY.md) is not
+        # deployed
         val = self.datasets.val
         accuracy = top1_accuracy(openvino_runtime.run_split(compiled, val.batches(self.eval_batch)),
                                  val.labels.numpy())

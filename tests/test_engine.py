@@ -139,7 +139,7 @@ def test_strongly_typed_flag_is_passed_by_its_own_value(member, expected):
 
 
 def test_comparison_limits_per_precision(tmp_path):
-    cfg = _config(tmp_path, fp32_atol=1e-3, fp16_atol=1e-2, int8_min_agreement=0.75).engine
+    cfg = _config(tmp_path, fp32_atol=1e-3, fp16_atol=1e-2, int8_min_agreement=0.75, fp32_rtol=0, fp16_rtol=0).engine
     reference = np.array([[0.0, 1.0, 2.0], [3.0, 1.0, 0.0], [0.0, 5.0, 1.0], [1.0, 0.0, 0.0]], np.float32)
 
     close = engine.compare_outputs(reference + 5e-4, reference, "fp32", cfg)
@@ -158,6 +158,25 @@ def test_comparison_limits_per_precision(tmp_path):
     nan = reference.copy()
     nan[2, 1] = np.nan
     assert "non-finite" in engine.compare_outputs(nan, reference, "fp16", cfg)["problem"]
+
+
+def test_comparison_bound_scales_with_the_logits_and_fails_another_models_answer(tmp_path):
+    """The default bounds (atol + rtol x each image's largest |logit|) take TF32/fp16-sized rounding of logits in
+    the tens of thousands (a resnet18 after one epoch reaches 8e4), which an absolute bound alone fails, and
+    still fail another model's logits of the same scale."""
+    cfg = _config(tmp_path).engine
+    rng = np.random.default_rng(0)
+    reference = (rng.normal(0, 1, (8, 10)) * 2e4).astype(np.float32)
+    rounded = (reference * (1 + rng.normal(0, 1e-3, reference.shape))).astype(np.float32)
+    another = np.roll(reference, 1, axis=0)
+    for precision in ("fp32", "fp16"):
+        close = engine.compare_outputs(rounded, reference, precision, cfg)
+        assert close["passed"] and close["rtol"] == getattr(cfg, f"{precision}_rtol") > 0, close
+        far = engine.compare_outputs(another, reference, precision, cfg)
+        assert not far["passed"] and f"engine.{precision}_atol, engine.{precision}_rtol" in far["problem"], far
+        assert "on 8 of 8 images" in far["problem"]
+    absolute = _config(tmp_path, fp32_rtol=0).engine
+    assert not engine.compare_outputs(rounded, reference, "fp32", absolute)["passed"]
     assert "output shape" in engine.compare_outputs(reference[:, :2], reference, "fp32", cfg)["problem"]
 
 

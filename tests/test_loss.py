@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig
-from pipeline.training.loss import one_loss, rampup_weight
+from pipeline.training.loss import distill_loss, one_loss, rampup_weight
 from pipeline.training.models import ModelSpec, ONENet, ONEOutput
 
 
@@ -59,3 +59,17 @@ def test_kl_term_sends_no_gradient_into_teacher_or_gate():
     teacher_only = LossConfig(branch_ce_weight=0, teacher_ce_weight=1, kd_weight=0)
     one_loss(out, target, teacher_only, epoch=0, epochs=1).total.backward()
     assert any(p.grad is not None and p.grad.any() for p in model.gate.parameters())
+
+
+def test_distill_loss_is_ce_plus_the_tempered_kl_and_ce_alone_without_a_teacher():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
+    target = torch.randint(0, 5, (6,), generator=g)
+    T, weight = 4.0, 0.7
+    ce = (torch.logsumexp(student, 1) - student.gather(1, target[:, None]).squeeze(1)).mean()
+    p_t = torch.softmax(teacher / T, 1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(student / T, 1))).sum(1).mean()
+    assert distill_loss(student, None, target, T, weight).item() == pytest.approx(ce.item(), rel=1e-6)
+    got = distill_loss(student, teacher, target, T, weight).item()
+    assert got == pytest.approx((ce + weight * T * T * kl).item(), rel=1e-5)
+    assert got > ce.item() + 0.1  # the teacher counts: these logits disagree

@@ -19,6 +19,10 @@ Biases stay float (TensorRT's dequantize layers take 8-bit inputs, not ORT's int
 classifier's output (the logits) is not rounded to 256 levels. A `Recipe` names the calibration method
 (ORT's min-max, entropy or percentile) and whether the two layers most sensitive to quantization, the
 first convolution (raw pixels in) and the classifier (logits out), stay in float.
+
+ONE-E's gate-weighted sum of the branch logits (Mul, then ReduceSum over the branches) always stays in
+float (`weighted_sum_nodes`): with a Q/DQ pair between the two, OpenVINO (2026.4, CPU plugin) computes the
+ReduceSum of a rank-3 tensor for the first image of a batch only, the rest zeros or garbage (docs/DEPLOY.md).
 """
 
 from __future__ import annotations
@@ -111,15 +115,25 @@ def sensitive_nodes(model: onnx.ModelProto) -> list[str]:
     return convs[:1] + gemms[-1:]
 
 
+def weighted_sum_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes whose output a ReduceSum reads: in ONE-E, the Mul of the gate weights and the stacked branch
+    logits (the branch has none). Kept in float, no Q/DQ lies between them and the sum: see the module's
+    docstring for the runtime that computes that pattern wrongly."""
+    summed = {n.input[0] for n in model.graph.node if n.op_type == "ReduceSum"}
+    return [n.name for n in model.graph.node if summed.intersection(n.output)]
+
+
 def quantize_int8(fp32_path: Path, out_path: Path, images: ImageSet, input_name: str = "input", *,
                   target: str = "int8", recipe: Recipe = Recipe("minmax", False)) -> list[str]:
     """Static INT8 Q/DQ quantization of `fp32_path` into `out_path`, calibrated on `images`, in the
-    `target` form (see INT8_TARGETS). Returns the names of the nodes kept in float."""
+    `target` form (see INT8_TARGETS). Returns the names of the nodes kept in float: the recipe's, then
+    `weighted_sum_nodes`."""
     symmetric = target == "int8"
     with tempfile.TemporaryDirectory(prefix="one-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + ORT's basic graph clean-up
-        kept = sensitive_nodes(onnx.load(str(prepared))) if recipe.keep_float else []
+        graph = onnx.load(str(prepared))
+        kept = (sensitive_nodes(graph) if recipe.keep_float else []) + weighted_sum_nodes(graph)
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             quantize_static(
                 str(prepared), str(out_path), _Reader(images, input_name), quant_format=QuantFormat.QDQ,

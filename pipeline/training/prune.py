@@ -102,6 +102,10 @@ def plan_widths(model: SingleNet, example: torch.Tensor, flops_ratio: float, mul
 
     while flops(widths) > flops_ratio * base:
         options = [i for i in range(len(widths)) if smaller(i) >= 1]
+        if not options and multiple >= max(original):
+            raise UsageError(f"compress.channel_multiple {multiple} is not smaller than any width of the branch "
+                             f"(the widest layer has {max(original)} channels), so no layer can be pruned; set "
+                             f"channel_multiple below {max(original)}")
         if not options:
             raise UsageError(f"compress.flops_ratio {flops_ratio:g} leaves a layer with no channel: with at least "
                              f"{multiple} channels per layer (compress.channel_multiple) the smallest network keeps "
