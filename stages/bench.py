@@ -127,7 +127,7 @@ class _Bench:
         limit = self.cfg.test_limit
         self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
         self.full_test_set = len(self.test) == len(full_test)
-        self.labels = torch.cat([labels for _, labels in self.test.batches(self.eval_batch)])
+        self.labels = self.test.labels
         self.inputs = bench_rounds.timing_inputs(self.test, self.cfg.batch_sizes, self.device)
         self.triton_base = ctx.cfg.triton.model_name or ctx.cfg.name if ctx.cfg.triton.enabled else None
 
@@ -309,7 +309,7 @@ class _Bench:
 
         def onnx_row() -> dict:
             onnx_path = self.ctx.stage_dir("bench") / BASELINE_ONNX
-            images = self.test.normalise(self.test.images[:2])
+            images = self.test.inputs(range(2))
             proto = export_onnx(model.cpu(), images, self.ctx.cfg.export.opset)
             model.to(self.device)
             with atomic_path(onnx_path) as tmp:
