@@ -122,7 +122,9 @@ class _Bench:
         self.eval_batch = ctx.cfg.train.eval_batch_size
         self.preds: dict[str, torch.Tensor] = {}
         self.timers: dict[str, bench_rounds.RowTimer] = {}
-        self.datasets = load_datasets(ctx.cfg.data)
+        # images decoded in this process (image folders): a DataLoader worker forked once OpenVINO has run
+        # here crashed with a segmentation fault (its thread pools do not survive a fork)
+        self.datasets = load_datasets(ctx.cfg.data.model_copy(update={"num_workers": 0}))
         full_test = self.datasets.test
         limit = self.cfg.test_limit
         self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test

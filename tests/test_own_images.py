@@ -66,8 +66,8 @@ def test_the_recipe_validates_and_says_why(own_run):
 
 def test_every_stage_runs_on_folder_data(own_run):
     cfg, run, results, _, _ = own_run
-    assert results == {**{s: "done" for s in ("train", "select", "strip", "compress", "export", "triton", "bench",
-                                              "report")}, "engine": "skipped"}
+    engine = results.pop("engine")  # skipped without TensorRT and a GPU
+    assert engine in ("done", "skipped") and set(results.values()) == {"done"}, results
     data = load_datasets(cfg.data)
     assert data.class_names == list(CLASSES) and len(data.test) == sum(COUNTS["test"])
     assert run.stage("compress")["summary"]["deployed"]
@@ -76,6 +76,7 @@ def test_every_stage_runs_on_folder_data(own_run):
     rows = {r["name"]: r for r in json.loads(run.output("bench", "bench").read_text())["rows"]}
     for name in ("branch_eager", "pruned_eager", "branch_onnx_fp32", "branch_onnx_int8_cpu", "pruned_onnx_int8_cpu"):
         assert rows[name]["status"] == "ok", rows[name]
+    assert not [row for row in rows.values() if row["status"] == "failed"]  # OpenVINO's guard and rows among them
     assert (run.root / "report" / "report.md").is_file()
 
 

@@ -27,12 +27,12 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torchvision.datasets.folder import IMG_EXTENSIONS  # the image files an ImageFolder takes
 
 from pipeline.deploy.onnx_io import PRECISIONS, SUBJECTS, exported_onnx, onnx_key
 from pipeline.deploy.runtime import ort_session, run_logits
 from pipeline.errors import ArtifactError, UsageError
 from pipeline.rundir import RunDir, write_text
+from pipeline.training.imagefolder import image_suffixes
 from pipeline.training.images import mode_name, open_image
 from pipeline.training.preprocess import Preprocessing
 
@@ -62,9 +62,9 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     for item in map(str, inputs):
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in image_suffixes())
             if not files:
-                raise UsageError(f"{path} holds no image files ({', '.join(IMG_EXTENSIONS)}); pass a folder of "
+                raise UsageError(f"{path} holds no image files ({', '.join(image_suffixes())}); pass a folder of "
                                  "images, or the image files themselves")
         elif not path.exists() and any(c in item for c in "*?["):
             files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())

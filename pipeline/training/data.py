@@ -63,7 +63,8 @@ class ImageSet:
         return normalise(images, self.mean, self.std)
 
     def inputs(self, indices: Sequence[int] | torch.Tensor | range) -> torch.Tensor:
-        return self.normalise(self.images[torch.as_tensor(list(indices), dtype=torch.long)])
+        chosen = indices if isinstance(indices, torch.Tensor) else list(indices)
+        return self.normalise(self.images[torch.as_tensor(chosen, dtype=torch.long)])
 
     def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, augment: bool = False,
                 skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

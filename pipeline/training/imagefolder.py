@@ -12,8 +12,6 @@ from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipeline.config import DataConfig
 from pipeline.errors import UsageError
@@ -28,7 +26,7 @@ class FolderSet:
     """The files `indices` of one class-folder tree, numbered 0..len-1 in that order; labels from the file
     list (nothing decoded), images decoded batch by batch."""
 
-    def __init__(self, base: ImageFolder, indices: Sequence[int], image_size: int, num_workers: int,
+    def __init__(self, base, indices: Sequence[int], image_size: int, num_workers: int,
                  eval_transform, train_transform=None):
         self.base, self.indices = base, list(indices)
         self.image_size, self.num_workers = image_size, num_workers
@@ -79,7 +77,7 @@ class _Samples(Dataset):
     """(transformed image, label, position) of files `indices` of `base`: the position is the sample's index
     in its FolderSet, which `indexed_batches` hands out."""
 
-    def __init__(self, base: ImageFolder, indices: list[int], transform):
+    def __init__(self, base, indices: list[int], transform):
         self.base, self.indices, self.transform = base, indices, transform
 
     def __len__(self) -> int:
@@ -90,16 +88,24 @@ class _Samples(Dataset):
         return self.transform(self.base.loader(path)), label, position
 
 
-class _ClassFolders(ImageFolder):
-    """An ImageFolder whose classes are given (the training split's), so that val/ and test/ number them alike
-    even when one lacks a class."""
+def _class_folder(root: Path, classes: list[str], max_pixels: int | None):
+    """torchvision's ImageFolder of `root`, its classes numbered as `classes` (the training split's), so that
+    val/ and test/ number them alike even when one lacks a class."""
+    from torchvision.datasets import ImageFolder  # here, not at import: torchvision is slow to import
 
-    def __init__(self, root: Path, classes: list[str], max_pixels: int | None):
-        self._given = classes
-        super().__init__(str(root), loader=functools.partial(open_rgb, max_pixels=max_pixels), allow_empty=True)
+    folder = ImageFolder(str(root), loader=functools.partial(open_rgb, max_pixels=max_pixels), allow_empty=True)
+    index = {i: classes.index(name) for i, name in enumerate(folder.classes) if name in classes}  # not hidden ones
+    folder.samples = folder.imgs = [(path, index[target]) for path, target in folder.samples if target in index]
+    folder.targets = [target for _, target in folder.samples]
+    folder.classes, folder.class_to_idx = list(classes), {name: i for i, name in enumerate(classes)}
+    return folder
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return self._given, {name: i for i, name in enumerate(self._given)}
+
+def image_suffixes() -> tuple[str, ...]:
+    """The file suffixes an ImageFolder takes (and predict picks from a folder)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return IMG_EXTENSIONS
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -107,7 +113,7 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def scan(cfg: DataConfig) -> dict[str, ImageFolder]:
+def scan(cfg: DataConfig) -> dict:
     """Every split folder's file list (nothing decoded), classes numbered as in train/; a class folder
     without images, or a val/test class that train/ lacks, is a UsageError naming the folder."""
     if cfg.root is None:
@@ -124,18 +130,21 @@ def scan(cfg: DataConfig) -> dict[str, ImageFolder]:
                          "sub-folder of its own, at least two classes")
     folders = {}
     for split in (s for s in SPLITS if (root / s).is_dir()):
-        extra = sorted(set(class_folders(root / split)) - set(classes))
+        present = set(class_folders(root / split))
+        if not present:
+            raise UsageError(f"{root / split} has no class folders; put its images in one sub-folder per class, "
+                             f"named as in {root / 'train'}")
+        extra = sorted(present - set(classes))
         if extra:
             raise UsageError(f"{root / split / extra[0]} is a class the training split lacks (no "
                              f"{root / 'train' / extra[0]}); add training images of it or remove the folder")
-        folders[split] = _ClassFolders(root / split, classes, cfg.max_image_pixels)
-        present = set(class_folders(root / split))
+        folders[split] = _class_folder(root / split, classes, cfg.max_image_pixels)
         counts = torch.bincount(torch.tensor(folders[split].targets, dtype=torch.long), minlength=len(classes))
         empty = [name for name, n in zip(classes, counts.tolist()) if n == 0 and name in present]
         if empty or not folders[split].samples:
             where = root / split / empty[0] if empty else root / split
-            raise UsageError(f"{where} holds no images ({', '.join(IMG_EXTENSIONS)} files); add images or remove "
-                             "the folder")
+            raise UsageError(f"{where} holds no images ({', '.join(image_suffixes())} files); add images or "
+                             "remove the folder")
     return folders
 
 

@@ -64,7 +64,7 @@ def open_image(path: Path | str, max_pixels: int | None = None, *, draft: int | 
         what = "is empty (0 bytes)" if path.stat().st_size == 0 else "is not an image PIL can read (another kind " \
                                                                       "of file)"
         raise UsageError(f"{path} {what}; remove it or pass a PNG or JPEG image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         # OSError: truncated data; SyntaxError: PIL's word for a damaged PNG chunk
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{path} is damaged or truncated ({detail}); remove it or replace it with a good copy") \
