@@ -32,8 +32,7 @@ from pipeline.deploy.onnx_io import PRECISIONS, SUBJECTS, exported_onnx, onnx_ke
 from pipeline.deploy.runtime import ort_session, run_logits
 from pipeline.errors import ArtifactError, UsageError
 from pipeline.rundir import RunDir, write_text
-from pipeline.training.imagefolder import image_suffixes
-from pipeline.training.images import mode_name, open_image
+from pipeline.training.images import IMAGE_SUFFIXES, mode_name, open_image
 from pipeline.training.preprocess import Preprocessing
 
 DEFAULT_BATCH = 32
@@ -62,9 +61,9 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     for item in map(str, inputs):
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in image_suffixes())
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise UsageError(f"{path} holds no image files ({', '.join(image_suffixes())}); pass a folder of "
+                raise UsageError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass a folder of "
                                  "images, or the image files themselves")
         elif not path.exists() and any(c in item for c in "*?["):
             files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
@@ -157,7 +156,7 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             prepared = [self.prepare(image) for image in chunk]
-            batch = torch.stack([self.preprocessing.tensor(pixels) for pixels, _, _ in prepared])
+            batch = self.preprocessing.tensor(torch.stack([pixels for pixels, _, _ in prepared]))  # one op a batch
             probabilities = softmax(run_logits(self.session, batch.numpy()))
             for image, (_, source, steps), row in zip(chunk, prepared, probabilities):
                 best = [(self.class_names[i], float(row[i])) for i in np.argsort(-row, kind="stable")[:k]]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.config import DataConfig
 from pipeline.errors import UsageError
-from pipeline.training.images import open_image, open_rgb, to_channels
+from pipeline.training.images import IMAGE_SUFFIXES, is_image_file, open_image, open_rgb, to_channels
 from pipeline.training.preprocess import Normalise, folder_eval_resize
 from pipeline.training.splits import SPLIT_SEED, Datasets, batches_per_rank, sample_order
 
@@ -93,19 +93,13 @@ def _class_folder(root: Path, classes: list[str], max_pixels: int | None):
     val/ and test/ number them alike even when one lacks a class."""
     from torchvision.datasets import ImageFolder  # here, not at import: torchvision is slow to import
 
-    folder = ImageFolder(str(root), loader=functools.partial(open_rgb, max_pixels=max_pixels), allow_empty=True)
+    folder = ImageFolder(str(root), loader=functools.partial(open_rgb, max_pixels=max_pixels),
+                         is_valid_file=is_image_file, allow_empty=True)
     index = {i: classes.index(name) for i, name in enumerate(folder.classes) if name in classes}  # not hidden ones
     folder.samples = folder.imgs = [(path, index[target]) for path, target in folder.samples if target in index]
     folder.targets = [target for _, target in folder.samples]
     folder.classes, folder.class_to_idx = list(classes), {name: i for i, name in enumerate(classes)}
     return folder
-
-
-def image_suffixes() -> tuple[str, ...]:
-    """The file suffixes an ImageFolder takes (and predict picks from a folder)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    return IMG_EXTENSIONS
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -143,7 +137,7 @@ def scan(cfg: DataConfig) -> dict:
         empty = [name for name, n in zip(classes, counts.tolist()) if n == 0 and name in present]
         if empty or not folders[split].samples:
             where = root / split / empty[0] if empty else root / split
-            raise UsageError(f"{where} holds no images ({', '.join(image_suffixes())} files); add images or "
+            raise UsageError(f"{where} holds no images ({', '.join(IMAGE_SUFFIXES)} files); add images or "
                              "remove the folder")
     return folders
 

@@ -26,6 +26,8 @@ MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale + alpha", "P": "p
               "RGB": "RGB", "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV",
               "I": "32-bit grayscale", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
               "I;16L": "16-bit grayscale", "I;16N": "16-bit grayscale", "F": "float grayscale"}
+# the files an image folder and `predict` take: torchvision's ImageFolder list (its IMG_EXTENSIONS)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # White, as viewers show a transparent image: the colour stored under a transparent pixel is arbitrary
 # (black, white, leftovers of an edit), so dropping alpha (PIL's convert("RGB")) would feed the network
@@ -107,6 +109,10 @@ def to_channels(image: Image.Image, channels: int) -> tuple[Image.Image, bool]:
 def open_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
     """The image-folder loader (torchvision's ImageFolder `loader`): `open_image`, then RGB."""
     return to_channels(open_image(path, max_pixels), 3)[0]
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
 
 
 def mode_name(mode: str) -> str:

@@ -91,18 +91,20 @@ class Preprocessing:
         fixed-size datasets' images are whole pictures at one size: an off-size image is resized to cover
         that size, keeping its aspect, and its centre cut out."""
         from PIL import Image
-        from torchvision import transforms
 
         if self.resizes:
+            from torchvision import transforms  # here: torchvision takes seconds to import, and only folders need it
+
             return transforms.Compose(folder_eval_resize(self.height))(image), ["resized", "centre-cropped"]
-        (w, h), size, steps = image.size, (self.width, self.height), []
+        (w, h), steps = image.size, []
         cover = max(self.width / w, self.height / h)
         scaled = (max(self.width, round(w * cover)), max(self.height, round(h * cover)))
         if scaled != (w, h):
             image = image.resize(scaled, Image.Resampling.BILINEAR)  # what torchvision's Resize does to a PIL image
             steps.append("resized")
-        if image.size != size:
-            image = transforms.CenterCrop((self.height, self.width))(image)
+        if image.size != (self.width, self.height):  # the centre, rounded as torchvision's CenterCrop does
+            left, top = round((image.size[0] - self.width) / 2), round((image.size[1] - self.height) / 2)
+            image = image.crop((left, top, left + self.width, top + self.height))
             steps.append("centre-cropped")
         return image, steps
 
