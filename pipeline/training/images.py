@@ -18,6 +18,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import UsageError
+
 # PIL's own bound against decompression bombs (about 89.5 million pixels; PIL warns above it and refuses
 # twice that). Read once here: the bound is enforced by `open_image`, never by changing PIL's setting.
 PIL_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -28,7 +30,7 @@ MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale + alpha", "P": "p
               "I;16L": "16-bit grayscale", "I;16N": "16-bit grayscale", "F": "float grayscale"}
 # the files an image folder and `predict` take: torchvision's ImageFolder list (its IMG_EXTENSIONS)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I" (32-bit): how some TIFFs hold 16-bit data
 # White, as viewers show a transparent image: the colour stored under a transparent pixel is arbitrary
 # (black, white, leftovers of an edit), so dropping alpha (PIL's convert("RGB")) would feed the network
 # backgrounds that differ between files that look the same.
@@ -40,8 +42,6 @@ def open_image(path: Path | str, max_pixels: int | None = None, *, draft: int | 
     """The decoded image with its EXIF orientation applied, or a one-line UsageError naming the file.
     `max_pixels`: the most width x height accepted (None: PIL's bound); `bound_name`: the option that
     raises it, for the message. `draft`: JPEGs may decode at a reduced scale, down to this side (a check)."""
-    from pipeline.errors import UsageError
-
     path = Path(path)
     bound = PIL_MAX_PIXELS if max_pixels is None else max_pixels
     if path.is_dir():

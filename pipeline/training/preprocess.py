@@ -54,7 +54,8 @@ class Preprocessing:
 
     @property
     def resizes(self) -> bool:
-        """Image folders take any image size (resized and cropped); the other datasets one exact size."""
+        """Image folders' models see every image through the evaluation resize and crop (`folder_eval_resize`);
+        the other datasets' were trained on whole pictures of one size, which an image of that size keeps."""
         return self.dataset == "imagefolder"
 
     @classmethod
