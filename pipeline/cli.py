@@ -181,25 +181,24 @@ def status(config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML config, or a
 
 @app.command()
 def predict(run_dir: Path = typer.Argument(..., help="A run directory, e.g. artifacts/edge"),
-            images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG)"),
+            images: list[str] = typer.Argument(..., help="Image files, folders of images (searched recursively) "
+                                               "or quoted glob patterns such as 'photos/**/*.jpg'"),
             model: Optional[str] = typer.Option(None, "--model", help="The exported form: fp32, fp16, int8, "
                                                 "int8_cpu, ensemble_fp32, ...; default: the one the bench ships"),
             top: int = typer.Option(5, "--top", min=1, help="How many labels to show per image"),
+            output: Optional[Path] = typer.Option(None, "--output", help="Write a CSV: one row per image (path, then "
+                                                  "the top-k labels and probabilities)"),
+            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per model call (bounds memory)"),
+            max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Largest image accepted, in "
+                                                     "pixels (width x height); default: PIL's bound against "
+                                                     "decompression bombs, 89,478,485"),
             debug: bool = DebugOpt) -> None:
-    """Classify image files with a run's exported model in ONNX Runtime (the run's own preprocessing)."""
-    from pipeline.deploy.predict import Predictor
+    """Classify images with a run's exported model in ONNX Runtime: any mode and size, converted, resized and
+    centre-cropped to the model's input with the run's own preprocessing (each image's line says what was done)."""
+    from pipeline.deploy.predict import show
 
-    def show() -> None:
-        predictor = Predictor.load(run_dir, model)
-        predictions = predictor.predict(images, top)
-        console.print(escape(f"{predictor.path} ({predictor.why})"), highlight=False, soft_wrap=True)
-        for prediction in predictions:
-            console.print(f"[bold]{escape(str(prediction.image))}[/bold]", highlight=False)
-            width = max(len(name) for name, _ in prediction.top)
-            for name, probability in prediction.top:
-                console.print(escape(f"  {name:<{width}}  {probability:7.2%}"), highlight=False)
-
-    _guard(show, debug)
+    _guard(lambda: show(run_dir, images, console, errors, form=model, top=top, output=output, batch_size=batch_size,
+                        max_pixels=max_pixels), debug)
 
 
 @app.command()

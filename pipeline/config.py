@@ -38,6 +38,9 @@ class DataConfig(Section):
     augment: bool = Field(True, description="Random crop (padding 4) + horizontal flip on training images")
     image_size: int = Field(224, ge=8, description="imagefolder only: side of the square crop")
     num_workers: int = Field(2, ge=0, description="imagefolder only: decoding processes")
+    max_image_pixels: int | None = Field(None, ge=1, description=(
+        "imagefolder only: the most pixels (width x height) an image may have; a larger file is refused as a "
+        "possible decompression bomb. None: PIL's bound (89,478,485)"))
     synthetic_size: int = Field(256, ge=8, description="synthetic only: training images (tests)")
     label_noise: float | None = Field(None, ge=0, lt=1, description=(
         "Share of the training labels replaced by a random other class (symmetric noise), the same labels for "

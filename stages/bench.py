@@ -122,12 +122,14 @@ class _Bench:
         self.eval_batch = ctx.cfg.train.eval_batch_size
         self.preds: dict[str, torch.Tensor] = {}
         self.timers: dict[str, bench_rounds.RowTimer] = {}
-        self.datasets = load_datasets(ctx.cfg.data)
+        # images decoded in this process (image folders): a DataLoader worker forked once OpenVINO has run
+        # here crashed with a segmentation fault (its thread pools do not survive a fork)
+        self.datasets = load_datasets(ctx.cfg.data.model_copy(update={"num_workers": 0}))
         full_test = self.datasets.test
         limit = self.cfg.test_limit
         self.test = full_test.subset(range(limit)) if limit and limit < len(full_test) else full_test
         self.full_test_set = len(self.test) == len(full_test)
-        self.labels = torch.cat([labels for _, labels in self.test.batches(self.eval_batch)])
+        self.labels = self.test.labels
         self.inputs = bench_rounds.timing_inputs(self.test, self.cfg.batch_sizes, self.device)
         self.triton_base = ctx.cfg.triton.model_name or ctx.cfg.name if ctx.cfg.triton.enabled else None
 
@@ -310,7 +312,7 @@ class _Bench:
 
         def onnx_row() -> dict:
             onnx_path = self.ctx.stage_dir("bench") / BASELINE_ONNX
-            images = self.test.normalise(self.test.images[:2])
+            images = self.test.inputs(range(2))
             proto = export_onnx(model.cpu(), images, self.ctx.cfg.export.opset)
             model.to(self.device)
             with atomic_path(onnx_path) as tmp:

@@ -252,3 +252,176 @@ def test_imagefolder_does_not_import_data():
     code = "import sys, pipeline.training.imagefolder; print('pipeline.training.data' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+# --- the user's own images: every mode, class folders, the guarded opener ---------------------------------
+def own_folder(tmp_path):
+    from tests.own_images import write_own_images
+
+    return write_own_images(tmp_path / "images")
+
+
+def folder_config(root, **fields):
+    return DataConfig(**{"dataset": "imagefolder", "root": root, "val_size": 4, "image_size": 16, "num_workers": 0,
+                         **fields})
+
+
+def test_every_image_mode_loads_as_rgb_the_same_way(tmp_path):
+    from PIL import Image
+
+    from pipeline.training.images import open_image, open_rgb, to_channels
+    from tests.own_images import save
+
+    colour = np.zeros((6, 10, 3), dtype=np.uint8)
+    colour[:] = (200, 40, 40)
+    colour[:, :3] = (0, 0, 255)  # a blue left edge, to see rotations
+    files = {mode: save(colour, mode, tmp_path, mode.replace(";", "")) for mode in
+             ("L", "RGB", "RGBA", "P", "I;16", "CMYK", "EXIF", "RGB-JPEG")}
+    assert [Image.open(files[m]).mode for m in ("L", "RGBA", "P", "I;16", "CMYK")] == ["L", "RGBA", "P", "I;16",
+                                                                                        "CMYK"]
+    loaded = {mode: np.asarray(open_rgb(str(path))).astype(int) for mode, path in files.items()}
+    assert all(image.shape == (6, 10, 3) for image in loaded.values())  # the EXIF one turned upright
+    grey = round(0.299 * 200 + 0.587 * 40 + 0.114 * 40)
+    assert abs(loaded["I;16"][3, 7] - grey).max() <= 1  # 16-bit scaled to 8 bits, not clipped to white
+    assert (loaded["RGBA"][:2] == 255).all() and (loaded["RGBA"][2:, 7] == (200, 40, 40)).all()  # onto white
+    for mode in ("P", "CMYK", "EXIF", "RGB-JPEG"):
+        assert abs(loaded[mode][3, 7] - (200, 40, 40)).max() <= 12, mode  # JPEG and palette losses only
+        assert loaded[mode][3, 0, 2] > 200 > loaded[mode][3, 9, 2], mode  # the blue edge still on the left
+    # the model's grayscale: one conversion from any of them
+    assert to_channels(open_image(files["RGB"]), 1)[0].mode == "L"
+
+
+def test_labels_come_from_the_file_list_without_decoding(tmp_path, monkeypatch):
+    from pipeline.training import imagefolder
+    from pipeline.training.splits import Split
+
+    root = own_folder(tmp_path)
+    data = load_datasets(folder_config(root))
+    assert isinstance(data.train, Split) and isinstance(_set(), Split)  # both kinds have every member
+    monkeypatch.setattr(imagefolder._Samples, "__getitem__", lambda *a: pytest.fail("an image was decoded"))
+    assert data.class_names == ["apple", "banana", "cherry"]
+    assert torch.bincount(torch.cat([data.train.labels, data.val.labels])).tolist() == [16, 11, 7]  # uneven
+    assert torch.bincount(data.test.labels).tolist() == [4, 3, 2]
+    subset = data.train.subset([3, 0])
+    assert subset.labels.tolist() == [data.train.labels[3].item(), data.train.labels[0].item()]
+
+
+def test_folder_indexed_batches_number_samples_as_the_in_memory_sets_do(tmp_path):
+    root = own_folder(tmp_path)
+    train = load_datasets(folder_config(root)).train
+    every = train.inputs(range(len(train)))
+    seen = []
+    for images, labels, idx in train.indexed_batches(8, seed=3, epoch=1):
+        assert torch.equal(labels, train.labels[idx]) and torch.equal(images, every[idx])
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(train))) and seen != sorted(seen)  # shuffled, each once
+    again = [idx for _, _, idx in train.indexed_batches(8, seed=3, epoch=1, skip=1)]
+    assert torch.equal(torch.cat(again), torch.tensor(seen[8:]))  # skip replays the remaining batches
+
+
+WORKERS = """
+import sys, torch
+from pathlib import Path
+from pipeline.config import DataConfig
+from pipeline.errors import UsageError
+from pipeline.training.data import load_datasets
+config = dict(dataset="imagefolder", root=sys.argv[1], val_size=4, image_size=16)
+alone, workers = (load_datasets(DataConfig(**config, num_workers=n)).train for n in (0, 1))
+same = all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+           for a, b in zip(alone.indexed_batches(8, seed=1), workers.indexed_batches(8, seed=1)))
+Path(workers.base.samples[0][0]).write_bytes(b"")
+try:
+    list(workers.batches(8))
+except UsageError as exc:
+    print(same, exc, sep="\\n")
+"""
+
+
+@pytest.mark.slow
+def test_decoding_workers_give_the_same_batches_and_a_bad_file_in_one_line(tmp_path):
+    """In a process of its own: a worker forked from one that has run OpenVINO (earlier tests) may crash."""
+    root = own_folder(tmp_path)
+    first = sorted((root / "train").rglob("*.*"))[0]
+    out = subprocess.run([sys.executable, "-c", WORKERS, str(root)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.stdout.splitlines() == ["True", f"{first} is empty (0 bytes); remove it or pass a PNG or JPEG "
+                                                "image"], out.stderr
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("empty_class", "{root}/train/cherry holds no images"),
+    ("empty_test_class", "{root}/test/banana holds no images"),
+    ("class_train_lacks", "{root}/test/durian is a class the training split lacks (no {root}/train/durian)"),
+    ("one_class", "{root}/train has 1 class folder(s)"),
+])
+def test_class_folders_that_cannot_work_are_named(tmp_path, damage, fragment):
+    import shutil
+
+    root = own_folder(tmp_path)
+    if damage == "empty_class":
+        shutil.rmtree(root / "train/cherry")
+        (root / "train/cherry").mkdir()
+    elif damage == "empty_test_class":
+        for f in (root / "test/banana").iterdir():
+            f.unlink()
+    elif damage == "class_train_lacks":
+        shutil.copytree(root / "test/apple", root / "test/durian")
+    else:
+        shutil.rmtree(root / "train/banana")
+        shutil.rmtree(root / "train/cherry")
+    with pytest.raises(UsageError) as caught:
+        load_datasets(folder_config(root))
+    assert fragment.format(root=root) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_test_split_may_lack_a_class_and_keeps_the_training_numbering(tmp_path):
+    import shutil
+
+    root = own_folder(tmp_path)
+    shutil.rmtree(root / "test/banana")
+    (root / "test/.ipynb_checkpoints").mkdir()  # hidden folders are no classes
+    data = load_datasets(folder_config(root))
+    assert data.class_names == ["apple", "banana", "cherry"] and sorted(set(data.test.labels.tolist())) == [0, 2]
+
+
+def test_unusable_files_are_named_by_the_folder_check_and_the_opener(tmp_path):
+    from pipeline.training.imagefolder import check_images
+    from pipeline.training.images import open_image
+    from tests.own_images import write_bomb
+
+    root = own_folder(tmp_path)
+    cfg = folder_config(root)
+    good = sorted((root / "train").rglob("*.png"))[0]
+    cases = {"bomb.png": None, "cut.png": good.read_bytes()[:-30], "empty.png": b"",
+             "notes.jpg": b"not an image"}
+    fragments = {"bomb.png": "is 30000x30000 = 900,000,000 pixels, more than the bound of 89,478,485 (a guard "
+                             "against decompression bombs); if you trust the file, raise data.max_image_pixels",
+                 "cut.png": "is damaged or truncated", "empty.png": "is empty (0 bytes)",
+                 "notes.jpg": "is not an image PIL can read"}
+    for name, content in cases.items():
+        path = root / "train/banana" / name
+        write_bomb(path) if content is None else path.write_bytes(content)
+        for call in (lambda: check_images(cfg), lambda: open_image(path)):
+            with pytest.raises(UsageError) as caught:
+                call()
+            message = str(caught.value)
+            assert f"{path} {fragments[name]}" in message and "\n" not in message, message
+        path.unlink()
+    with pytest.raises(UsageError, match=f"{root / 'train'} is a folder, not an image file"):
+        open_image(root / "train")
+    check_images(cfg)  # all good again: silent
+
+
+def test_data_max_image_pixels_bounds_and_raises_the_bound(tmp_path):
+    from PIL import Image
+
+    from pipeline.training.imagefolder import check_images
+
+    root = own_folder(tmp_path)
+    Image.new("RGB", (100, 60)).save(root / "train/apple/big.png")
+    with pytest.raises(UsageError, match="big.png is 100x60 = 6,000 pixels, more than the bound of 5,999"):
+        check_images(folder_config(root, max_image_pixels=5999))
+    with pytest.raises(UsageError, match="more than the bound of 5,999"):
+        next(load_datasets(folder_config(root, max_image_pixels=5999)).train.batches(100))
+    check_images(folder_config(root, max_image_pixels=6000))
+    assert len(next(load_datasets(folder_config(root, max_image_pixels=6000)).train.batches(100))[0]) == 31

@@ -3,7 +3,9 @@ written out as PNG files, the shipped form by default, and one line naming the f
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.deploy.predict import Predictor, softmax
+from pipeline.deploy import predict as predict_module
+from pipeline.deploy.predict import Predictor, image_paths, softmax
 from pipeline.deploy.runtime import ort_session, run_split
 from pipeline.runner import execute, stage_def
 from pipeline.training.data import load_datasets
 from pipeline.training.preprocess import Preprocessing, normalise
 from tests.conftest import make_ctx
+from tests.own_images import write_bomb
 from tests.test_bench import benched_copy
 
 runner = CliRunner()
@@ -28,6 +32,11 @@ def benched(exported_run, tmp_path_factory):
     cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("predict"))
     assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
     return cfg, run, json.loads(run.output("bench", "bench").read_text())
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return write_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
 
 
 def write_pngs(images: torch.Tensor, folder) -> list:
@@ -84,21 +93,27 @@ def test_cli_prints_the_shipped_form_and_top_k_with_class_names(benched, tmp_pat
         assert all(name.startswith("synthetic-") for name, _ in prediction.top)
 
 
-def test_each_bad_input_gets_one_line_naming_the_fix(benched, trained_run, tmp_path):
+def test_each_bad_input_gets_one_line_naming_the_fix(benched, trained_run, tmp_path, bomb):
     cfg, run, _ = benched
     good = write_pngs(load_datasets(cfg.data).test.images[:1], tmp_path / "png")[0]
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
-    small = tmp_path / "small.png"
-    Image.new("RGB", (8, 8)).save(small)
-    grey = tmp_path / "grey.png"
-    Image.new("L", (16, 16)).save(grey)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:-30])
+    (tmp_path / "album.png").mkdir()  # a folder, however it is named
     trained = trained_run[1]  # trained only: nothing exported
     cases = [
-        ([str(run.root), str(not_image)], "is not an image PIL can read"),
-        ([str(run.root), str(tmp_path / "missing.png")], "no such file; pass the path of a PNG or JPEG image"),
-        ([str(run.root), str(small)], "is 8x8 3-channel; the model takes 16x16 RGB images: resize it to 16x16"),
-        ([str(run.root), str(grey)], "is 16x16 1-channel; the model takes 16x16 RGB images: convert it to RGB"),
+        ([str(run.root), str(not_image)], f"{not_image} is not an image PIL can read"),
+        ([str(run.root), str(empty)], f"{empty} is empty (0 bytes)"),
+        ([str(run.root), str(truncated)], f"{truncated} is damaged or truncated"),
+        ([str(run.root), str(tmp_path / "album.png")], f"{tmp_path / 'album.png'} holds no image files"),
+        ([str(run.root), str(bomb)], f"{bomb} is 30000x30000 = 900,000,000 pixels, more than the bound of "
+                                     "89,478,485 (a guard against decompression bombs); if you trust the file, "
+                                     "raise --max-pixels"),
+        ([str(run.root), str(tmp_path / "missing.png")], "missing.png: no such file or folder"),
+        ([str(run.root), str(tmp_path / "*.jpeg")], "*.jpeg: no file matches this pattern"),
         ([str(run.root), str(good), "--model", "fp64"], "--model fp64: "),
         ([str(trained.root), str(good)], "has no exported model; export it first: one-pipeline export"),
         ([str(tmp_path), str(good)], "is not a run directory (one holds a manifest.json)"),
@@ -108,6 +123,92 @@ def test_each_bad_input_gets_one_line_naming_the_fix(benched, trained_run, tmp_p
         result = runner.invoke(app, ["predict", *args], env={"COLUMNS": "500"})
         assert result.exit_code != 0 and fragment in result.output, (args, result.output)
         assert result.output.count("\n") == 1 and "Traceback" not in result.output, result.output
+
+
+def test_any_image_is_converted_resized_and_cropped_and_each_line_says_so(benched, tmp_path):
+    """A 16x16 RGB model takes a grayscale, an off-size, an RGBA and a 16-bit image, as predict fits them."""
+    _, run, _ = benched
+    grey, small, wide, deep = (tmp_path / f"{n}.png" for n in ("grey", "small", "wide", "deep"))
+    Image.new("L", (16, 16), 90).save(grey)
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(small)
+    Image.new("RGBA", (40, 20), (250, 0, 0, 255)).save(wide)
+    Image.fromarray(np.full((16, 16), 128 * 257, dtype=np.uint16)).save(deep)
+    result = runner.invoke(app, ["predict", str(run.root), str(grey), str(small), str(wide), str(deep)],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    for path, note in ((grey, "16x16 grayscale -> 16x16 RGB (converted)"), (small, "8x8 RGB -> 16x16 RGB (resized)"),
+                       (wide, "40x20 RGBA -> 16x16 RGB (converted, resized, centre-cropped)"),
+                       (deep, "16x16 16-bit grayscale -> 16x16 RGB (converted)")):
+        assert f"{path}: {note}" in result.output
+    predictor = Predictor.load(run.root, "fp32")
+    assert torch.equal(predictor.pixels(grey), torch.full((3, 16, 16), 90, dtype=torch.uint8))
+    assert torch.equal(predictor.pixels(small), torch.tensor([10, 200, 30], dtype=torch.uint8).view(3, 1, 1)
+                       .expand(3, 16, 16))
+    assert torch.equal(predictor.pixels(deep), torch.full((3, 16, 16), 128, dtype=torch.uint8))  # scaled, not clipped
+
+
+def test_the_pixel_bound_can_be_raised(benched, tmp_path):
+    _, run, _ = benched
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 100)).save(big)
+    refused = runner.invoke(app, ["predict", str(run.root), str(big), "--max-pixels", "19999"], env={"COLUMNS": "500"})
+    assert refused.exit_code == 2 and "more than the bound of 19,999" in refused.output, refused.output
+    taken = runner.invoke(app, ["predict", str(run.root), str(big), "--max-pixels", "20000"], env={"COLUMNS": "500"})
+    assert taken.exit_code == 0 and f"{big}: 200x100 RGB -> 16x16 RGB" in taken.output, taken.output
+
+
+class CountingSession:
+    """An ONNX Runtime session that records how many images each call carries."""
+
+    def __init__(self, session):
+        self.session, self.batches = session, []
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, names, feed):
+        self.batches.append(len(next(iter(feed.values()))))
+        return self.session.run(names, feed)
+
+
+def test_folders_and_globs_in_bounded_batches_into_a_csv(benched, tmp_path, monkeypatch):
+    cfg, run, _ = benched
+    test = load_datasets(cfg.data).test
+    paths = write_pngs(test.images[:11], tmp_path / "png")
+    (tmp_path / "png" / "notes.txt").write_text("not an image, not picked from the folder")
+    nested = tmp_path / "more" / "deeper"
+    nested.mkdir(parents=True)
+    extra = write_pngs(test.images[11:14], nested)
+    predictor = Predictor.load(run.root, "fp32")
+    predictor.session = CountingSession(predictor.session)
+    images = image_paths([tmp_path / "png", str(tmp_path / "more" / "**" / "*.png"), paths[0]])
+    assert images == [*paths, *extra]  # the folder's files sorted, then the glob's; each once
+    predictions = predictor.predict(images, top=2, batch_size=4)
+    assert predictor.session.batches == [4, 4, 4, 2]  # never more than the batch at once
+    assert [p.top for p in predictions] == [p.top for p in Predictor.load(run.root, "fp32").predict(images, top=2)]
+    output = tmp_path / "preds.csv"
+    bars = []
+
+    class Bar(predict_module.Progress):
+        def __init__(self, *columns, **options):
+            super().__init__(*columns, **options)
+            bars.append(self)
+
+    monkeypatch.setattr(predict_module, "PROGRESS_FROM", 10)  # 14 images: past it
+    monkeypatch.setattr(predict_module, "Progress", Bar)
+    result = runner.invoke(app, ["predict", str(run.root), str(tmp_path / "png"), str(nested / "*.png"), "--top", "2",
+                                 "--output", str(output), "--model", "fp32"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and f"14 image(s) (none needed fitting): {output}" in result.output, result.output
+    assert not bars[0].disable and bars[0].tasks[0].completed == 14  # a progress bar, the summary, no line each
+    assert str(paths[0]) not in result.output
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]) for r in rows] == images
+    assert [[(r["label_1"], float(r["probability_1"])), (r["label_2"], float(r["probability_2"]))] for r in rows] == \
+        [p.top for p in predictions]
 
 
 def test_a_pruned_ship_pick_is_predicted_with_the_pruned_file(tmp_path):

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from pipeline.config import BenchConfig
 from pipeline.deploy.timing import Latency, in_turns, latency_samples, throughput
-from pipeline.training.data import ImageSet
+from pipeline.training.splits import Split
 
 
 @dataclasses.dataclass
@@ -83,11 +83,11 @@ def failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
-def timing_inputs(test: ImageSet, batch_sizes: list[int], device: torch.device) -> dict[int, torch.Tensor]:
+def timing_inputs(test: Split, batch_sizes: list[int], device: torch.device) -> dict[int, torch.Tensor]:
     """The timing inputs, made once outside every timed region and shared by every row: batch 1 and
     each throughput batch (the first test images, repeated if the test set is smaller)."""
     sizes = sorted({1, *batch_sizes})
-    return {b: test.normalise(test.images[torch.arange(b) % len(test)]).contiguous().to(device) for b in sizes}
+    return {b: test.inputs(torch.arange(b) % len(test)).contiguous().to(device) for b in sizes}
 
 
 def onnx_call(session: Any, provider: str) -> Callable[[np.ndarray], Any]:

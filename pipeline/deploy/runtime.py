@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.errors import PipelineError
-from pipeline.training.data import ImageSet
+from pipeline.training.splits import Split
 
 
 def ort_session(path: Path, providers: list, threads: int | None = None) -> ort.InferenceSession:
@@ -40,7 +40,7 @@ def run_logits(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     return session.run([session.get_outputs()[0].name], {inp.name: images.astype(input_dtype(session))})[0]
 
 
-def run_split(session: ort.InferenceSession, split: ImageSet, batch: int) -> np.ndarray:
+def run_split(session: ort.InferenceSession, split: Split, batch: int) -> np.ndarray:
     """Logits for every image of `split`, in order."""
     return np.concatenate([run_logits(session, images.numpy()) for images, _ in split.batches(batch)])
 

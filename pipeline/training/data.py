@@ -42,7 +42,7 @@ NORMALISATION = {  # (mean, std) per channel
 
 
 class ImageSet:
-    """One split held in memory: uint8 images (N, C, H, W) and int64 labels."""
+    """One split held in memory: uint8 images (N, C, H, W) and int64 labels (a `Split`, splits.py)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
         self.images, self.labels = images, labels
@@ -62,10 +62,13 @@ class ImageSet:
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return normalise(images, self.mean, self.std)
 
+    def inputs(self, indices: Sequence[int] | torch.Tensor | range) -> torch.Tensor:
+        chosen = indices if isinstance(indices, torch.Tensor) else list(indices)
+        return self.normalise(self.images[torch.as_tensor(chosen, dtype=torch.long)])
+
     def batches(self, batch_size: int, *, seed: int | None = None, epoch: int = 0, augment: bool = False,
                 skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised float batches. With `seed`, shuffled per epoch (training); else in order,
-        every sample exactly once across ranks (evaluation). `skip` leaves out the first batches."""
+        """Normalised float batches (see `Split.batches`)."""
         for images, labels, _ in self.indexed_batches(batch_size, seed=seed, epoch=epoch, augment=augment, skip=skip,
                                                       rank=rank, world=world):
             yield images, labels

@@ -6,12 +6,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.training.data import ImageSet
 from pipeline.training.models import ONEOutput
+from pipeline.training.splits import Split
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 512,
+def evaluate(model: nn.Module, data: Split, device: torch.device, batch_size: int = 512,
              rank: int = 0, world: int = 1, channels_last: bool = False) -> dict:
     """{"branches": [acc per branch], "teacher": acc, "average": acc} for ONE, {"branches": [acc]} for
     one network; in percent. Each sample is counted once, on exactly one rank."""

@@ -1,9 +1,11 @@
 """The one image preprocessing: uint8 pixels -> the float tensor a model was trained on.
 
 Training and evaluation (`ImageSet.normalise`, the image-folder transforms), the bench (which feeds the
-test split through `ImageSet`) and `one-pipeline predict` (an image file, with the settings read back
+test split through the same sets) and `one-pipeline predict` (image files, with the settings read back
 from an exported model's metadata) all call `normalise`; a serving-side copy of it that drifts is the
-classic silent accuracy loss. Image folders are also resized and centre-cropped, by `folder_eval_resize`.
+classic silent accuracy loss. Files are decoded and brought to the model's mode by
+`pipeline.training.images` (the same for training, bench and predict); image folders are resized and
+centre-cropped by `folder_eval_resize`, and predict fits any other image with `Preprocessing.fit`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Preprocessing:
 
     @property
     def resizes(self) -> bool:
-        """Image folders take any image size (resized and cropped); the other datasets one exact size."""
+        """Image folders' models see every image through the evaluation resize and crop (`folder_eval_resize`);
+        the other datasets' were trained on whole pictures of one size, which an image of that size keeps."""
         return self.dataset == "imagefolder"
 
     @classmethod
@@ -65,31 +68,49 @@ class Preprocessing:
         return cls(meta["dataset"], channels, height, width, tuple(map(float, mean)), tuple(map(float, std)))
 
     def describe(self) -> str:
+        """What the model takes, e.g. "28x28 grayscale"."""
         colour = {1: "grayscale", 3: "RGB"}.get(self.channels, f"{self.channels}-channel")
-        size = f"any size (resized, centre-cropped to {self.width}x{self.height})" if self.resizes else \
-            f"{self.width}x{self.height}"
-        return f"{size} {colour} images"
+        return f"{self.width}x{self.height} {colour}"
 
-    def pixels(self, image: Any) -> torch.Tensor:
-        """A decoded PIL image -> uint8 (C, H, W), or ValueError saying what does not fit and how to fix it."""
+    def fit(self, image: Any) -> tuple[torch.Tensor, list[str]]:
+        """A decoded PIL image (`pipeline.training.images.open_image`) -> uint8 (C, H, W) the model takes, and
+        what was done to it: converted (mode), rotated (EXIF), resized, centre-cropped."""
         import numpy as np
 
-        if self.resizes:  # as torchvision's ImageFolder loads them: RGB, then the eval resize and crop
-            from torchvision import transforms
+        from pipeline.training.images import ROTATED, to_channels
 
-            image = transforms.Compose(folder_eval_resize(self.height))(image.convert("RGB"))
-        channels = {"L": 1, "RGB": 3}.get(image.mode)
-        fixes = []
-        if image.size != (self.width, self.height):
-            fixes.append(f"resize it to {self.width}x{self.height}")
-        if channels != self.channels:
-            fixes.append("convert it to grayscale (mode L)" if self.channels == 1 else "convert it to RGB")
-        if fixes:
-            mode = f"{channels}-channel" if channels else f"mode {image.mode}"
-            raise ValueError(f"is {image.size[0]}x{image.size[1]} {mode}; the model takes {self.describe()}: "
-                             f"{' and '.join(fixes)}")
+        steps = ["rotated (EXIF)"] if image.info.get(ROTATED) else []
+        image, converted = to_channels(image, self.channels)
+        steps += ["converted"] if converted else []
+        image, resized = self._resize(image)
+        steps += resized
         array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.reshape(self.height, self.width, self.channels).copy()).permute(2, 0, 1)
+        return torch.from_numpy(array.reshape(self.height, self.width, self.channels).copy()).permute(2, 0, 1), steps
+
+    def _resize(self, image: Any) -> tuple[Any, list[str]]:
+        """Image folders: always their evaluation resize and crop (as training's validation saw them). The
+        fixed-size datasets' images are whole pictures at one size: an off-size image is resized to cover
+        that size, keeping its aspect, and its centre cut out."""
+        from PIL import Image
+
+        if self.resizes:
+            from torchvision import transforms  # here: torchvision takes seconds to import, and only folders need it
+
+            return transforms.Compose(folder_eval_resize(self.height))(image), ["resized", "centre-cropped"]
+        (w, h), steps = image.size, []
+        cover = max(self.width / w, self.height / h)
+        scaled = (max(self.width, round(w * cover)), max(self.height, round(h * cover)))
+        if scaled != (w, h):
+            image = image.resize(scaled, Image.Resampling.BILINEAR)  # what torchvision's Resize does to a PIL image
+            steps.append("resized")
+        if image.size != (self.width, self.height):  # the centre, rounded as torchvision's CenterCrop does
+            left, top = round((image.size[0] - self.width) / 2), round((image.size[1] - self.height) / 2)
+            image = image.crop((left, top, left + self.width, top + self.height))
+            steps.append("centre-cropped")
+        return image, steps
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        return self.fit(image)[0]
 
     def tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         return normalise(pixels, self.mean, self.std)
