@@ -273,7 +273,7 @@ def _records(values: dict[str, list[float]]) -> list[dict]:
 
 
 def test_compress_table_says_whether_ones_teacher_pays():
-    from pipeline.compare_compress import VARIANTS, markdown, summarise
+    from pipeline.compare.compress import VARIANTS, markdown, summarise
 
     base = validate_config(tiny_dict("/tmp", compress={"enabled": True}))
     values = {key: [70.0, 71.0, 72.5] for key, *_ in VARIANTS}
@@ -296,7 +296,7 @@ def test_compare_compress_prunes_both_methods_five_ways(tmp_path):
     from rich.console import Console
 
     from pipeline.compare import compare
-    from pipeline.compare_compress import VARIANTS, compress_compare
+    from pipeline.compare.compress import VARIANTS, compress_compare
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", compress=SMALL)))
