@@ -14,12 +14,14 @@ training does (deterministic CPU runs end with the weights of an uninterrupted r
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.markup import escape
 from torch import nn
 
+from pipeline.deploy.guard import guard
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import sha256_file, write_json
 from pipeline.stage import StageContext, StageResult
@@ -43,7 +45,6 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.compress
     if not cfg.enabled:
         raise StageSkipped("compress.enabled is false: the kept branch is deployed unpruned")
-    out_dir = ctx.stage_dir("compress")
     branch_path = ctx.input("strip", "model")
     branch, payload = checkpoint.load_model(branch_path)
     kind = teacher_kind(ctx)
@@ -58,15 +59,8 @@ def run(ctx: StageContext) -> StageResult:
     ctx.console.print(f"pruned to stage widths {list(plan.stage_widths)}, inner widths {list(plan.inner_widths)}: "
                       f"{plan.flops / 1e6:.1f} of {plan.base_flops / 1e6:.1f} MFLOPs ({plan.ratio:.3f}x) in "
                       f"{time.perf_counter() - started:.1f} s")
-    teacher_path = ctx.input("train", "model") if kind == "one_e" else branch_path
-    teacher: nn.Module | None = None
-    if kind == "one_e":
-        teacher = EnsembleNet(checkpoint.load_model(teacher_path)[0])
-    elif kind == "branch":
-        teacher = branch
     student = student.to(device)  # the unpruned branch runs only as the teacher (moved below); select has its accuracy
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher, teacher_path = _teacher(ctx, kind, branch, branch_path)
     batch = ctx.cfg.train.eval_batch_size
     pruned_val = evaluate(student, data.val, device, batch)["branches"][0]
     fingerprint = "-".join([ctx.cfg.section_hash("seed", "data", "compress"), sha256_file(branch_path)[:16],
@@ -76,34 +70,54 @@ def run(ctx: StageContext) -> StageResult:
     kept = ctx.summary("select")  # the kept branch's accuracies, as training measured them
     val = {"branch": kept["val"], "pruned": evaluate(student, data.val, device, batch)["branches"][0]}
     test = {"branch": kept["test"], "pruned": evaluate(student, data.test, device, batch)["branches"][0]}
-    drop = round(val["branch"] - val["pruned"], 4)
+    verdict = guard("the pruned network", val["pruned"], val["branch"], len(data.val), cfg.max_accuracy_drop,
+                    against="the kept branch", setting="compress.max_accuracy_drop")
     summary: dict[str, Any] = {
         "stage_widths": list(plan.stage_widths), "inner_widths": list(plan.inner_widths), "flops": plan.flops,
         "branch_flops": plan.base_flops, "flops_ratio": round(plan.ratio, 4), "target_flops_ratio": cfg.flops_ratio,
         "params": count_parameters(student), "branch_params": count_parameters(branch), "teacher": kind,
         "importance": cfg.importance, "epochs": cfg.epochs, "history": history, "val_after_pruning": pruned_val,
-        "val": val, "test": test, "drop": drop, "max_accuracy_drop": cfg.max_accuracy_drop,
-        "deployed": drop <= cfg.max_accuracy_drop,
+        "val": val, "test": test, "drop": verdict.drop, "max_accuracy_drop": cfg.max_accuracy_drop,
+        "deployed": verdict.passed,
     }
+    if not verdict.passed:
+        summary["reason"] = f"{verdict.reason}; the kept branch is deployed unpruned"
+    outputs = _write(ctx, summary, student, payload, branch_path, plan.flops)
+    said = "deployed" if verdict.passed else f"[yellow]not deployed[/yellow]: {escape(summary['reason'])}"
+    ctx.console.print(f"pruned val {val['pruned']:.2f}% (after pruning {pruned_val:.2f}%, kept branch "
+                      f"{val['branch']:.2f}%), test {test['pruned']:.2f}% vs {test['branch']:.2f}%: {said}")
+    return StageResult(outputs=outputs, summary=summary)
+
+
+def _teacher(ctx: StageContext, kind: str, branch: nn.Module, branch_path: Path) -> tuple[nn.Module | None, Path]:
+    """The frozen teacher on the device (None for `none`) and the file it comes from (for the fingerprint)."""
+    teacher_path = ctx.input("train", "model") if kind == "one_e" else branch_path
+    teacher: nn.Module | None = None
+    if kind == "one_e":
+        teacher = EnsembleNet(checkpoint.load_model(teacher_path)[0])
+    elif kind == "branch":
+        teacher = branch
+    if teacher is not None:
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+    return teacher, teacher_path
+
+
+def _write(ctx: StageContext, summary: dict[str, Any], student: nn.Module, payload: dict[str, Any],
+           branch_path: Path, flops: int) -> dict[str, Path]:
+    """compress/summary.json, and compress/model.pt when the guard deploys the pruned network."""
+    out_dir = ctx.stage_dir("compress")
     model_path = out_dir / "model.pt"
     outputs = {"summary": out_dir / "summary.json"}
     if summary["deployed"]:
         checkpoint.save(model_path, {"spec": student.spec.to_dict(), "state_dict": student.cpu().state_dict(),
                                      "data": payload["data"], "branch": payload["branch"],
                                      "source_sha256": payload["source_sha256"], "pruned_from": sha256_file(branch_path),
-                                     "teacher": kind, "flops": plan.flops})
+                                     "teacher": summary["teacher"], "flops": flops})
         outputs["model"] = model_path
-        verdict = "deployed"
     else:
         model_path.unlink(missing_ok=True)  # no file of an earlier, passing config is left to export
-        summary["reason"] = (f"the pruned network loses {drop:.2f} validation top-1 points ({val['pruned']:.2f}% vs "
-                             f"the kept branch's {val['branch']:.2f}%) > compress.max_accuracy_drop "
-                             f"{cfg.max_accuracy_drop:g}; the kept branch is deployed unpruned")
-        verdict = f"[yellow]not deployed[/yellow]: {escape(summary['reason'])}"
     write_json(outputs["summary"], summary)
-    ctx.console.print(f"pruned val {val['pruned']:.2f}% (after pruning {pruned_val:.2f}%, kept branch "
-                      f"{val['branch']:.2f}%), test {test['pruned']:.2f}% vs {test['branch']:.2f}%: {verdict}")
-    return StageResult(outputs=outputs, summary=summary)
+    return outputs
 
 
 def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, data: Datasets,
