@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from rich.markup import escape
@@ -102,7 +102,7 @@ def setup(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def resume_point(ctx: StageContext, plan: Plan, *, other_config: str = "refuse") -> Start:
+def resume_point(ctx: StageContext, plan: Plan, *, other_config: Literal["refuse", "restart"] = "refuse") -> Start:
     """Load `plan.last_path` into the plan's model, optimizer and schedule (and the RNG) unless the run is
     fresh. A checkpoint of another config stops with the fix (`refuse`) or is ignored (`restart`: a finished
     or abandoned loop of other inputs, not this one's progress)."""
