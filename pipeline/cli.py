@@ -131,7 +131,7 @@ for _stage in STAGES:  # in the runner's order, so `--help` lists the stages as 
                   "<name>-compare/compare.md). Regimes measured (README, Results): configs/edge.yaml (the "
                   "quickstart: 55,000 images, 2 epochs), configs/edge_small_data_long.yaml (5,000 images, 60 "
                   "epochs), configs/edge_noisy_labels.yaml (the same with 40% of the training labels noisy); "
-                  "`python -m pipeline.compare_map` puts several compares in one table and one plot.")
+                  "`one-pipeline gain-map` puts several compares in one table and one plot.")
 def compare(config: Path = ConfigArg,
             seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds to train each method with, e.g. 0,1,2"),
             variants: Optional[list[str]] = typer.Option(
@@ -146,11 +146,23 @@ def compare(config: Path = ConfigArg,
     def both() -> None:
         run_compare(config, overrides or [], parse_seeds(seeds), variants or [], console)
         if compress:
-            from pipeline.compare_compress import compress_compare
+            from pipeline.compare.compress import compress_compare
 
             compress_compare(config, overrides or [], parse_seeds(seeds), console)
 
     _guard(both, debug)
+
+
+@app.command("gain-map")
+def gain_map(compares: list[Path] = typer.Argument(..., help="<name>-compare folders or their compare.json"),
+             plot: Path = typer.Option(Path("gain_map.png"), "--plot", help="Where the plot goes"),
+             debug: bool = DebugOpt) -> None:
+    """Where does ONE pay? Several compares side by side: each one's paired gain of the kept branch over
+    vanilla with its 95% CI, as a table and one plot (and the gain against the training-set size when
+    compares differ only in it for the same images seen)."""
+    from pipeline.compare.gain_map import gain_map as draw
+
+    _guard(lambda: console.print(escape(draw(compares, plot)), highlight=False, soft_wrap=True), debug)
 
 
 @app.command()

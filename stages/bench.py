@@ -42,6 +42,7 @@ from pipeline.deploy.benchfile import (
     rich_table,
     row_name,
 )
+from pipeline.deploy.guard import guard
 from pipeline.deploy.onnx_io import PRECISIONS, export_onnx, exported_onnx, onnx_key, triton_model_name
 from pipeline.deploy.runtime import input_dtype, ort_session, run_split, top1_accuracy
 from pipeline.deploy.served import served_row
@@ -54,7 +55,6 @@ from pipeline.training.checkpoint import load_model
 from pipeline.training.data import load_datasets
 from pipeline.training.evaluate import evaluate
 from pipeline.training.models import EnsembleNet, count_parameters
-from stages.export import guard
 
 LABELS = {"ensemble": "ONE-E gated ensemble (full model)", "full_branch": "full model, kept branch's output",
           "branch": "stripped branch", "pruned": "pruned branch (compress)",
@@ -266,8 +266,8 @@ class _Bench:
                                  val.labels.numpy())
         fp32 = self.ctx.summary("export")[model]["fp32"]["val_accuracy"]
         verdict = guard(f"OpenVINO {precision}", accuracy, fp32, len(val), self.ctx.cfg.export.max_accuracy_drop)
-        if not verdict["passed"]:
-            raise StageSkipped(f"not deployed: {verdict['reason']}")
+        if not verdict.passed:
+            raise StageSkipped(f"not deployed: {verdict.reason}")
         logits = openvino_runtime.run_split(compiled, self.test.batches(self.eval_batch))
         self.preds[name] = torch.from_numpy(logits.argmax(1))
         self._time_later(name, compiled, {b: x.cpu().numpy() for b, x in self.inputs.items()}, cuda_events=False)

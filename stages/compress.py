@@ -13,22 +13,21 @@ training does (deterministic CPU runs end with the weights of an uninterrupted r
 
 from __future__ import annotations
 
-import itertools
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.markup import escape
 from torch import nn
 
-from pipeline.errors import PipelineError, StageSkipped, UsageError
+from pipeline.deploy.guard import guard
+from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import sha256_file, write_json
 from pipeline.stage import StageContext, StageResult
-from pipeline.training import checkpoint, loop, prune
+from pipeline.training import checkpoint, fit, loop, prune
 from pipeline.training.data import Datasets, ImageSet, load_datasets, training_batches
 from pipeline.training.evaluate import evaluate
-from pipeline.training.loop import Interrupted
-from pipeline.training.loop import catch_sigint as _catch_sigint  # a name tests replace
 from pipeline.training.loss import distill_loss
 from pipeline.training.models import EnsembleNet, count_parameters
 
@@ -46,15 +45,11 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.compress
     if not cfg.enabled:
         raise StageSkipped("compress.enabled is false: the kept branch is deployed unpruned")
-    out_dir = ctx.stage_dir("compress")
     branch_path = ctx.input("strip", "model")
     branch, payload = checkpoint.load_model(branch_path)
     kind = teacher_kind(ctx)
     device = ctx.device
-    if ctx.cfg.train.threads:
-        torch.set_num_threads(ctx.cfg.train.threads)
-    if ctx.cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    fit.setup(ctx.cfg, device)
     data = load_datasets(ctx.cfg.data)
     example, _ = next(data.val.batches(2))
 
@@ -64,15 +59,8 @@ def run(ctx: StageContext) -> StageResult:
     ctx.console.print(f"pruned to stage widths {list(plan.stage_widths)}, inner widths {list(plan.inner_widths)}: "
                       f"{plan.flops / 1e6:.1f} of {plan.base_flops / 1e6:.1f} MFLOPs ({plan.ratio:.3f}x) in "
                       f"{time.perf_counter() - started:.1f} s")
-    teacher_path = ctx.input("train", "model") if kind == "one_e" else branch_path
-    teacher: nn.Module | None = None
-    if kind == "one_e":
-        teacher = EnsembleNet(checkpoint.load_model(teacher_path)[0])
-    elif kind == "branch":
-        teacher = branch
     student = student.to(device)  # the unpruned branch runs only as the teacher (moved below); select has its accuracy
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher, teacher_path = _teacher(ctx, kind, branch, branch_path)
     batch = ctx.cfg.train.eval_batch_size
     pruned_val = evaluate(student, data.val, device, batch)["branches"][0]
     fingerprint = "-".join([ctx.cfg.section_hash("seed", "data", "compress"), sha256_file(branch_path)[:16],
@@ -82,43 +70,100 @@ def run(ctx: StageContext) -> StageResult:
     kept = ctx.summary("select")  # the kept branch's accuracies, as training measured them
     val = {"branch": kept["val"], "pruned": evaluate(student, data.val, device, batch)["branches"][0]}
     test = {"branch": kept["test"], "pruned": evaluate(student, data.test, device, batch)["branches"][0]}
-    drop = round(val["branch"] - val["pruned"], 4)
+    verdict = guard("the pruned network", val["pruned"], val["branch"], len(data.val), cfg.max_accuracy_drop,
+                    against="the kept branch", setting="compress.max_accuracy_drop")
     summary: dict[str, Any] = {
         "stage_widths": list(plan.stage_widths), "inner_widths": list(plan.inner_widths), "flops": plan.flops,
         "branch_flops": plan.base_flops, "flops_ratio": round(plan.ratio, 4), "target_flops_ratio": cfg.flops_ratio,
         "params": count_parameters(student), "branch_params": count_parameters(branch), "teacher": kind,
         "importance": cfg.importance, "epochs": cfg.epochs, "history": history, "val_after_pruning": pruned_val,
-        "val": val, "test": test, "drop": drop, "max_accuracy_drop": cfg.max_accuracy_drop,
-        "deployed": drop <= cfg.max_accuracy_drop,
+        "val": val, "test": test, "drop": verdict.drop, "max_accuracy_drop": cfg.max_accuracy_drop,
+        "deployed": verdict.passed,
     }
+    if not verdict.passed:
+        summary["reason"] = f"{verdict.reason}; the kept branch is deployed unpruned"
+    outputs = _write(ctx, summary, student, payload, branch_path, plan.flops)
+    said = "deployed" if verdict.passed else f"[yellow]not deployed[/yellow]: {escape(summary['reason'])}"
+    ctx.console.print(f"pruned val {val['pruned']:.2f}% (after pruning {pruned_val:.2f}%, kept branch "
+                      f"{val['branch']:.2f}%), test {test['pruned']:.2f}% vs {test['branch']:.2f}%: {said}")
+    return StageResult(outputs=outputs, summary=summary)
+
+
+def _teacher(ctx: StageContext, kind: str, branch: nn.Module, branch_path: Path) -> tuple[nn.Module | None, Path]:
+    """The frozen teacher on the device (None for `none`) and the file it comes from (for the fingerprint)."""
+    teacher_path = ctx.input("train", "model") if kind == "one_e" else branch_path
+    teacher: nn.Module | None = None
+    if kind == "one_e":
+        teacher = EnsembleNet(checkpoint.load_model(teacher_path)[0])
+    elif kind == "branch":
+        teacher = branch
+    if teacher is not None:
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+    return teacher, teacher_path
+
+
+def _write(ctx: StageContext, summary: dict[str, Any], student: nn.Module, payload: dict[str, Any],
+           branch_path: Path, flops: int) -> dict[str, Path]:
+    """compress/summary.json, and compress/model.pt when the guard deploys the pruned network."""
+    out_dir = ctx.stage_dir("compress")
     model_path = out_dir / "model.pt"
     outputs = {"summary": out_dir / "summary.json"}
     if summary["deployed"]:
         checkpoint.save(model_path, {"spec": student.spec.to_dict(), "state_dict": student.cpu().state_dict(),
                                      "data": payload["data"], "branch": payload["branch"],
                                      "source_sha256": payload["source_sha256"], "pruned_from": sha256_file(branch_path),
-                                     "teacher": kind, "flops": plan.flops})
+                                     "teacher": summary["teacher"], "flops": flops})
         outputs["model"] = model_path
-        verdict = "deployed"
     else:
         model_path.unlink(missing_ok=True)  # no file of an earlier, passing config is left to export
-        summary["reason"] = (f"the pruned network loses {drop:.2f} validation top-1 points ({val['pruned']:.2f}% vs "
-                             f"the kept branch's {val['branch']:.2f}%) > compress.max_accuracy_drop "
-                             f"{cfg.max_accuracy_drop:g}; the kept branch is deployed unpruned")
-        verdict = f"[yellow]not deployed[/yellow]: {escape(summary['reason'])}"
     write_json(outputs["summary"], summary)
-    ctx.console.print(f"pruned val {val['pruned']:.2f}% (after pruning {pruned_val:.2f}%, kept branch "
-                      f"{val['branch']:.2f}%), test {test['pruned']:.2f}% vs {test['branch']:.2f}%: {verdict}")
-    return StageResult(outputs=outputs, summary=summary)
+    return outputs
 
 
 def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, data: Datasets,
               fingerprint: str) -> list[dict[str, Any]]:
     """SGD on the distillation loss for compress.epochs, resumable from compress/last.pt."""
-    cfg, device = ctx.cfg.compress, ctx.device
+    cfg = ctx.cfg.compress
     if cfg.epochs == 0:
         return []
-    images = min(len(data.train), cfg.images_per_epoch or len(data.train))
+    plan = _plan(ctx, student, len(data.train), fingerprint)
+    torch.manual_seed(ctx.cfg.seed)
+    start = fit.resume_point(ctx, plan, other_config="restart")
+    cached = None
+    if teacher is not None:
+        teacher.to(memory_format=plan.memory_format)
+        if caches_teacher(ctx, fit.remaining_batches(plan, start) * cfg.batch_size, len(data.train)):
+            started = time.perf_counter()
+            # in the fine-tune's batches: on a 2-core CPU, batches of 128 ran ONE-E 1.2x faster than 512
+            cached = teacher_logits(teacher, data.train, ctx.device, cfg.batch_size, plan.memory_format)
+            ctx.console.print(f"teacher logits of the {len(data.train):,} training images computed once in "
+                              f"{time.perf_counter() - started:.1f} s (no augmentation: they never change)")
+
+    def batches(epoch: int, skip: int):
+        return data.train.indexed_batches(cfg.batch_size, seed=ctx.cfg.seed, epoch=epoch,
+                                          augment=ctx.cfg.data.augment, skip=skip)
+
+    def loss(batch: fit.Batch, _: float) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, indices = batch
+        if cached is not None:
+            target = cached[indices]
+        elif teacher is not None:
+            with torch.no_grad():
+                target = teacher(images)
+        else:
+            target = None
+        logits = student(images)
+        return distill_loss(logits, target, labels, cfg.temperature, cfg.kd_weight), logits
+
+    history = fit.fit(ctx, plan, start, batches, loss, record=_record,
+                      sinks=[lambda epoch, _: ctx.console.print(fit.epoch_line(plan.title, epoch))])
+    student.to(memory_format=torch.contiguous_format)  # the model file holds plain tensors
+    return history
+
+
+def _plan(ctx: StageContext, student: nn.Module, train_size: int, fingerprint: str) -> fit.Plan:
+    cfg = ctx.cfg.compress
+    images = min(train_size, cfg.images_per_epoch or train_size)
     per_epoch = training_batches(images, cfg.batch_size, 1, 1)
     if per_epoch == 0:
         raise UsageError(f"compress.images_per_epoch {images} is too few for one batch of compress.batch_size "
@@ -127,72 +172,16 @@ def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, 
     student.to(memory_format=memory_format)  # train.channels_last: NHWC, as in training
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scheduler = loop.scheduler(optimizer, cfg.schedule, cfg.epochs, per_epoch)
-    last_path = ctx.stage_dir("compress") / "last.pt"
-    start_epoch, skip, history = 0, 0, []
-    torch.manual_seed(ctx.cfg.seed)
-    # a checkpoint of other inputs (another branch, teacher or compress config) is a finished or abandoned
-    # fine-tune of something else, not this one's progress: start over
-    if last_path.exists() and not ctx.fresh and checkpoint.load(last_path).get("fingerprint") == fingerprint:
-        start_epoch, skip, history = loop.resume(last_path, fingerprint, student, optimizer, scheduler,
-                                                 stage="compress", what="seed/data/compress")
-        ctx.console.print(f"resuming the fine-tune from {escape(str(last_path))}: epoch {start_epoch + 1}, "
-                          f"batch {skip}")
+    return fit.Plan(model=student, optimizer=optimizer, epochs=cfg.epochs, batches_per_epoch=per_epoch,
+                    scheduler=loop.scheduler(optimizer, cfg.schedule, cfg.epochs, per_epoch),
+                    last_path=ctx.stage_dir("compress") / "last.pt", fingerprint=fingerprint, device=ctx.device,
+                    stage="compress", depends_on="seed/data/compress", title="fine-tune epoch",
+                    resuming="resuming the fine-tune", loss_hint="lower compress.lr", memory_format=memory_format)
 
-    def save(epoch: int, batch: int) -> None:
-        loop.save_state(last_path, student, optimizer, scheduler, epoch=epoch, batch=batch,
-                        fingerprint=fingerprint, history=history)
 
-    remaining = (cfg.epochs - start_epoch) * per_epoch - skip
-    cached = None
-    if teacher is not None:
-        teacher.to(memory_format=memory_format)
-        if caches_teacher(ctx, remaining * cfg.batch_size, len(data.train)):
-            started = time.perf_counter()
-            # in the fine-tune's batches: on a 2-core CPU, batches of 128 ran ONE-E 1.2x faster than 512
-            cached = teacher_logits(teacher, data.train, device, cfg.batch_size, memory_format)
-            ctx.console.print(f"teacher logits of the {len(data.train):,} training images computed once in "
-                              f"{time.perf_counter() - started:.1f} s (no augmentation: they never change)")
-    with loop.progress_bar(ctx) as progress, _catch_sigint() as interrupted:
-        task = progress.add_task("fine-tune", total=remaining)
-        for epoch in range(start_epoch, cfg.epochs):
-            student.train()
-            started, seen, loss_sum = time.perf_counter(), 0, 0.0
-            batches = data.train.indexed_batches(cfg.batch_size, seed=ctx.cfg.seed, epoch=epoch,
-                                                 augment=ctx.cfg.data.augment, skip=skip)
-            for step, (x, y, idx) in enumerate(itertools.islice(batches, per_epoch - skip), start=skip):
-                x = x.to(device, memory_format=memory_format, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if cached is not None:
-                    target = cached[idx.to(device)]
-                elif teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(x)
-                else:
-                    target = None
-                loss = distill_loss(student(x), target, y, cfg.temperature, cfg.kd_weight)
-                if not torch.isfinite(loss):
-                    raise PipelineError(f"the fine-tune loss became {loss.item()} at epoch {epoch + 1}; lower "
-                                        "compress.lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                seen, loss_sum = seen + len(y), loss_sum + loss.item() * len(y)
-                progress.update(task, advance=1, description=(
-                    f"{ctx.label}fine-tune {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} "
-                    f"{seen / max(time.perf_counter() - started, 1e-9):.0f} img/s"))
-                if interrupted():
-                    save(epoch, step + 1)
-                    raise Interrupted(f"interrupted at fine-tune epoch {epoch + 1}, batch {step + 1}; checkpoint "
-                                      f"saved to {last_path}: run the same command again to resume")
-            skip = 0
-            seconds = time.perf_counter() - started
-            history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "seconds": round(seconds, 2),
-                            "images_per_s": round(seen / max(seconds, 1e-9), 1)})
-            save(epoch + 1, 0)
-    student.to(memory_format=torch.contiguous_format)  # the model file holds plain tensors
-    return history
+def _record(epoch: fit.Epoch) -> dict[str, Any]:
+    """A fine-tune epoch in compress/summary.json's history."""
+    return {"epoch": epoch.number, "loss": epoch.loss, "seconds": epoch.seconds, "images_per_s": epoch.images_per_s}
 
 
 def caches_teacher(ctx: StageContext, images_to_draw: int, train_size: int) -> bool:

@@ -35,6 +35,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
+from pipeline.deploy.guard import Verdict, guard
 from pipeline.deploy.onnx_io import INPUT, OUTPUT, PRECISIONS, SUBJECTS, export_onnx, onnx_file_name, onnx_key, opset_of
 from pipeline.deploy.quantize import (
     INT8_TARGETS,
@@ -153,17 +154,6 @@ def check_providers(device: torch.device) -> list:
     return [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in onnx_providers(device)]
 
 
-def guard(precision: str, accuracy: float, fp32_accuracy: float, images: int, bound: float) -> dict[str, Any]:
-    """The accuracy guard's verdict: top-1 on the validation split against fp32's on the same split."""
-    drop = round(fp32_accuracy - accuracy, 4)
-    verdict = {"val_accuracy": accuracy, "fp32_val_accuracy": fp32_accuracy, "drop": drop,
-               "max_accuracy_drop": bound, "passed": drop <= bound}
-    if not verdict["passed"]:
-        verdict["reason"] = (f"{precision} loses {drop:.2f} top-1 points on {images} validation images "
-                             f"({accuracy:.2f}% vs fp32 {fp32_accuracy:.2f}%) > export.max_accuracy_drop {bound:g}")
-    return verdict
-
-
 class _Export:
     """One subject (the branch or ONE-E) through every requested precision."""
 
@@ -186,7 +176,7 @@ class _Export:
         logits = run_split(ort_session(path, self.providers), self.val, self.ctx.cfg.train.eval_batch_size)
         return top1_accuracy(logits, self.val_labels)
 
-    def write(self, precision: str, proto: onnx.ModelProto, verdict: dict[str, Any] | None = None,
+    def write(self, precision: str, proto: onnx.ModelProto, verdict: Verdict | None = None,
               **limits: Any) -> dict[str, Any]:
         """Check `proto` (parity with PyTorch, then the guard unless its `verdict` is known) and write it."""
         def check(tmp: Path) -> dict[str, Any]:
@@ -195,15 +185,15 @@ class _Export:
             if precision == "fp32":
                 return {**figures, "val_accuracy": self.val_accuracy(tmp)}
             judged = verdict or self.judge(precision, tmp)
-            if not judged["passed"]:
-                raise Rejected(judged["reason"])
-            return {**figures, **judged}
+            if not judged.passed:
+                raise Rejected(judged.reason)
+            return {**figures, **judged.summary()}
 
         figures = _write_checked(proto, self.path(precision), {**self.metadata, "precision": precision}, check)
         self.outputs[onnx_key(self.subject, precision)] = self.path(precision)
         return figures
 
-    def judge(self, precision: str, path: Path) -> dict[str, Any]:
+    def judge(self, precision: str, path: Path) -> Verdict:
         return guard(precision, self.val_accuracy(path), self.figures["fp32"]["val_accuracy"], len(self.val),
                      self.cfg.max_accuracy_drop)
 
@@ -251,8 +241,8 @@ class _Export:
                 _check_structure(onnx.load(str(candidate)), target, kept)
                 verdict = self.judge(target, candidate)
                 trials.append({"recipe": recipe.label, "method": recipe.method, "kept_float": kept,
-                               **{k: verdict[k] for k in ("val_accuracy", "drop", "passed")}})
-                if verdict["passed"]:
+                               "val_accuracy": verdict.accuracy, "drop": verdict.drop, "passed": verdict.passed})
+                if verdict.passed:
                     figures = self.write(target, onnx.load(str(candidate)), verdict, atol=None)
                     return {**figures, "recipe": {**dataclasses.asdict(recipe), "label": recipe.label},
                             "kept_float": kept, "trials": trials,

@@ -218,9 +218,11 @@ def test_messages_keep_their_brackets(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path):
-    """SIGKILL inside compress's fine-tune: the next run resumes from the last finished epoch's checkpoint
-    and ends with the weights of a fine-tune that was never interrupted."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, sig):
+    """SIGKILL (or Ctrl-C) inside compress's fine-tune: the next run resumes from the checkpoint of the last
+    finished epoch (or of the batch Ctrl-C stopped at), fine-tunes only the epochs left, one line each, and
+    ends with the weights of a fine-tune that was never interrupted."""
     compress = {"enabled": True, "channel_multiple": 2, "epochs": 12, "images_per_epoch": None, "batch_size": 16,
                 "lr": 0.02, "max_accuracy_drop": 100}
     (tmp_path / "ref").mkdir()
@@ -228,17 +230,29 @@ def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(trained_run, tm
     reference.write_text(yaml.safe_dump({**yaml.safe_load(reference.read_text()), "compress": compress}))
     config, run = copy_trained(trained_run, tmp_path)
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "compress": compress}))
-    assert _cli(reference, command="compress").wait() == 0
+    whole = _cli(reference, command="compress")
+    output = whole.communicate(timeout=600)[0]
+    assert whole.returncode == 0 and _fine_tuned_epochs(output) == list(range(1, compress["epochs"] + 1)), output
     proc = _cli(config, command="compress")
     _wait_for(run.path("compress/last.pt"), proc)  # the first epoch finished: kill it inside a later one
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=600)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=600)[0]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "checkpoint saved" in output, output
     saved = torch.load(run.path("compress/last.pt"), weights_only=True)
-    assert 1 <= saved["epoch"] < compress["epochs"] and saved["batch"] == 0  # killed inside the fine-tune
+    assert 1 <= saved["epoch"] < compress["epochs"]  # stopped inside the fine-tune
+    assert sig == signal.SIGINT or saved["batch"] == 0  # SIGKILL: the last finished epoch's checkpoint
     resumed = _cli(config, command="compress")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
-    assert re.search(rf"resuming the fine-tune from .+: epoch\s+{saved['epoch'] + 1},\s+batch\s+0\b", output, re.S)
+    assert re.search(rf"resuming the fine-tune from .+: epoch\s+{saved['epoch'] + 1},\s+batch\s+{saved['batch']}\b",
+                     output, re.S)
+    assert _fine_tuned_epochs(output) == list(range(saved["epoch"] + 1, compress["epochs"] + 1))
     a = torch.load(tmp_path / "ref/runs/tiny/compress/model.pt", weights_only=True)["state_dict"]
     b = torch.load(run.path("compress/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fine_tuned_epochs(output: str) -> list[int]:
+    """The epochs a compress command's output reports as fine-tuned (one line each)."""
+    return [int(n) for n in re.findall(r"^fine-tune epoch (\d+): loss", output, flags=re.M)]

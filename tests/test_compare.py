@@ -13,10 +13,10 @@ from rich.console import Console
 from scipy import stats
 from typer.testing import CliRunner
 
-from pipeline import compare as compare_module
 from pipeline.cli import app
 from pipeline.compare import compare, gain, methods, paired, parse_seeds, welch
-from pipeline.compare_report import curves
+from pipeline.compare import runs as runs_module
+from pipeline.compare.report import curves
 from pipeline.errors import ConfigError, UsageError
 from pipeline.plots import training_curves_figure
 from pipeline.rundir import RunDir
@@ -34,7 +34,7 @@ def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(root / "runs")))
-    started, real = [], compare_module.run_stages
+    started, real = [], runs_module.run_stages
 
     def interrupt_third(cfg, run, ctx, **kwargs):
         started.append(cfg.name)
@@ -43,7 +43,7 @@ def compared(tmp_path_factory):
         return real(cfg, run, ctx, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare_module, "run_stages", interrupt_third)
+        patch.setattr(runs_module, "run_stages", interrupt_third)
         with pytest.raises(KeyboardInterrupt):
             compare(config, [], SEEDS, [VARIANT], Console(quiet=True))
     compare_root = root / "runs" / "tiny-compare"
@@ -184,6 +184,30 @@ def test_the_verdict_is_paired_when_seeds_pair_up():
     assert steady["p"] is None and "on every seed" in steady["verdict"]
 
 
+def test_one_paired_test_with_its_edge_cases_serves_compare_and_compress():
+    """compare's gain and `compare --compress`'s pairs are the same paired t-test: no seed in common, one
+    seed, or the same difference on every seed give no p-value and no interval (never an error or a
+    certainty); with a spread, both report scipy's ttest_rel."""
+    from pipeline.compare.compress import paired as pruned_paired
+
+    def records(treated: dict, control: dict) -> list[dict]:
+        return [{"variant": variant, "seed": int(seed), "test": value}
+                for variant, values in (("a", treated), ("b", control)) for seed, value in values.items()]
+
+    cases = [({"0": 91.0}, {"1": 90.0}, 0, None), ({"0": 91.0}, {"0": 90.0}, 1, 1.0),
+             ({"0": 91.0, "1": 92.5}, {"0": 90.0, "1": 91.5}, 2, 1.0)]
+    for treated, control, n, diff in cases:
+        figures, pruned = paired(treated, control), pruned_paired(records(treated, control), "a", "b")
+        assert (figures["n"], figures["p"], figures["ci95"]) == (n, None, None) and figures["verdict"]
+        assert (pruned["n"], pruned["p"]) == (n, None) and figures["diff"] == pruned["diff"] == diff
+        assert "no significance figure" in pruned["text"] or "no seed run by both" in pruned["text"]
+    assert "on every seed" in paired(*cases[2][:2])["verdict"] and "--seeds" in paired(*cases[1][:2])["verdict"]
+    treated, control = {"0": 90.5, "1": 92.6, "2": 94.4}, {"0": 90.0, "1": 92.0, "2": 94.0}
+    expected = stats.ttest_rel(list(treated.values()), list(control.values())).pvalue
+    assert paired(treated, control)["p"] == pytest.approx(expected)
+    assert pruned_paired(records(treated, control), "a", "b")["p"] == pytest.approx(expected)
+
+
 def test_methods_and_seeds_from_the_command_line():
     assert [m.key for m in methods(["branches=4", "loss.temperature=2"])] == [
         "vanilla", "one", "one-model.branches-4", "one-loss.temperature-2"]
@@ -264,17 +288,16 @@ def test_compare_md_tables_hold_the_summarys_figures(compared):
             deployed["p50_ms"], abs=0.00051)
 
 
-def test_the_map_puts_each_compare_s_paired_gain_in_one_table_and_one_plot(compared, tmp_path, capsys):
-    from pipeline.compare_map import main
-
+def test_the_map_puts_each_compare_s_paired_gain_in_one_table_and_one_plot(compared, tmp_path):
     _, result, _, _ = compared
     summary = json.loads(result.summary.read_text())
     noisy = {**summary, "name": "tiny-noisy", "recipe": {**summary["recipe"], "train_size": 100, "label_noise": 0.4}}
     noisy_file = tmp_path / "noisy.json"
     noisy_file.write_text(json.dumps(noisy))
     plot = tmp_path / "map.png"
-    assert main([str(result.root), str(noisy_file), "--plot", str(plot)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    drawn = CliRunner().invoke(app, ["gain-map", str(result.root), str(noisy_file), "--plot", str(plot)])
+    assert drawn.exit_code == 0, drawn.output
+    rows = [line for line in drawn.output.splitlines() if line.startswith("| `")]
     gain = summary["gains"][0]
     interval = f"({gain['ci95'][0]:+.2f} to {gain['ci95'][1]:+.2f})" if gain["ci95"] else ""
     assert [row.split(" | ")[0] for row in rows] == ["| `tiny`", "| `tiny-noisy`"]
@@ -283,12 +306,13 @@ def test_the_map_puts_each_compare_s_paired_gain_in_one_table_and_one_plot(compa
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     old = tmp_path / "old.json"
     old.write_text(json.dumps({**summary, "compare_version": 1}))
-    assert main([str(old), "--plot", str(tmp_path / "old.png")]) == 1
-    assert "predates the paired statistics" in capsys.readouterr().err and not (tmp_path / "old.png").exists()
+    refused = CliRunner().invoke(app, ["gain-map", str(old), "--plot", str(tmp_path / "old.png")])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1 and "Traceback" not in refused.output
+    assert "predates the paired statistics" in refused.output and not (tmp_path / "old.png").exists()
 
 
 def test_the_map_draws_the_gain_against_training_set_size_for_compares_of_the_same_images_seen(compared, tmp_path):
-    from pipeline.compare_map import plot, size_sweep
+    from pipeline.compare.gain_map import plot, size_sweep
 
     summary = json.loads(compared[1].summary.read_text())
 

@@ -15,7 +15,7 @@ from pipeline.deploy.timing import count_flops
 from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
-from pipeline.training import checkpoint, prune
+from pipeline.training import checkpoint, fit, prune
 from pipeline.training.models import ModelSpec, SingleNet
 from stages import compress as compress_stage
 from tests.conftest import make_ctx, tiny_dict
@@ -95,11 +95,11 @@ def test_interrupted_fine_tune_resumes_to_the_same_weights(trained_run, tmp_path
     calls = []
 
     @contextlib.contextmanager
-    def ctrl_c_at_step_6():
-        yield lambda: calls.append(1) or len(calls) == 6
+    def ctrl_c_at_check_7():  # a check after each of epoch 1's 4 batches, one after the epoch, then epoch 2's
+        yield lambda: calls.append(1) or len(calls) == 7
 
-    monkeypatch.setattr(compress_stage, "_catch_sigint", ctrl_c_at_step_6)
-    with pytest.raises(compress_stage.Interrupted, match="run the same command again to resume"):
+    monkeypatch.setattr(fit, "catch_sigint", ctrl_c_at_check_7)
+    with pytest.raises(fit.Interrupted, match="run the same command again to resume"):
         _compress(trained_run, tmp_path / "b", **settings)
     cfg = validate_config(tiny_dict(tmp_path / "b", compress={**SMALL, **settings}))
     saved = torch.load(cfg.run_dir / "compress/last.pt", weights_only=True)
@@ -110,10 +110,10 @@ def test_interrupted_fine_tune_resumes_to_the_same_weights(trained_run, tmp_path
     def count_steps():
         yield lambda: steps.append(1) and False
 
-    monkeypatch.setattr(compress_stage, "_catch_sigint", count_steps)
+    monkeypatch.setattr(fit, "catch_sigint", count_steps)
     resumed = RunDir(cfg.run_dir)
     run_stages(cfg, resumed, make_ctx(cfg, resumed), until="compress")
-    assert len(steps) == 2  # the rest of epoch 2 only: it resumed rather than started over
+    assert len(steps) == 2 + 1  # the rest of epoch 2 (and the check after it) only: it resumed, not started over
     a = torch.load(whole.path("compress/model.pt"), weights_only=True)["state_dict"]
     b = torch.load(resumed.path("compress/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -280,7 +280,7 @@ def _records(values: dict[str, list[float]]) -> list[dict]:
 
 
 def test_compress_table_says_whether_ones_teacher_pays():
-    from pipeline.compare_compress import VARIANTS, markdown, summarise
+    from pipeline.compare.compress import VARIANTS, markdown, summarise
 
     base = validate_config(tiny_dict("/tmp", compress={"enabled": True}))
     values = {key: [70.0, 71.0, 72.5] for key, *_ in VARIANTS}
@@ -303,7 +303,7 @@ def test_compare_compress_prunes_both_methods_five_ways(tmp_path):
     from rich.console import Console
 
     from pipeline.compare import compare
-    from pipeline.compare_compress import VARIANTS, compress_compare
+    from pipeline.compare.compress import VARIANTS, compress_compare
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", compress=SMALL)))

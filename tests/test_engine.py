@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from rich.console import Console
 
 from pipeline.config import validate_config
+from pipeline.deploy import tensorrt_build
 from pipeline.deploy.tensorrt_runtime import check_compatible, import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.rundir import RunDir, sha256_file
@@ -102,7 +103,7 @@ def test_runtime_module_needs_no_tensorrt_until_a_runner_is_made(tmp_path, no_te
 
 def test_profile_reads_input_name_and_image_shape_from_the_onnx(tmp_path, tiny_onnx):
     cfg = _config(tmp_path, min_batch=2, opt_batch=8, max_batch=32).engine
-    profile = engine.batch_profile(tiny_onnx, cfg)
+    profile = tensorrt_build.batch_profile(tiny_onnx, cfg)
     assert profile.input_name == "input" and profile.sample_shape == (1, 16, 16)
     assert profile.shapes() == ((2, 1, 16, 16), (8, 1, 16, 16), (32, 1, 16, 16))
     assert profile.to_dict() == {"input": "input", "min": [2, 1, 16, 16], "opt": [8, 1, 16, 16],
@@ -122,18 +123,18 @@ def test_profile_refuses_onnx_it_cannot_describe(tmp_path):
     two = _graph(tmp_path / "two.onnx", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
                                          helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])], ["N", 3])
     with pytest.raises(PipelineError, match="exactly one"):
-        engine.batch_profile(two, cfg)
+        tensorrt_build.batch_profile(two, cfg)
     free = _graph(tmp_path / "free.onnx", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
                   ["N", 3, "H", "W"])
     with pytest.raises(PipelineError, match="fixed image size"):
-        engine.batch_profile(free, cfg)
+        tensorrt_build.batch_profile(free, cfg)
 
 
 @pytest.mark.parametrize("member, expected", [(1, 1 << 1), (0, 1 << 0), (None, 0)],
                          ids=["10.x (EXPLICIT_BATCH=0, STRONGLY_TYPED=1)", "11.x (STRONGLY_TYPED=0)", "no member"])
 def test_strongly_typed_flag_is_passed_by_its_own_value(member, expected):
     flags = types.SimpleNamespace() if member is None else types.SimpleNamespace(STRONGLY_TYPED=member)
-    value, text = engine.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=flags))
+    value, text = tensorrt_build.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=flags))
     assert value == expected
     assert text.startswith("STRONGLY_TYPED" if member is not None else "none")
 
@@ -142,22 +143,22 @@ def test_comparison_limits_per_precision(tmp_path):
     cfg = _config(tmp_path, fp32_atol=1e-3, fp16_atol=1e-2, int8_min_agreement=0.75, fp32_rtol=0, fp16_rtol=0).engine
     reference = np.array([[0.0, 1.0, 2.0], [3.0, 1.0, 0.0], [0.0, 5.0, 1.0], [1.0, 0.0, 0.0]], np.float32)
 
-    close = engine.compare_outputs(reference + 5e-4, reference, "fp32", cfg)
+    close = tensorrt_build.compare_outputs(reference + 5e-4, reference, "fp32", cfg)
     assert close["passed"] and close["problem"] is None and close["top1_agreement"] == 1.0
-    far = engine.compare_outputs(reference + 5e-3, reference, "fp32", cfg)
+    far = tensorrt_build.compare_outputs(reference + 5e-3, reference, "fp32", cfg)
     assert not far["passed"] and "engine.fp32_atol" in far["problem"]
-    assert engine.compare_outputs(reference + 5e-3, reference, "fp16", cfg)["passed"]
+    assert tensorrt_build.compare_outputs(reference + 5e-3, reference, "fp16", cfg)["passed"]
 
     flipped = reference.copy()
     flipped[0] = [2.0, 1.0, 0.0]  # one of four top-1 changes: 75 % agreement
-    assert engine.compare_outputs(flipped, reference, "int8", cfg)["passed"]
+    assert tensorrt_build.compare_outputs(flipped, reference, "int8", cfg)["passed"]
     flipped[1] = [0.0, 3.0, 0.0]
-    worse = engine.compare_outputs(flipped, reference, "int8", cfg)
+    worse = tensorrt_build.compare_outputs(flipped, reference, "int8", cfg)
     assert not worse["passed"] and "engine.int8_min_agreement" in worse["problem"]
 
     nan = reference.copy()
     nan[2, 1] = np.nan
-    assert "non-finite" in engine.compare_outputs(nan, reference, "fp16", cfg)["problem"]
+    assert "non-finite" in tensorrt_build.compare_outputs(nan, reference, "fp16", cfg)["problem"]
 
 
 def test_comparison_bound_scales_with_the_logits_and_fails_another_models_answer(tmp_path):
@@ -170,21 +171,21 @@ def test_comparison_bound_scales_with_the_logits_and_fails_another_models_answer
     rounded = (reference * (1 + rng.normal(0, 1e-3, reference.shape))).astype(np.float32)
     another = np.roll(reference, 1, axis=0)
     for precision in ("fp32", "fp16"):
-        close = engine.compare_outputs(rounded, reference, precision, cfg)
+        close = tensorrt_build.compare_outputs(rounded, reference, precision, cfg)
         assert close["passed"] and close["rtol"] == getattr(cfg, f"{precision}_rtol") > 0, close
-        far = engine.compare_outputs(another, reference, precision, cfg)
+        far = tensorrt_build.compare_outputs(another, reference, precision, cfg)
         assert not far["passed"] and f"engine.{precision}_atol, engine.{precision}_rtol" in far["problem"], far
         assert "on 8 of 8 images" in far["problem"]
     absolute = _config(tmp_path, fp32_rtol=0).engine
-    assert not engine.compare_outputs(rounded, reference, "fp32", absolute)["passed"]
-    assert "output shape" in engine.compare_outputs(reference[:, :2], reference, "fp32", cfg)["problem"]
+    assert not tensorrt_build.compare_outputs(rounded, reference, "fp32", absolute)["passed"]
+    assert "output shape" in tensorrt_build.compare_outputs(reference[:, :2], reference, "fp32", cfg)["problem"]
 
 
 def test_validation_images_fit_the_profile(tmp_path):
     cfg = _config(tmp_path, min_batch=1, opt_batch=4, max_batch=4)
-    profile = engine.BatchProfile("input", (3, 16, 16), 1, 4, 4)
+    profile = tensorrt_build.BatchProfile("input", (3, 16, 16), 1, 4, 4)
     assert engine.validation_images(cfg, profile).shape == (4, 3, 16, 16)  # export.check_size 8, clamped to 4
-    big = engine.BatchProfile("input", (3, 16, 16), 24, 32, 64)  # more than the 16 validation images
+    big = tensorrt_build.BatchProfile("input", (3, 16, 16), 24, 32, 64)  # more than the 16 validation images
     images = engine.validation_images(cfg, big)
     assert images.shape[0] == 24 and torch.equal(images[16:], images[:8])
 
@@ -309,8 +310,8 @@ def fake_tensorrt(*, plan: bytes | None = b"PLAN", parse_errors: tuple[str, ...]
 
 
 def _build(trt, onnx_path: Path, out: Path):
-    profile = engine.BatchProfile("input", (1, 16, 16), 1, 4, 8)
-    return engine.build_engine(trt, onnx_path, out / "model_fp32.plan", profile, workspace_mb=64,
+    profile = tensorrt_build.BatchProfile("input", (1, 16, 16), 1, 4, 8)
+    return tensorrt_build.build_engine(trt, onnx_path, out / "model_fp32.plan", profile, workspace_mb=64,
                                timing_cache=out / "timing.cache", log_path=out / "build.log",
                                console=Console(quiet=True))
 
@@ -497,10 +498,10 @@ def test_parse_failure_is_one_error_and_the_log_is_kept(tmp_path):
     trt = _tensorrt_or_skip()
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx file")
-    profile = engine.BatchProfile("input", (1, 16, 16), 1, 1, 1)
+    profile = tensorrt_build.BatchProfile("input", (1, 16, 16), 1, 1, 1)
     log = tmp_path / "build.log"
     with pytest.raises(PipelineError, match="cannot parse broken.onnx"):
-        engine.build_engine(trt, broken, tmp_path / "model.plan", profile, workspace_mb=64,
+        tensorrt_build.build_engine(trt, broken, tmp_path / "model.plan", profile, workspace_mb=64,
                             timing_cache=tmp_path / "timing.cache", log_path=log, console=Console(quiet=True))
     assert "parser error" in log.read_text()
     assert not (tmp_path / "model.plan").exists()

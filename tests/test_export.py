@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from pipeline.deploy import quantize
+from pipeline.deploy.guard import guard
 from pipeline.deploy.quantize import Recipe, calibration_images, nonzero_zero_points, unquantized_nodes
 from pipeline.deploy.runtime import parity
 from pipeline.errors import PipelineError
@@ -189,6 +190,23 @@ def test_calibration_reads_only_training_images_balanced_over_classes(exported):
     assert {img.numpy().tobytes() for img in again.normalise(again.images)} == seen
     assert again.labels.bincount().tolist() == [8, 8, 8, 8]  # balanced over the 4 classes
     assert len(calibration_images(data.train, 10_000, cfg.seed)) == len(data.train)  # all, if fewer
+
+
+def test_the_guard_s_verdict_is_typed_and_export_records_it_as_before():
+    """Within the bound (its edge included) the verdict passes with no reason; beyond it, the reason names
+    the model, the drop, both accuracies and the config field. `summary()` is the JSON export records."""
+    edge = guard("int8", 89.5, 90.0, 64, 0.5)
+    assert edge.passed and edge.reason is None and edge.drop == 0.5
+    assert edge.summary() == {"val_accuracy": 89.5, "fp32_val_accuracy": 90.0, "drop": 0.5,
+                              "max_accuracy_drop": 0.5, "passed": True}
+    lost = guard("the pruned network", 80.0, 90.0, 64, 0.5, against="the kept branch",
+                 setting="compress.max_accuracy_drop")
+    assert not lost.passed and lost.drop == 10.0
+    assert lost.reason == ("the pruned network loses 10.00 top-1 points on 64 validation images (80.00% vs the "
+                           "kept branch 90.00%) > compress.max_accuracy_drop 0.5")
+    assert list(lost.summary()) == ["val_accuracy", "fp32_val_accuracy", "drop", "max_accuracy_drop", "passed",
+                                    "reason"] and lost.summary()["passed"] is False
+    assert guard("fp16", 91.0, 90.0, 64, 0.0).passed  # a gain is no loss
 
 
 def test_guard_rejects_a_damaged_quantization_and_nothing_deploys_it(trained_run, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pipeline.config import validate_config
 from pipeline.errors import UsageError
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, fit
 from stages import train as train_stage
 from tests.conftest import make_ctx, tiny_dict
 
@@ -49,8 +49,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     def ctrl_c_at_step_30():
         yield lambda: calls.append(1) or len(calls) == 30
 
-    monkeypatch.setattr(train_stage, "_catch_sigint", ctrl_c_at_step_30)
-    with pytest.raises(train_stage.Interrupted, match="run the same command again to resume") as err:
+    monkeypatch.setattr(fit, "catch_sigint", ctrl_c_at_step_30)
+    with pytest.raises(fit.Interrupted, match="run the same command again to resume") as err:
         _train(cfg)
     assert err.value.exit_code == 130
     saved = torch.load(cfg.run_dir / "train/last.pt", weights_only=True)
@@ -82,8 +82,8 @@ def test_eval_every_validates_the_last_epoch_resumes_and_trains_the_same_weights
     def ctrl_c_at_step_30():
         yield lambda: calls.append(1) or len(calls) == 30
 
-    monkeypatch.setattr(train_stage, "_catch_sigint", ctrl_c_at_step_30)
-    with pytest.raises(train_stage.Interrupted):
+    monkeypatch.setattr(fit, "catch_sigint", ctrl_c_at_step_30)
+    with pytest.raises(fit.Interrupted):
         _train(cfg)
     assert torch.load(cfg.run_dir / "train/last.pt", weights_only=True)["epoch"] == 1  # stopped inside epoch 2
     monkeypatch.undo()
@@ -131,8 +131,8 @@ def test_ctrl_c_during_the_last_validation_pass_stops_and_resumes(tmp_path, monk
         yield lambda: bool(pressed)
 
     monkeypatch.setattr(train_stage, "evaluate", evaluate_then_ctrl_c)
-    monkeypatch.setattr(train_stage, "_catch_sigint", flag)
-    with pytest.raises(train_stage.Interrupted, match="after epoch 1"):
+    monkeypatch.setattr(fit, "catch_sigint", flag)
+    with pytest.raises(fit.Interrupted, match="after epoch 1"):
         _train(cfg)
     assert torch.load(cfg.run_dir / "train/last.pt", weights_only=True)["epoch"] == 1
     metrics = (cfg.run_dir / "train/metrics.jsonl").read_text()

@@ -3,24 +3,29 @@ paired gain over the same network trained alone with its 95% confidence interval
 one plot. Compares that differ only in training-set size for the same images seen (train_size x epochs, the
 same label noise) also get the gain against the training-set size, in a second panel.
 
-    python -m pipeline.compare_map artifacts/edge_small_data_long-compare artifacts/edge_noisy_labels-compare \
+    one-pipeline gain-map artifacts/edge_small_data_long-compare artifacts/edge_noisy_labels-compare \
         --plot gain_map.png
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from pipeline.compare import COMPARE_VERSION
+from pipeline.compare.summary import COMPARE_VERSION
 from pipeline.deploy.benchfile import fmt
-from pipeline.errors import ArtifactError, PipelineError
+from pipeline.errors import ArtifactError
 from pipeline.rundir import atomic_path
+
+
+def gain_map(paths: Sequence[Path], plot_path: Path) -> str:
+    """Read the compares, draw the plot to `plot_path` and return the table (what the command prints)."""
+    summaries = load(paths)
+    plot(summaries, plot_path)
+    return table(summaries) + f"\nplot: {plot_path}"
 
 
 def load(paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -121,22 +126,3 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path) -> None:
         size_ax.grid(True, alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.compare_map", description=__doc__.split("\n\n")[0])
-    parser.add_argument("compares", nargs="+", type=Path, help="<name>-compare folders or their compare.json")
-    parser.add_argument("--plot", type=Path, default=Path("gain_map.png"), help="where the plot goes")
-    args = parser.parse_args(argv)
-    try:
-        summaries = load(args.compares)
-        plot(summaries, args.plot)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(table(summaries) + f"\nplot: {args.plot}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from scipy import stats
 
-from pipeline.compare import RUN_OVERRIDES, SIGNIFICANCE, Method, methods
+from pipeline.compare import significance
+from pipeline.compare.runs import Method, methods, run_config
 from pipeline.config import Config, load_config
 from pipeline.device import resolve_device
 from pipeline.errors import ArtifactError
@@ -74,9 +74,8 @@ def compress_compare(config: Path, overrides: Sequence[str], seeds: Sequence[int
 
 def _config(config: Path, overrides: Sequence[str], root: Path, method: Method, seed: int, key: str,
             teacher: str) -> Config:
-    return load_config(config, [*overrides, *method.overrides, *RUN_OVERRIDES, f"seed={seed}",
-                                f"name=compress-{key}-seed{seed}", f"output_root={root}", "compress.enabled=true",
-                                f"compress.teacher={teacher}"])
+    return run_config(config, overrides, root, method, seed, name=f"compress-{key}-seed{seed}",
+                      extra=("compress.enabled=true", f"compress.teacher={teacher}"))
 
 
 def summarise(base: Config, seeds: Sequence[int], records: list[dict]) -> dict[str, Any]:
@@ -90,7 +89,7 @@ def summarise(base: Config, seeds: Sequence[int], records: list[dict]) -> dict[s
                      "unpruned_mean": statistics.mean(r["branch_test"] for r in runs),
                      "flops_ratio": runs[0]["flops_ratio"], "deployed": sum(r["deployed"] for r in runs)})
     pairs = [paired(records, "one-ensemble", other) for other in ("vanilla-labels", "vanilla-branch")]
-    wins = all(p["diff"] > 0 and p["p"] is not None and p["p"] < SIGNIFICANCE for p in pairs)
+    wins = all(significance.significant(p) and p["diff"] > 0 for p in pairs)
     best = max(rows, key=lambda r: r["mean"])
     verdict = (f"best: {best['label']} ({best['mean']:.2f}%). " + "; ".join(p["text"] for p in pairs) + ". " +
                ("ONE's teacher pays its training cost in this pipeline." if wins else
@@ -105,18 +104,15 @@ def summarise(base: Config, seeds: Sequence[int], records: list[dict]) -> dict[s
 
 
 def paired(records: list[dict], treated: str, control: str) -> dict[str, Any]:
-    """treated - control, seed by seed (the same seed trained both sides' networks' data order)."""
-    a = {r["seed"]: r["test"] for r in records if r["variant"] == treated}
-    b = {r["seed"]: r["test"] for r in records if r["variant"] == control}
-    seeds = sorted(a.keys() & b.keys())
-    diffs = [a[s] - b[s] for s in seeds]
-    diff = statistics.mean(diffs)
-    p = None
-    if len(seeds) > 1 and len(set(diffs)) > 1:
-        p = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+    """treated - control, seed by seed (the same seed trained both sides' networks' data order), by the
+    one paired test of pipeline/compare/significance.py."""
+    figures = significance.paired({r["seed"]: r["test"] for r in records if r["variant"] == treated},
+                                  {r["seed"]: r["test"] for r in records if r["variant"] == control})
+    diff, p, n = figures["diff"], figures["p"], figures["n"]
     where = f"paired t-test p = {p:.3g}" if p is not None else "no significance figure (one seed or no spread)"
-    return {"treated": treated, "control": control, "diff": diff, "p": p, "n": len(seeds),
-            "text": f"{treated} vs {control}: {diff:+.2f} points over {len(seeds)} seeds ({where})"}
+    text = (f"{treated} vs {control}: {diff:+.2f} points over {n} seeds ({where})" if diff is not None else
+            f"{treated} vs {control}: no seed run by both")
+    return {"treated": treated, "control": control, "diff": diff, "p": p, "n": n, "text": text}
 
 
 def markdown(table: dict[str, Any]) -> str:

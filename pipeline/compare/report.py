@@ -59,21 +59,7 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_n
                   "on these differences when at least 2 seeds pair up, else Welch's t-test on the two groups; "
                   f"two-sided p below 0.05 counts as a difference. With {len(seeds)} seed(s) only a gain several "
                   "times its seed-to-seed spread can reach it.", "",
-              "## Cost", "",
-              "| method | training s (mean) | training images/s | params trained | deployed params | MFLOPs | "
-              "ONNX Runtime batch-1 p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
-    cost = {c["method"]: c for c in summary["cost"]}
-    for train in summary["training"]:
-        deployed = cost[train["method"]]
-        lines.append(f"| {train['label']} | {train['train_s']:.1f} | {train['images_per_s']:.0f} | "
-                     f"{train['train_params']:,} | {deployed['params']:,} | {deployed['flops'] / 1e6:.2f} | "
-                     f"{deployed['p50_ms']:.3f} |")
-    rounds = summary["cost"][0]
-    lines += ["", f"Training time is the train stage's wall time (with its validation passes), as each run went: "
-                  "a run that shared the CPU or was resumed later reads slower, so compare these figures only "
-                  "between runs made alike. The deployed "
-                  f"network is the first seed's fp32 ONNX; its batch-1 latency is the median of {rounds['rounds']} "
-                  f"rounds of {rounds['calls_per_round']} calls, the methods taking turns in each round.", ""]
+              *_cost(summary)]
     if curves_name:
         lines += ["## Training curves", "", "Training loss, learning rate and the kept branch's validation top-1 per "
                   "epoch, one colour per method, one line style per seed (each run's train/metrics.jsonl).", "",
@@ -82,6 +68,25 @@ def write_markdown(summary: dict[str, Any], path: Path, plot_name: str, curves_n
     lines += [f"- `{r['run']}`: {r['method']}, seed {r['seed']}, kept branch {r['kept_branch']}"
               for r in summary["runs"]]
     write_text(path, "\n".join(lines) + "\n")
+
+
+def _cost(summary: dict[str, Any]) -> list[str]:
+    lines = ["## Cost", "",
+             "| method | training s (mean) | training images/s | params trained | deployed params | MFLOPs | "
+             "ONNX Runtime batch-1 p50 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    cost = {c["method"]: c for c in summary["cost"]}
+    for train in summary["training"]:
+        deployed = cost[train["method"]]
+        lines.append(f"| {train['label']} | {train['train_s']:.1f} | {train['images_per_s']:.0f} | "
+                     f"{train['train_params']:,} | {deployed['params']:,} | {deployed['flops'] / 1e6:.2f} | "
+                     f"{deployed['p50_ms']:.3f} |")
+    rounds = summary["cost"][0]
+    return lines + ["", f"Training time is the train stage's wall time (with its validation passes), as each run "
+                        "went: a run that shared the CPU or was resumed later reads slower, so compare these figures "
+                        "only between runs made alike. The deployed "
+                        f"network is the first seed's fp32 ONNX; its batch-1 latency is the median of "
+                        f"{rounds['rounds']} rounds of {rounds['calls_per_round']} calls, the methods taking turns in "
+                        "each round.", ""]
 
 
 def write_plot(summary: dict[str, Any], path: Path) -> None:
