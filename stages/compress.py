@@ -1,8 +1,10 @@
 """Make the kept branch smaller: prune whole channels to `compress.flops_ratio` of its FLOPs (Torch-Pruning,
-see pipeline/training/prune.py), then fine-tune it with CE + T^2 * KL(teacher || student), the teacher
-being ONE's gated ensemble (`one_e`), the unpruned branch (`branch`) or nobody (`none`), frozen in eval
-mode and fed the same augmented batch. Without augmentation the teacher's logits of an image never change,
-so when the fine-tune draws more images than the training set holds they are computed once, in one pass.
+see pipeline/training/prune.py), or channels and residual blocks to a latency target measured on this host
+(`compress.target_speedup` / `target_ms`: pipeline/deploy/compress_plan.py, the plan in compress/plan.json),
+then fine-tune it with CE + T^2 * KL(teacher || student), the teacher being ONE's gated ensemble (`one_e`),
+the unpruned branch (`branch`) or nobody (`none`), frozen in eval mode and fed the same augmented batch.
+Without augmentation the teacher's logits of an image never change, so when the fine-tune draws more images
+than the training set holds they are computed once, in one pass.
 
 The pruned fp32 network is deployed only when it loses at most `compress.max_accuracy_drop` validation
 top-1 points against the kept branch; either way compress/summary.json and the stage summary say what it
@@ -21,6 +23,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
+from pipeline.deploy import compress_plan
 from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.rundir import sha256_file, write_json
 from pipeline.stage import StageContext, StageResult
@@ -56,9 +59,10 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     data = load_datasets(ctx.cfg.data)
-    example, _ = next(data.val.batches(2))
+    example, _ = next(data.val.batches(64))  # the first traces the graph; all rank blocks when depth is cut
 
-    plan = prune.plan_widths(branch, example, cfg.flops_ratio, cfg.channel_multiple)
+    planned = compress_plan.stage_plan(ctx, branch, example, data.val)
+    plan = planned.plan
     started = time.perf_counter()
     student = prune.prune(branch, plan, example, cfg.importance, cfg.steps)
     ctx.console.print(f"pruned to stage widths {list(plan.stage_widths)}, inner widths {list(plan.inner_widths)}: "
@@ -76,7 +80,7 @@ def run(ctx: StageContext) -> StageResult:
     batch = ctx.cfg.train.eval_batch_size
     pruned_val = evaluate(student, data.val, device, batch)["branches"][0]
     fingerprint = "-".join([ctx.cfg.section_hash("seed", "data", "compress"), sha256_file(branch_path)[:16],
-                            sha256_file(teacher_path)[:16]])
+                            sha256_file(teacher_path)[:16], *filter(None, [planned.fingerprint])])
     history = _finetune(ctx, student, teacher, data, fingerprint)
 
     kept = ctx.summary("select")  # the kept branch's accuracies, as training measured them
@@ -89,10 +93,10 @@ def run(ctx: StageContext) -> StageResult:
         "params": count_parameters(student), "branch_params": count_parameters(branch), "teacher": kind,
         "importance": cfg.importance, "epochs": cfg.epochs, "history": history, "val_after_pruning": pruned_val,
         "val": val, "test": test, "drop": drop, "max_accuracy_drop": cfg.max_accuracy_drop,
-        "deployed": drop <= cfg.max_accuracy_drop,
+        "deployed": drop <= cfg.max_accuracy_drop, **planned.summary,
     }
     model_path = out_dir / "model.pt"
-    outputs = {"summary": out_dir / "summary.json"}
+    outputs = {"summary": out_dir / "summary.json", **planned.outputs}
     if summary["deployed"]:
         checkpoint.save(model_path, {"spec": student.spec.to_dict(), "state_dict": student.cpu().state_dict(),
                                      "data": payload["data"], "branch": payload["branch"],
