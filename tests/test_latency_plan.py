@@ -239,6 +239,7 @@ def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes
     assert summary["stage_blocks"] == chosen["stage_blocks"] and chosen["meets"] and chosen["speedup"] >= 1.3
     assert plan["key"]["cpu"] and plan["key"]["threads"] == 1 and plan["key"]["channel_multiple"] == 2
     assert sum(c["chosen"] for c in plan["candidates"]) == 1 and len(plan["candidates"]) + 1 <= 24
+    assert 1 <= sum(c["neighbour"] for c in plan["candidates"]) <= 4 and chosen["confirmation"]["speedup"] >= 1.3
     spec = torch.load(run.path("compress/model.pt"), weights_only=True)["spec"]
     assert spec["stage_widths"] == chosen["stage_widths"] and spec.get("stage_blocks", [3, 3, 3]) == \
         chosen["stage_blocks"]

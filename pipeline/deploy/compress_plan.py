@@ -139,8 +139,9 @@ def stage_plan(ctx: StageContext, branch: SingleNet, example: torch.Tensor, imag
         "p50_ms": record.get("p50_ms"), "branch_p50_ms": (data.get("branch") or {}).get("p50_ms"),
         "candidates": len(data.get("candidates", [])), "seconds": data.get("seconds"),
         **({"pinned_from": str(cfg.plan)} if cfg.plan else {})}}
+    timed = f", {len(data['candidates']) + 1} plans timed in {data['seconds']:.0f} s" if source == "planned" else ""
     ctx.console.print(f"latency plan ({source}): {label}, {_figures(record)}"
-                      + (f" in {key['runtime']} {key['precision']} on {key['cpu']}" if key else ""))
+                      + (f" in {key['runtime']} {key['precision']} on {key['cpu']}" if key else "") + timed)
     return Planned(plan, summary, {"plan": path}, label)
 
 
@@ -185,7 +186,9 @@ def out_of_reach(cfg: CompressConfig, space: latency_plan.PlanSpace, exc: latenc
 
 def plan_document(space: latency_plan.PlanSpace, result: latency_plan.Result, target: latency_plan.Target,
                   key: dict[str, Any]) -> dict[str, Any]:
-    neighbours = set(space.moves(result.chosen.shape, -1) + space.moves(result.chosen.shape, +1))
+    ranked = sorted(result.candidates, key=lambda c: (-c.flops, -c.params))
+    at = ranked.index(result.chosen)  # neighbours: the two measured plans on each side of it in FLOPs
+    neighbours = {c.shape for c in ranked[max(at - 2, 0):at] + ranked[at + 1:at + 3] if c is not result.base}
 
     def record(c: latency_plan.Candidate) -> dict[str, Any]:
         plan = space.plan(c.shape)
@@ -199,7 +202,6 @@ def plan_document(space: latency_plan.PlanSpace, result: latency_plan.Result, ta
                    if c.confirmation else {}), "phase": c.phase,
                 "chosen": c is result.chosen, "neighbour": c.shape in neighbours}
 
-    ranked = sorted(result.candidates, key=lambda c: (-c.flops, -c.params))
     return {"key": key, "planned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(result.seconds, 2),
             "budget_spent": result.budget_spent, "rounds": {"step": latency_plan.ROUNDS,
                                                             "repeat": latency_plan.REPEAT_ROUNDS,
