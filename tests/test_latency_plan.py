@@ -296,3 +296,13 @@ def test_a_tiny_run_plans_on_the_real_clock_prunes_and_fine_tunes(trained_run, t
     assert summary["history"] and summary["latency_plan"]["runtime"] == "onnxruntime"
     loaded, _ = checkpoint.load_model(run.output("compress", "model"))
     assert list(loaded.spec.stage_widths) == plan["chosen"]["stage_widths"]
+
+
+def test_an_openvino_precision_this_cpu_lacks_is_refused_in_one_line(tmp_path, monkeypatch):
+    from pipeline.deploy import openvino_runtime
+
+    monkeypatch.setattr(openvino_runtime, "has_bf16", lambda core: False)
+    net = SingleNet(ModelSpec("resnet20", 4, 3, "single", 1, 4)).eval()
+    with pytest.raises(UsageError) as err:
+        plan_timing.build_call(net, (3, 16, 16), plan_timing.Where("openvino", "bf16", 1, 1), tmp_path)
+    assert "\n" not in str(err.value) and "compress.target_runtime openvino at bf16 cannot run here" in str(err.value)

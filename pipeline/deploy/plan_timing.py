@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.deploy.onnx_io import INPUT, OUTPUT
 from pipeline.deploy.timing import in_turns, latency_samples
-from pipeline.errors import PipelineError, UsageError
+from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.training.data import ImageSet
 
 WARMUP = 5  # untimed calls before each turn's samples
@@ -89,7 +89,10 @@ def build_call(model: nn.Module, sample_shape: tuple[int, ...], where: Where, wo
     if where.runtime == "openvino":
         from pipeline.deploy import openvino_runtime
 
-        compiled = openvino_runtime.compile_onnx(path, where.precision, where.threads)
+        try:
+            compiled = openvino_runtime.compile_onnx(path, where.precision, where.threads)
+        except StageSkipped as exc:  # no OpenVINO, or no bf16 on this CPU: the target cannot be measured here
+            raise UsageError(f"compress.target_runtime openvino at {where.precision} cannot run here: {exc}") from None
         return lambda: compiled(inputs)
     from pipeline.deploy.runtime import ort_session
 
