@@ -122,15 +122,42 @@ class SelectConfig(Section):
         return value
 
 
+# the precisions a latency target may be measured in, per runtime (int8_cpu: the export stage's ORT int8 form)
+TARGET_PRECISIONS = {"onnxruntime": ("fp32", "int8_cpu"), "openvino": ("fp32", "bf16", "int8_cpu"),
+                     "tensorrt": ("fp32", "fp16", "int8")}
+
+
 class CompressConfig(Section):
-    enabled: bool = Field(False, description="Prune the kept branch to compress.flops_ratio of its FLOPs and "
-                                             "fine-tune it (stage compress); false: the branch is deployed as is")
+    enabled: bool = Field(False, description="Prune the kept branch to compress.flops_ratio of its FLOPs (or to a "
+                                             "latency target) and fine-tune it (stage compress); false: the branch "
+                                             "is deployed as is")
     flops_ratio: float = Field(0.5, gt=0, le=1, description="Share of the kept branch's FLOPs the pruned network "
-                                                            "may keep")
-    channel_multiple: int = Field(16, ge=1, description="Every pruned width is a multiple of this (or the "
-                                                        "original width): CPU convolution kernels work on channel "
-                                                        "blocks (8 on AVX2, 16 on AVX-512); a width off the block "
-                                                        "is padded and saves nothing")
+                                                            "may keep (not used with a latency target)")
+    channel_multiple: Union[Literal["auto"], int] = Field(
+        16, description="Every pruned width is a multiple of this (or the original width): CPU convolution kernels "
+                        "work on channel blocks (8 on AVX2, 16 on AVX-512); a width off the block is padded and saves "
+                        "nothing. auto: the block of this CPU's kernels (16 with AVX-512, else 8; 8 for tensorrt)")
+    target_speedup: float | None = Field(
+        None, gt=1, description="Latency target: the pruned network runs this many times faster than the kept "
+                                "branch (batch p50, measured on this host in target_runtime at target_precision and "
+                                "the bench's threads); the planner times candidate widths and depths and keeps the "
+                                "one with the most FLOPs that meets it (compress/plan.json). None: flops_ratio")
+    target_ms: float | None = Field(None, gt=0, description="Latency target in milliseconds per call of target_batch "
+                                                            "images (p50, measured like target_speedup); set one of "
+                                                            "the two")
+    target_batch: int | None = Field(None, ge=1, description="Batch the latency target is measured at; None: 1")
+    target_runtime: Literal["onnxruntime", "openvino", "tensorrt"] | None = Field(
+        None, description="Runtime the latency target is measured in (tensorrt: on a host with an NVIDIA GPU); "
+                          "None: onnxruntime")
+    target_precision: Literal["fp32", "fp16", "bf16", "int8", "int8_cpu"] | None = Field(
+        None, description="Precision the latency target is measured at: onnxruntime fp32 or int8_cpu; openvino fp32, "
+                          "bf16 or int8_cpu; tensorrt fp32, fp16 or int8; None: fp32")
+    plan_candidates: int | None = Field(None, ge=2, description="Most candidate plans the latency planner builds and "
+                                                                "times; None: 40")
+    plan: Path | None = Field(None, description="Prune to the plan this file names without planning: a compress/"
+                                                "plan.json of another run, or a JSON file whose `chosen` names "
+                                                "stage_widths, inner_widths and stage_blocks (one plan for every "
+                                                "run of a comparison); None: plan here")
     importance: Literal["magnitude", "bn_scale"] = Field(
         "magnitude", description="Which channels go: lowest L2 norm over the coupled group (magnitude) or lowest "
                                  "BatchNorm scale (bn_scale)")
@@ -152,6 +179,32 @@ class CompressConfig(Section):
     max_accuracy_drop: float = Field(0.5, ge=0, description="Most validation top-1 points the pruned fp32 network "
                                                             "may lose against the kept branch; worse is not "
                                                             "deployed")
+
+    @field_validator("channel_multiple")
+    @classmethod
+    def _positive_multiple(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("channel_multiple must be auto or a channel count >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> CompressConfig:
+        latency = self.target_speedup is not None or self.target_ms is not None
+        if self.target_speedup is not None and self.target_ms is not None:
+            raise ValueError("target_speedup and target_ms are two latency targets; set one of them")
+        if latency and "flops_ratio" in self.model_fields_set and \
+                self.flops_ratio != CompressConfig.model_fields["flops_ratio"].default:
+            raise ValueError(f"flops_ratio {self.flops_ratio:g} and a latency target are two targets; leave "
+                             "flops_ratio out (a latency target replaces it) or drop the latency target")
+        settings = [k for k in ("target_batch", "target_runtime", "target_precision") if getattr(self, k) is not None]
+        if settings and not latency:
+            raise ValueError(f"{settings[0]} describes a latency target, but neither target_speedup nor target_ms is "
+                             "set; set one or leave it out")
+        runtime, precision = self.target_runtime or "onnxruntime", self.target_precision or "fp32"
+        if precision not in TARGET_PRECISIONS[runtime]:
+            raise ValueError(f"target_precision {precision} is not among {runtime}'s precisions; choose one of "
+                             f"{', '.join(TARGET_PRECISIONS[runtime])}")
+        return self
 
 
 class ExportConfig(Section):

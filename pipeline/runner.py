@@ -79,6 +79,11 @@ def state(cfg: Config, stage: StageDef, run: RunDir) -> tuple[str, str]:
         return "failed", entry.get("error", "")
     if entry.get("fingerprint") != fingerprint(cfg, stage, run):
         return "stale", "config or inputs changed"
+    if status == "done" and stage.name == "compress":
+        from pipeline.deploy.compress_plan import host_changed  # a latency plan holds on the host it was timed on
+
+        if reason := host_changed(cfg, entry):
+            return "stale", reason
     if status == "skipped":
         if machine_changed(entry):
             return "stale", "TensorRT or the GPU changed since it was skipped"

@@ -1,8 +1,10 @@
 """Make the kept branch smaller: prune whole channels to `compress.flops_ratio` of its FLOPs (Torch-Pruning,
-see pipeline/training/prune.py), then fine-tune it with CE + T^2 * KL(teacher || student), the teacher
-being ONE's gated ensemble (`one_e`), the unpruned branch (`branch`) or nobody (`none`), frozen in eval
-mode and fed the same augmented batch. Without augmentation the teacher's logits of an image never change,
-so when the fine-tune draws more images than the training set holds they are computed once, in one pass.
+see pipeline/training/prune.py), or channels and residual blocks to a latency target measured on this host
+(`compress.target_speedup` / `target_ms`: pipeline/deploy/compress_plan.py, the plan in compress/plan.json),
+then fine-tune it with CE + T^2 * KL(teacher || student), the teacher being ONE's gated ensemble (`one_e`),
+the unpruned branch (`branch`) or nobody (`none`), frozen in eval mode and fed the same augmented batch.
+Without augmentation the teacher's logits of an image never change, so when the fine-tune draws more images
+than the training set holds they are computed once, in one pass.
 
 The pruned fp32 network is deployed only when it loses at most `compress.max_accuracy_drop` validation
 top-1 points against the kept branch; either way compress/summary.json and the stage summary say what it
@@ -21,6 +23,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
+from pipeline.deploy import compress_plan
 from pipeline.deploy.guard import guard
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import sha256_file, write_json
@@ -51,9 +54,10 @@ def run(ctx: StageContext) -> StageResult:
     device = ctx.device
     fit.setup(ctx.cfg, device)
     data = load_datasets(ctx.cfg.data)
-    example, _ = next(data.val.batches(2))
+    example, _ = next(data.val.batches(64))  # the first traces the graph; all rank blocks when depth is cut
 
-    plan = prune.plan_widths(branch, example, cfg.flops_ratio, cfg.channel_multiple)
+    planned = compress_plan.stage_plan(ctx, branch, example, data.val)
+    plan = planned.plan
     started = time.perf_counter()
     student = prune.prune(branch, plan, example, cfg.importance, cfg.steps)
     ctx.console.print(f"pruned to stage widths {list(plan.stage_widths)}, inner widths {list(plan.inner_widths)}: "
@@ -64,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     batch = ctx.cfg.train.eval_batch_size
     pruned_val = evaluate(student, data.val, device, batch)["branches"][0]
     fingerprint = "-".join([ctx.cfg.section_hash("seed", "data", "compress"), sha256_file(branch_path)[:16],
-                            sha256_file(teacher_path)[:16]])
+                            sha256_file(teacher_path)[:16], *filter(None, [planned.fingerprint])])
     history = _finetune(ctx, student, teacher, data, fingerprint)
 
     kept = ctx.summary("select")  # the kept branch's accuracies, as training measured them
@@ -78,11 +82,11 @@ def run(ctx: StageContext) -> StageResult:
         "params": count_parameters(student), "branch_params": count_parameters(branch), "teacher": kind,
         "importance": cfg.importance, "epochs": cfg.epochs, "history": history, "val_after_pruning": pruned_val,
         "val": val, "test": test, "drop": verdict.drop, "max_accuracy_drop": cfg.max_accuracy_drop,
-        "deployed": verdict.passed,
+        "deployed": verdict.passed, **planned.summary,
     }
     if not verdict.passed:
         summary["reason"] = f"{verdict.reason}; the kept branch is deployed unpruned"
-    outputs = _write(ctx, summary, student, payload, branch_path, plan.flops)
+    outputs = {**_write(ctx, summary, student, payload, branch_path, plan.flops), **planned.outputs}
     said = "deployed" if verdict.passed else f"[yellow]not deployed[/yellow]: {escape(summary['reason'])}"
     ctx.console.print(f"pruned val {val['pruned']:.2f}% (after pruning {pruned_val:.2f}%, kept branch "
                       f"{val['branch']:.2f}%), test {test['pruned']:.2f}% vs {test['branch']:.2f}%: {said}")

@@ -38,19 +38,26 @@ class ModelSpec:
     # (its first conv's outputs), basic-block ResNets only; None: the widths `width` implies
     stage_widths: tuple[int, ...] | None = None
     block_widths: tuple[int, ...] | None = None
+    # A depth-pruned network: residual blocks per stage (the first, which holds the downsample, always
+    # stays); block_widths then has one entry per kept block. None: the architecture's own depth
+    stage_blocks: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Primitives only; unset widths are left out, so unpruned files keep the keys they always had."""
+        """Primitives only; unset widths and depths are left out, so unpruned files keep the keys they always
+        had (and files written before a field existed load with its default)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-                if v is not None or k not in ("stage_widths", "block_widths")}
+                if v is not None or k not in _PRUNED_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        widths = {k: tuple(data[k]) for k in ("stage_widths", "block_widths") if data.get(k) is not None}
-        return cls(**{**data, **widths})
+        shapes = {k: tuple(data[k]) for k in _PRUNED_FIELDS if data.get(k) is not None}
+        return cls(**{**data, **shapes})
 
     def single(self) -> ModelSpec:
         return dataclasses.replace(self, method="single", branches=1)
+
+
+_PRUNED_FIELDS = ("stage_widths", "block_widths", "stage_blocks")
 
 
 class ONEOutput(NamedTuple):
@@ -105,6 +112,7 @@ def _shortcut(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
 
 def _stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int,
            inner: tuple[int, ...] | None = None) -> nn.Sequential:
+    """`blocks` blocks, the first with the stride (and the downsample where the width changes)."""
     widths = [{"inner": w} for w in inner] if inner else [{}] * blocks  # inner: pruned basic blocks only
     layers = [block(inplanes, planes, stride, **widths[0])]
     layers += [block(planes * block.expansion, planes, **widths[i]) for i in range(1, blocks)]
@@ -119,16 +127,28 @@ def stage_layout(spec: ModelSpec) -> tuple[tuple[int, ...], int]:
     return (64, 128, 256, 512), 2
 
 
-def _widths(spec: ModelSpec) -> tuple[tuple[int, ...], list[tuple[int, ...] | None]]:
-    """Each stage's residual width and its blocks' inner widths (None: equal to the residual width)."""
+def stage_depths(spec: ModelSpec) -> tuple[int, ...]:
+    """Blocks per stage of this network: the spec's (depth-pruned) or the architecture's."""
     stages, blocks = stage_layout(spec)
+    return spec.stage_blocks or (blocks,) * len(stages)
+
+
+def _shape(spec: ModelSpec) -> tuple[tuple[int, ...], list[tuple[int, ...] | None], tuple[int, ...]]:
+    """Each stage's residual width, its blocks' inner widths (None: equal to the residual width) and its
+    number of blocks."""
+    stages, blocks = stage_layout(spec)
+    depth = stage_depths(spec)
+    if spec.stage_blocks is not None and (spec.arch == "resnet110" or len(depth) != len(stages)
+                                          or not all(1 <= b <= blocks for b in depth)):
+        raise ValueError(f"stage_blocks {spec.stage_blocks} do not fit {spec.arch} ({blocks} blocks per stage)")
     if spec.stage_widths is None:
-        return stages, [None] * len(stages)
+        return stages, [None] * len(stages), depth
     if spec.arch == "resnet110" or len(spec.stage_widths) != len(stages) or \
-            len(spec.block_widths or ()) != blocks * len(stages):
+            len(spec.block_widths or ()) != sum(depth):
         raise ValueError(f"widths {spec.stage_widths} / {spec.block_widths} do not fit {spec.arch}")
-    inner = spec.block_widths
-    return spec.stage_widths, [tuple(inner[i * blocks:(i + 1) * blocks]) for i in range(len(stages))]
+    starts = [sum(depth[:s]) for s in range(len(stages))]
+    inner = [tuple(spec.block_widths[start:start + n]) for start, n in zip(starts, depth)]
+    return spec.stage_widths, inner, depth
 
 
 class Branch(nn.Module):
@@ -159,30 +179,28 @@ class Gate(nn.Module):
 def _parts(spec: ModelSpec) -> tuple[nn.Module, int, Callable[[], Branch]]:
     """The trunk, its output channels, and a factory for one branch."""
     if spec.arch in CIFAR_DEPTHS:
-        depth = CIFAR_DEPTHS[spec.arch]
         block = Bottleneck if spec.arch == "resnet110" else BasicBlock
-        n = (depth - 2) // 6
-        (w1, w2, w3), (i1, i2, i3) = _widths(spec)
+        (w1, w2, w3), (i1, i2, i3), (n1, n2, n3) = _shape(spec)
         x = block.expansion
         trunk = nn.Sequential(
             nn.Conv2d(spec.in_channels, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
-            _stage(block, w1, w1, n, 1, i1),
-            _stage(block, w1 * x, w2, n, 2, i2),
+            _stage(block, w1, w1, n1, 1, i1),
+            _stage(block, w1 * x, w2, n2, 2, i2),
         )
         trunk_out = w2 * x
         def branch() -> Branch:
-            return Branch(_stage(block, trunk_out, w3, n, 2, i3), w3 * x, spec.num_classes)
+            return Branch(_stage(block, trunk_out, w3, n3, 2, i3), w3 * x, spec.num_classes)
     elif spec.arch == "resnet18":
-        (w1, w2, w3, w4), (i1, i2, i3, i4) = _widths(spec)
+        (w1, w2, w3, w4), (i1, i2, i3, i4), (n1, n2, n3, n4) = _shape(spec)
         trunk = nn.Sequential(
             nn.Conv2d(spec.in_channels, w1, 7, 2, 3, bias=False), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
-            _stage(BasicBlock, w1, w1, 2, 1, i1), _stage(BasicBlock, w1, w2, 2, 2, i2),
-            _stage(BasicBlock, w2, w3, 2, 2, i3),
+            _stage(BasicBlock, w1, w1, n1, 1, i1), _stage(BasicBlock, w1, w2, n2, 2, i2),
+            _stage(BasicBlock, w2, w3, n3, 2, i3),
         )
         trunk_out = w3
         def branch() -> Branch:
-            return Branch(_stage(BasicBlock, w3, w4, 2, 2, i4), w4, spec.num_classes)
+            return Branch(_stage(BasicBlock, w3, w4, n4, 2, i4), w4, spec.num_classes)
     else:
         raise ValueError(f"unknown architecture {spec.arch!r}; choose one of {', '.join(ARCHS)}")
     return trunk, trunk_out, branch

@@ -2,6 +2,7 @@
 
     plan = plan_widths(branch, example, flops_ratio=0.5, multiple=16)   # which widths, within the FLOPs
     pruned = prune(branch, plan, example, importance="magnitude", steps=4)  # a SingleNet of those widths
+    deeper_cut = dataclasses.replace(plan, stage_blocks=(2, 2, 1))         # fewer residual blocks as well
 
 The plan shrinks each stage's residual width (coupled across every addition of the stage, and the
 stem or the downsample that feeds it) and each stage's inner width (the blocks' first convolutions), in
@@ -10,6 +11,14 @@ the FLOPs fit: ratios stay as even as the channel blocks allow. Multiples of 16 
 ONNX Runtime's x86 convolutions work on blocks of 8 (AVX2) or 16 (AVX-512) channels and pad a width off the
 block: on the quickstart's branch, widths 8/24/48 (0.45x the MACs) ran only 1.08x faster at batch 1, all-16
 widths (0.47x) 1.57x (interleaved ONNX Runtime rounds, 2-core AVX-512 Xeon).
+
+A plan may also keep fewer residual blocks per stage (the latency planner's lever: at batch 1 a small
+ResNet's time is mostly per-layer cost, which thinner layers do not cut). The first block of a stage holds
+the stride and the downsample and always stays; of the others, those whose residual branch changes its
+input least go (`block_contributions`: |F(x)| / |x| on the given images, in eval mode). A block with a
+small branch is nearly the identity (its input is already non-negative, so relu(x + F(x)) ~ x), which
+is what dropping it leaves; the BatchNorm scale of its last BN says the same without the shift and the
+input's scale, and "the last blocks" ignores the network altogether.
 
 Torch-Pruning removes the channels: per group, the lowest importance (L2 norm over every coupled
 parameter, or BatchNorm scale), recomputed after each of `steps` steps; the classifier keeps its outputs.
@@ -27,7 +36,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pipeline.errors import UsageError
-from pipeline.training.models import CIFAR_DEPTHS, ModelSpec, SingleNet, stage_layout
+from pipeline.training.models import CIFAR_DEPTHS, ModelSpec, SingleNet, stage_depths, stage_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +45,20 @@ class Plan:
     inner_widths: tuple[int, ...]  # the blocks' inner width, per stage
     flops: int
     base_flops: int
+    stage_blocks: tuple[int, ...] | None = None  # residual blocks kept per stage; None: all of them
 
     @property
     def ratio(self) -> float:
         return self.flops / self.base_flops
 
     def spec(self, spec: ModelSpec) -> ModelSpec:
+        """The pruned network's spec (`spec`: the unpruned one's); a plan that keeps every block leaves
+        stage_blocks unset, so width-only files keep the keys they always had."""
         _, blocks = stage_layout(spec)
+        depth = self.stage_blocks or stage_depths(spec)
         return dataclasses.replace(spec, stage_widths=self.stage_widths,
-                                   block_widths=tuple(w for w in self.inner_widths for _ in range(blocks)))
+                                   block_widths=tuple(w for w, n in zip(self.inner_widths, depth) for _ in range(n)),
+                                   stage_blocks=None if all(n == blocks for n in depth) else tuple(depth))
 
 
 def _stage_names(spec: ModelSpec) -> list[str]:
@@ -55,7 +69,7 @@ def _stage_names(spec: ModelSpec) -> list[str]:
         ["trunk.4", "trunk.5", "trunk.6", "branch.stage"]
 
 
-def _conv_geometry(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+def conv_geometry(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Per conv: kernel area x output pixels, what its FLOPs scale with besides its channels."""
     geometry, hooks = {}, []
     for name, module in model.named_modules():
@@ -72,12 +86,14 @@ def _conv_geometry(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return geometry
 
 
-def plan_flops(spec: ModelSpec, geometry: dict[str, int], stages: tuple[int, ...], inner: tuple[int, ...]) -> int:
-    """FLOPs (2 per multiply-add) of the convolutions and the classifier, as torch's flop counter counts."""
-    _, blocks = stage_layout(spec)
+def plan_flops(spec: ModelSpec, geometry: dict[str, int], stages: tuple[int, ...], inner: tuple[int, ...],
+               blocks: tuple[int, ...] | None = None) -> int:
+    """FLOPs (2 per multiply-add) of the convolutions and the classifier, as torch's flop counter counts,
+    of a network keeping `blocks` residual blocks per stage (None: all); `geometry` is the unpruned one's."""
+    blocks = blocks or stage_depths(spec)
     macs = geometry["trunk.0"] * spec.in_channels * stages[0]
     for s, name in enumerate(_stage_names(spec)):
-        for b in range(blocks):
+        for b in range(blocks[s]):
             before = stages[s - 1] if b == 0 and s > 0 else stages[s]
             macs += geometry[f"{name}.{b}.conv1"] * before * inner[s]
             macs += geometry[f"{name}.{b}.conv2"] * inner[s] * stages[s]
@@ -89,7 +105,7 @@ def plan_flops(spec: ModelSpec, geometry: dict[str, int], stages: tuple[int, ...
 def plan_widths(model: SingleNet, example: torch.Tensor, flops_ratio: float, multiple: int) -> Plan:
     """The widths (multiples of `multiple`, or the original width) with at most `flops_ratio` of the FLOPs."""
     spec = model.spec
-    geometry = _conv_geometry(model, example)
+    geometry = conv_geometry(model, example)
     original, _ = stage_layout(spec)
     widths = list(original) * 2  # residual widths, then inner widths
     base = plan_flops(spec, geometry, original, original)
@@ -125,19 +141,62 @@ def _importance(kind: str) -> tp.importance.Importance:
     return tp.importance.GroupMagnitudeImportance(p=2)
 
 
+@torch.no_grad()
+def block_contributions(model: SingleNet, images: torch.Tensor) -> list[list[float]]:
+    """Per stage, per block: the mean over `images` of |F(x)| / |x|, how much the block's residual branch
+    (up to its last BatchNorm, before the addition) changes its input, in eval mode."""
+    names = _stage_names(model.spec)
+    modules = dict(model.named_modules())
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    branches: dict[tuple[int, int], torch.Tensor] = {}
+    hooks = []
+    for s, name in enumerate(names):
+        for b, block in enumerate(modules[name]):
+            def keep_input(module, args, key=(s, b)) -> None:
+                inputs[key] = args[0]
+
+            def keep_branch(module, args, out, key=(s, b)) -> None:
+                branches[key] = out
+
+            hooks += [block.register_forward_pre_hook(keep_input), block.bn2.register_forward_hook(keep_branch)]
+    try:
+        model.eval()(images.cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    norms = {key: (branches[key].flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item()
+             for key, x in inputs.items()}
+    return [[norms[(s, b)] for b in range(len(modules[name]))] for s, name in enumerate(names)]
+
+
+def kept_blocks(model: SingleNet, blocks: tuple[int, ...], images: torch.Tensor) -> list[list[int]]:
+    """Per stage, the indices of the `blocks[s]` blocks that stay: the first (stride, downsample) and those
+    whose residual branch contributes most (`block_contributions`), in their order."""
+    kept = []
+    for keep, scores in zip(blocks, block_contributions(model, images)):
+        others = sorted(range(1, len(scores)), key=lambda b: (-scores[b], b))[:keep - 1]
+        kept.append([0, *sorted(others)])
+    return kept
+
+
 def prune(model: SingleNet, plan: Plan, example: torch.Tensor, importance: str = "magnitude",
           steps: int = 1) -> SingleNet:
-    """A SingleNet with `plan`'s widths holding `model`'s most important channels (`model` is untouched)."""
+    """A SingleNet with `plan`'s blocks and widths holding `model`'s most important blocks and channels
+    (`model` is untouched); `example`: images, which also rank the blocks when the plan drops some."""
     spec, names = model.spec, _stage_names(model.spec)
-    _, blocks = stage_layout(spec)
     work = copy.deepcopy(model).cpu().eval()
+    blocks = plan.stage_blocks or stage_depths(spec)
+    if blocks != stage_depths(spec):
+        for name, kept in zip(names, kept_blocks(work, blocks, example)):
+            stage = work.get_submodule(name)
+            work.set_submodule(name, nn.Sequential(*[stage[b] for b in kept]))
     modules = dict(work.named_modules())
     # each group is named by the conv whose outputs it is: the stem or a stage's downsample (residual
     # width), and each block's first conv (inner width)
     groups = [(modules["trunk.0"] if s == 0 else modules[f"{name}.0.downsample.0"], plan.stage_widths[s])
               for s, name in enumerate(names)]
     groups += [(modules[f"{name}.{b}.conv1"], plan.inner_widths[s]) for s, name in enumerate(names)
-               for b in range(blocks)]
+               for b in range(blocks[s])]
     scorer = _importance(importance)
     example = example[:1].cpu()
     for step in range(1, steps + 1):
@@ -152,5 +211,5 @@ def prune(model: SingleNet, plan: Plan, example: torch.Tensor, importance: str =
             drop = torch.argsort(scores, stable=True)[:conv.out_channels - want]
             graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(drop.tolist())).prune()
     pruned = SingleNet(plan.spec(spec))
-    pruned.load_state_dict(work.state_dict(), strict=True)  # every width where the plan says it is
+    pruned.load_state_dict(work.state_dict(), strict=True)  # every block and width where the plan says
     return pruned.eval()
