@@ -13,7 +13,6 @@ from rich.markup import escape
 
 from pipeline.compare import recipe
 from pipeline.deploy.benchfile import (
-    DEPLOYABLE,
     SHIPPABLE,
     BenchFile,
     Gain,
@@ -28,7 +27,7 @@ from pipeline.deploy.benchfile import (
     table_cells,
     table_headers,
 )
-from pipeline.deploy.forms import MODELS, RUNTIMES, row_name
+from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name
 from pipeline.deploy.quantize import INT8_TARGETS
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.plots import Curves, milliseconds_axis, read_metrics, write_training_curves
@@ -205,7 +204,7 @@ def _runtimes(bench: BenchFile) -> list[str]:
     """The fastest form of the kept branch (or its pruned form) in each runtime, for both objectives."""
     batch = bench.batch_sizes[-1]
     lines = []
-    for fmt_name in DEPLOYABLE:
+    for fmt_name in deployable():
         rows = [r for r in bench.rows if r.model in SHIPPABLE and r.format == fmt_name and r.status == "ok"]
         if not rows:
             continue
