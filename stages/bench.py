@@ -12,6 +12,9 @@ agreement with the same model in PyTorch eager, batch-1 latency (p50/p90/p99), t
 `bench.batch_sizes`, params, FLOPs, file size. Accuracy is measured row by row; timing afterwards, in
 `bench.rounds` rounds in which every row takes its turn (pipeline/deploy/bench_rounds.py; the Triton row,
 timed through its server, apart).
+The forms, their names and labels come from the table in pipeline/deploy/forms.py, in its order of
+runtimes; each runtime's rows are made by its maker in stages/bench_rows.py (stages/bench_measure.py: how
+one row is measured and made).
 The headline splits the gain into its parts (strip, runtime, precision) and picks what to ship. Schema:
 docs/bench_schema.md (`pipeline/deploy/benchfile.py`).
 """
@@ -113,11 +116,11 @@ def measure(ctx: StageContext, threads: int) -> BenchFile:
     stripped, payload = load_model(branch_path)
     bench.branch = int(payload.get("branch", ctx.summary("select").get("branch", 0)))
     bench.method = ctx.summary("train").get("method", ctx.cfg.model.method)
-    full, stripped = full.to(bench.device), stripped.to(bench.device)
-    bench.static["branch"] = bench.static_figures(stripped, branch_path)
+    bench.full, bench.stripped = full.to(bench.device), stripped.to(bench.device)
+    bench.static["branch"] = bench.static_figures(bench.stripped, branch_path)
     if bench.method == "one":
-        bench.static["ensemble"] = bench.static_figures(EnsembleNet(full), full_path)
-    made = runtime_rows(bench, full, stripped)
+        bench.static["ensemble"] = bench.static_figures(EnsembleNet(bench.full), full_path)
+    made = runtime_rows(bench)
     if baseline is not None:
         made += _baseline_rows(bench, *baseline)
     timings = bench_rounds.time_rows(list(bench.timers.values()), bench.cfg, bench.device, ctx.console)

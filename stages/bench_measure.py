@@ -69,6 +69,8 @@ class Bench:
         self.timers: dict[str, bench_rounds.RowTimer] = {}
         self.static: dict[str, dict] = {}
         self.branch, self.method = 0, ctx.cfg.model.method
+        self.full: nn.Module | None = None  # the trained full model and the stripped branch, on the device
+        self.stripped: nn.Module | None = None
         # images decoded in this process (image folders): a DataLoader worker forked once OpenVINO has run
         # here crashed with a segmentation fault (its thread pools do not survive a fork)
         self.datasets = load_datasets(ctx.cfg.data.model_copy(update={"num_workers": 0}))

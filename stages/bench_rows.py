@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.deploy import openvino_runtime
 from pipeline.deploy.benchfile import Row
@@ -33,10 +32,10 @@ def models_of(bench: Bench, rt: Runtime) -> list[str]:
     return [m for m in rt.models if m != "pruned" or bench.ctx.cfg.compress.enabled]
 
 
-def pytorch_rows(bench: Bench, full: nn.Module, stripped: nn.Module) -> Made:
+def pytorch_rows(bench: Bench, rt: Runtime) -> Made:
     """ONE-E and the full model's kept-branch output (one evaluation of the full model), the stripped branch,
     and with compress.enabled the pruned branch."""
-    b = bench.branch
+    b, full, stripped = bench.branch, bench.full, bench.stripped
     heads = {row_name("ensemble", "pytorch"): lambda out: out.teacher,
              row_name("full_branch", "pytorch"): lambda out: out.branches[:, b]}
     accuracy: dict[str, float] = {}
@@ -53,7 +52,7 @@ def pytorch_rows(bench: Bench, full: nn.Module, stripped: nn.Module) -> Made:
                   for m in ("ensemble", "full_branch")]
     made.append(bench.guard(Form("branch", "pytorch"),
                             lambda: bench.eager(row_name("branch", "pytorch"), stripped, bench.static["branch"])))
-    if "pruned" in models_of(bench, RUNTIMES["pytorch"]):
+    if "pruned" in models_of(bench, rt):
         made.append(_pruned_eager_row(bench))
     return made
 
@@ -70,18 +69,18 @@ def _pruned_eager_row(bench: Bench) -> Row | Measured:
     return bench.guard(form, lambda: bench.eager(form.name, pruned, bench.static["pruned"]))
 
 
-def compiled_rows(bench: Bench, full: nn.Module, stripped: nn.Module) -> Made:
+def compiled_rows(bench: Bench, rt: Runtime) -> Made:
     def measure(model: str) -> dict:
         if bench.device.type != "cuda":
             raise StageSkipped(f"torch.compile with CUDA graphs is measured on CUDA only; this bench runs on "
                                f"{bench.device.type}")
-        net = EnsembleNet(full) if model == "ensemble" else stripped
+        net = EnsembleNet(bench.full) if model == "ensemble" else bench.stripped
         compiled = torch.compile(net, mode="reduce-overhead")  # `.spec` reads through to `net`
         return bench.eager(row_name(model, "torch.compile"), compiled, bench.static[model])
 
     return [bench.guard(Form(m, "torch.compile"), lambda m=m: measure(m),
                         bench.vanilla_reason() if m == "ensemble" else None)
-            for m in models_of(bench, RUNTIMES["torch.compile"])]
+            for m in models_of(bench, rt)]
 
 
 def file_rows(bench: Bench, rt: Runtime) -> Made:
@@ -191,21 +190,14 @@ def triton_rows(bench: Bench, rt: Runtime) -> Made:
 
 
 # the runtimes with a maker of their own; the others of the table are run from their `session`
-MAKERS: dict[str, Callable[[Bench, Runtime], Made]] = {"openvino": openvino_rows, "tensorrt": tensorrt_rows,
+MAKERS: dict[str, Callable[[Bench, Runtime], Made]] = {"pytorch": pytorch_rows, "torch.compile": compiled_rows,
+                                                      "openvino": openvino_rows, "tensorrt": tensorrt_rows,
                                                       "triton": triton_rows}
 
 
-def runtime_rows(bench: Bench, full: nn.Module, stripped: nn.Module) -> Made:
+def runtime_rows(bench: Bench) -> Made:
     """Every runtime's rows, in the table's order."""
-    made: Made = []
-    for key, rt in RUNTIMES.items():
-        if key == "pytorch":
-            made += pytorch_rows(bench, full, stripped)
-        elif key == "torch.compile":
-            made += compiled_rows(bench, full, stripped)
-        else:
-            made += MAKERS.get(key, file_rows)(bench, rt)
-    return made
+    return [row for key, rt in RUNTIMES.items() for row in MAKERS.get(key, file_rows)(bench, rt)]
 
 
 # --- what did not run, and why ------------------------------------------------------------------

@@ -13,7 +13,6 @@ from rich.markup import escape
 
 from pipeline.compare import recipe
 from pipeline.deploy.benchfile import (
-    SHIPPABLE,
     BenchFile,
     Gain,
     fmt,
@@ -205,7 +204,7 @@ def _runtimes(bench: BenchFile) -> list[str]:
     batch = bench.batch_sizes[-1]
     lines = []
     for fmt_name in deployable():
-        rows = [r for r in bench.rows if r.model in SHIPPABLE and r.format == fmt_name and r.status == "ok"]
+        rows = [r for r in bench.rows if MODELS[r.model].shippable and r.format == fmt_name and r.status == "ok"]
         if not rows:
             continue
         quick = min(rows, key=lambda r: r.latency_ms.p50)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name
+from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name, shippable
 
 SCHEMA_VERSION = 2
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int8_cpu"]  # bf16: OpenVINO's, compiled from fp32
@@ -185,7 +185,7 @@ def gain(row: Row | None, versus: Row | None) -> Gain | None:
                 batch=batch, accuracy_delta=round(row.accuracy - versus.accuracy, 4))
 
 
-SHIPPABLE = ("branch", "pruned")  # the kept branch and its pruned form (compress)
+SHIPPABLE = shippable()  # the kept branch and its pruned form (compress)
 DEPLOYABLE = deployable()  # formats a server runs from a file (forms.RUNTIMES' `deployable`)
 
 
@@ -200,7 +200,7 @@ def ship_pick(rows: list[Row], max_drop: float, objective: str = "latency") -> S
     if reference is None or reference.status != "ok":
         return Ship(row=None, reference_row=ref_name, max_accuracy_drop=max_drop, objective=objective,
                     reason="the fp32 ONNX branch row did not run, so no form can be measured against it")
-    deployed = [r for r in rows if r.model in SHIPPABLE and RUNTIMES[r.format].deployable and r.status == "ok"]
+    deployed = [r for r in rows if MODELS[r.model].shippable and RUNTIMES[r.format].deployable and r.status == "ok"]
     candidates = [r for r in deployed if r.accuracy >= reference.accuracy - max_drop]
     pick, why = _fastest(candidates, objective)
     other, other_why = _fastest(candidates, "throughput" if objective == "latency" else "latency")

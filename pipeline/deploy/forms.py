@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from pipeline.deploy import openvino_runtime
 from pipeline.deploy.runtime import onnxruntime_session
 
 
@@ -27,6 +28,7 @@ class Model:
     tiny: str  # the terminal table's
     colour: str  # the report plot's colour
     triton_suffix: str | None = None  # the triton stage serves it as <base><suffix>...; None: not served
+    shippable: bool = False  # the bench may pick one of its deployed forms to ship
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Runtime:
     label_precision: bool = False  # the row's label names the precision
     source: Callable[[str], str] | None = None  # the ONNX precision a precision is compiled from (file runtimes)
     triton: Callable[[str], str | None] | None = None  # the Triton model-name tail of a precision; None: no model
+    triton_models: tuple[str, ...] = ("branch", "pruned")  # the models the triton stage serves in it
     # a file runtime that the bench runs like ONNX Runtime: session(path, threads, device) -> runtime.FileSession
     session: Callable[..., Any] | None = None
 
@@ -51,15 +54,14 @@ MODELS: dict[str, Model] = {m.key: m for m in (
     Model("ensemble", "one_e", "ONE-E gated ensemble (full model)", "ONE-E", "ONE-E", "tab:red"),
     Model("full_branch", "full_branch", "full model, kept branch's output", "full model -> branch", "full->branch",
           "tab:orange"),
-    Model("branch", "branch", "stripped branch", "branch", "branch", "tab:blue", triton_suffix=""),
+    Model("branch", "branch", "stripped branch", "branch", "branch", "tab:blue", triton_suffix="", shippable=True),
     Model("pruned", "pruned", "pruned branch (compress)", "pruned branch", "pruned", "tab:purple",
-          triton_suffix="_pruned"),
+          triton_suffix="_pruned", shippable=True),
     Model("baseline", "baseline", "baseline: the same network trained alone", "baseline", "baseline", "tab:green"),
 )}
 
 EXPORTED = ("branch", "ensemble", "pruned")  # the models the export stage writes ONNX files of, in its order
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int8_cpu")  # int8: TensorRT's Q/DQ form; int8_cpu: ONNX Runtime's on x86
-OPENVINO_SOURCES = {"fp32": "fp32", "bf16": "fp32", "int8_cpu": "int8_cpu"}  # bf16: compiled from the fp32 file
 
 RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
     Runtime("pytorch", "PyTorch eager", "eager", "o", "eager", models=("ensemble", "full_branch", "branch", "pruned")),
@@ -67,10 +69,12 @@ RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
     Runtime("onnxruntime", "ONNX Runtime", "ORT", "s", "onnx_{precision}", ONNX_PRECISIONS, made_by="export",
             deployable=True, label_precision=True, source=lambda p: p,
             triton=lambda p: "_onnx" if p == "fp32" else f"_onnx_{p}", session=onnxruntime_session),
-    Runtime("openvino", "OpenVINO", "OV", "P", "openvino_{precision}", tuple(OPENVINO_SOURCES), made_by="export",
-            deployable=True, label_precision=True, source=OPENVINO_SOURCES.__getitem__,
+    Runtime("openvino", "OpenVINO", "OV", "P", "openvino_{precision}", tuple(openvino_runtime.FORMS),
+            made_by="export", deployable=True, label_precision=True, source=lambda p: openvino_runtime.FORMS[p][0],
             triton=lambda p: "_openvino_int8_cpu" if p == "int8_cpu" else None),
-    Runtime("tensorrt", "TensorRT", "TRT", "^", "tensorrt", made_by="engine", deployable=True, label_precision=True),
+    # one precision per engine (the engine stage's choice); its Triton model: the branch's plan
+    Runtime("tensorrt", "TensorRT", "TRT", "^", "tensorrt", made_by="engine", deployable=True, label_precision=True,
+            triton=lambda p: "_trt", triton_models=("branch",)),
     Runtime("triton", "Triton server", "Triton", "v", "triton_{precision}", models=("branch",), made_by="triton",
             label_precision=True),
 )}
@@ -87,6 +91,11 @@ def row_label(model_key: str, runtime_key: str, precision: str = "fp32") -> str:
     if runtime_key == "pytorch":
         return label
     return f"{label.split(' (')[0]}, {rt.name}" + (f" {precision}" if rt.label_precision else "")
+
+
+def shippable() -> tuple[str, ...]:
+    """The models whose deployed forms the bench may pick to ship (the kept branch and its pruned form)."""
+    return tuple(k for k, m in MODELS.items() if m.shippable)
 
 
 def deployable() -> tuple[str, ...]:
@@ -107,13 +116,10 @@ def onnx_file_name(model_key: str, precision: str) -> str:
 def triton_model_name(base: str, model_key: str, runtime_key: str, precision: str) -> str | None:
     """The Triton model the triton stage writes for this form (<base>_onnx, <base>_pruned_onnx_int8,
     <base>_trt, <base>_openvino_int8_cpu); None where it writes none."""
-    suffix = MODELS[model_key].triton_suffix
-    if suffix is None:
+    suffix, rt = MODELS[model_key].triton_suffix, RUNTIMES[runtime_key]
+    if suffix is None or rt.triton is None or model_key not in rt.triton_models:
         return None
-    if runtime_key == "tensorrt":
-        return f"{base}_trt" if model_key == "branch" else None
-    tail = RUNTIMES[runtime_key].triton
-    end = tail(precision) if tail else None
+    end = rt.triton(precision)
     return None if end is None else f"{base}{suffix}{end}"
 
 
