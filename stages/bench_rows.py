@@ -14,7 +14,7 @@ import torch
 
 from pipeline.deploy import openvino_runtime
 from pipeline.deploy.benchfile import Row
-from pipeline.deploy.forms import RUNTIMES, Runtime, onnx_key, row_name, triton_model_name
+from pipeline.deploy.forms import RUNTIMES, Runtime, engine_key, onnx_key, row_name, triton_model_name
 from pipeline.deploy.guard import guard
 from pipeline.deploy.onnx_io import exported_onnx
 from pipeline.deploy.runtime import top1_accuracy
@@ -152,7 +152,7 @@ def tensorrt_row(bench: Bench, model: str) -> Row | Measured:
     info = (entry.get("summary") or {}).get(model) or {}
     precision = info.get("precision") or "fp32"
     form = Form(model, "tensorrt", precision)
-    key = "engine" if model == "branch" else f"{model}_engine"
+    key = engine_key(model)
     not_run = bench_not_run(bench, model, "engine", key, precision)
     if not_run:
         return form.row(**not_run)

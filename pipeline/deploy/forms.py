@@ -103,9 +103,19 @@ def deployable() -> tuple[str, ...]:
     return tuple(k for k, r in RUNTIMES.items() if r.deployable)
 
 
+def output_prefix(model_key: str) -> str:
+    """What the export and engine stages put before their output names: nothing for the branch, else the model."""
+    return "" if model_key == "branch" else f"{model_key}_"
+
+
 def onnx_key(model_key: str, precision: str) -> str:
     """The export stage's output name: onnx_int8 (branch), ensemble_onnx_int8 (ONE-E)."""
-    return f"onnx_{precision}" if model_key == "branch" else f"{model_key}_onnx_{precision}"
+    return f"{output_prefix(model_key)}onnx_{precision}"
+
+
+def engine_key(model_key: str) -> str:
+    """The engine stage's output name of a model's plan: engine (branch), ensemble_engine, pruned_engine."""
+    return f"{output_prefix(model_key)}engine"
 
 
 def onnx_file_name(model_key: str, precision: str) -> str:
