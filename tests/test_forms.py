@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+from pydantic import ValidationError
+
 from pipeline.deploy import forms
-from pipeline.deploy.benchfile import BenchFile
+from pipeline.deploy.benchfile import BenchFile, Row
 from pipeline.deploy.runtime import onnxruntime_session
 from pipeline.runner import execute, stage_def
 from tests.conftest import make_ctx
@@ -72,3 +75,13 @@ def test_a_runtime_added_through_the_table_alone_is_benched_and_reported(exporte
     assert "| stripped branch, Fake Runtime fp32 | Fake Runtime fp32 |" in report
     assert "- branch, Fake Runtime int8_cpu: top-1" in report  # its lower precision against its fp32
     assert "- Fake Runtime: batch-1 p50" in report  # its fastest deployed form
+
+
+def test_a_bench_row_is_made_once_and_never_changed():
+    row = Row(name="branch_eager", label="stripped branch", model="branch", format="pytorch", precision="fp32",
+              status="skipped", reason="not here")
+    with pytest.raises(ValidationError, match="frozen"):
+        row.status = "ok"
+    assert row.status == "skipped"
+    with pytest.raises(ValidationError, match="format 'nowhere' is none of pytorch"):
+        Row(**{**row.model_dump(), "format": "nowhere"})

@@ -48,6 +48,8 @@ class VsFP32(Strict):
 
 
 class Row(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # made once (stages/bench_measure.py), never changed
+
     name: str
     label: str
     model: str  # a model of pipeline/deploy/forms.py MODELS
