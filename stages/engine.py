@@ -32,7 +32,8 @@ import torch
 from rich.markup import escape
 
 from pipeline.config import Config, EngineConfig
-from pipeline.deploy.onnx_io import exported_onnx, onnx_key
+from pipeline.deploy.forms import onnx_key, output_prefix
+from pipeline.deploy.onnx_io import exported_onnx
 from pipeline.deploy.tensorrt_build import (
     BUILD_LOG,
     TIMING_CACHE,
@@ -110,7 +111,7 @@ def run(ctx: StageContext) -> StageResult:
     summary: dict[str, Any] = {"precision": precision, "why": why}
     for subject in subjects:
         info, info_path = _build_one(ctx, trt, subject, precision, why)
-        prefix = "" if subject == "branch" else f"{subject}_"
+        prefix = output_prefix(subject)
         outputs.update({f"{prefix}engine": ctx.run.path("engine", info["plan"]), f"{prefix}engine_info": info_path,
                         f"{prefix}build_log": ctx.run.path("engine", info["log"])})
         summary[subject] = {k: info[k] for k in ("tensorrt", "gpu", "compute_capability", "precision", "profile",
@@ -125,7 +126,7 @@ def _build_one(ctx: StageContext, trt: ModuleType, subject: str, precision: str,
     onnx_path = exported_onnx(ctx.run, onnx_key(subject, precision))
     profile = batch_profile(onnx_path, cfg)
     out = ctx.stage_dir("engine")
-    prefix = "" if subject == "branch" else f"{subject}_"
+    prefix = output_prefix(subject)
     plan_path, log_path = out / f"{onnx_path.stem}.plan", out / f"{prefix}{BUILD_LOG}"  # model_int8.plan, ...
     built = build_engine(trt, onnx_path, plan_path, profile, workspace_mb=cfg.workspace_mb,
                          timing_cache=out / TIMING_CACHE, log_path=log_path, console=ctx.console)

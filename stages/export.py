@@ -35,8 +35,11 @@ import torch
 from rich.markup import escape
 from torch import nn
 
+from pipeline.deploy.forms import EXPORTED as SUBJECTS
+from pipeline.deploy.forms import ONNX_PRECISIONS as PRECISIONS
+from pipeline.deploy.forms import onnx_file_name, onnx_key
 from pipeline.deploy.guard import Verdict, guard
-from pipeline.deploy.onnx_io import INPUT, OUTPUT, PRECISIONS, SUBJECTS, export_onnx, onnx_file_name, onnx_key, opset_of
+from pipeline.deploy.onnx_io import INPUT, OUTPUT, export_onnx, opset_of
 from pipeline.deploy.quantize import (
     INT8_TARGETS,
     Recipe,

@@ -13,10 +13,6 @@ from rich.markup import escape
 
 from pipeline.compare import recipe
 from pipeline.deploy.benchfile import (
-    DEPLOYABLE,
-    FORMAT_NAMES,
-    SHIPPABLE,
-    WHO,
     BenchFile,
     Gain,
     fmt,
@@ -25,12 +21,12 @@ from pipeline.deploy.benchfile import (
     pareto_front,
     reason_lines,
     rich_table,
-    row_name,
     runtime_text,
     short_label,
     table_cells,
     table_headers,
 )
+from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name
 from pipeline.deploy.quantize import INT8_TARGETS
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.plots import Curves, milliseconds_axis, read_metrics, write_training_curves
@@ -48,9 +44,6 @@ MEASURED_SO_FAR = ("On Fashion-MNIST, no regime measured so far made ONE's kept 
                    "points on all 55,000 images and led it by 0.66 to 0.89 with noisy labels (3 seeds, p 0.045 to "
                    "0.25)")
 PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and its legend on the right
-COLOURS = {"ensemble": "tab:red", "full_branch": "tab:orange", "branch": "tab:blue", "pruned": "tab:purple",
-           "baseline": "tab:green"}
-MARKERS = {"pytorch": "o", "torch.compile": "D", "onnxruntime": "s", "tensorrt": "^", "triton": "v", "openvino": "P"}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -180,7 +173,7 @@ def _headline(bench: BenchFile) -> list[str]:
     lines.append(_gain_line("Runtime gain (same model)", h.runtime_gain, bench, "not measured"))
     lines.append(_gain_line("Precision gain (same model, same runtime)", h.precision_gain, bench,
                             "no lower precision of the branch was deployed and measured"))
-    pruned = bench.row("pruned_onnx_fp32")
+    pruned = bench.row(row_name("pruned", "onnxruntime"))
     if pruned is not None:  # compress.enabled
         lines.append(_gain_line("Prune gain (same runtime, same precision)", h.prune, bench,
                                 f"not measured ({pruned.reason or 'the branch ONNX row did not run'})"))
@@ -210,22 +203,22 @@ def _runtimes(bench: BenchFile) -> list[str]:
     """The fastest form of the kept branch (or its pruned form) in each runtime, for both objectives."""
     batch = bench.batch_sizes[-1]
     lines = []
-    for fmt_name in DEPLOYABLE:
-        rows = [r for r in bench.rows if r.model in SHIPPABLE and r.format == fmt_name and r.status == "ok"]
+    for fmt_name in deployable():
+        rows = [r for r in bench.rows if MODELS[r.model].shippable and r.format == fmt_name and r.status == "ok"]
         if not rows:
             continue
         quick = min(rows, key=lambda r: r.latency_ms.p50)
         wide = max(rows, key=lambda r: r.images_per_s(batch) or 0)
-        lines.append(f"- {FORMAT_NAMES[fmt_name]}: batch-1 p50 {quick.latency_ms.p50:.3f} ms ({WHO[quick.model]} "
-                     f"{quick.precision}); {fmt(wide.images_per_s(batch), ',.0f')} images/s at batch {batch} "
-                     f"({WHO[wide.model]} {wide.precision})")
+        lines.append(f"- {RUNTIMES[fmt_name].name}: batch-1 p50 {quick.latency_ms.p50:.3f} ms "
+                     f"({MODELS[quick.model].who} {quick.precision}); {fmt(wide.images_per_s(batch), ',.0f')} "
+                     f"images/s at batch {batch} ({MODELS[wide.model].who} {wide.precision})")
     return ["", "Each runtime's fastest deployed form at batch 1 and at the largest batch:", "", *lines] if lines \
         else []
 
 
 def _strip_by_batch(bench: BenchFile) -> list[str]:
     """Branch vs ONE-E in every runtime and precision where both ran, at every batch size."""
-    pairs = [(bench.row(r.name.replace("branch_", "one_e_", 1)), r) for r in bench.rows
+    pairs = [(bench.row(row_name("ensemble", r.format, r.precision)), r) for r in bench.rows
              if r.model == "branch" and r.status == "ok"]
     pairs = [(e, b) for e, b in pairs if e is not None and e.status == "ok"]
     if not pairs:
@@ -326,9 +319,9 @@ def plot_figure(bench: BenchFile) -> Figure:
     ax = fig.subplots()
     for number, row in enumerate(rows, start=1):  # numbered points, named in the legend: labels never collide
         lat = row.latency_ms
-        marker = "*" if row.name == ship else MARKERS[row.format]
+        marker = "*" if row.name == ship else RUNTIMES[row.format].marker
         ax.errorbar(lat.p50, row.accuracy, xerr=[[0], [max(lat.p99 - lat.p50, 0)]], fmt=marker,
-                    color=COLOURS[row.model], markersize=14 if row.name == ship else 8, capsize=3,
+                    color=MODELS[row.model].colour, markersize=14 if row.name == ship else 8, capsize=3,
                     label=f"{number}: {short_label(row)}, {lat.p50:.3f} ms, {row.accuracy:.2f}%"
                           + (" (Pareto)" if row in front else "") + (" SHIP" if row.name == ship else ""))
         ax.annotate(str(number), (lat.p50, row.accuracy), textcoords="offset points",

@@ -33,15 +33,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from pipeline.deploy.onnx_io import (
-    PRECISIONS,
-    OnnxSignature,
-    TensorSpec,
-    exported_onnx,
-    onnx_key,
-    read_onnx_io,
-    triton_model_name,
-)
+from pipeline.deploy.forms import MODELS, RUNTIMES, onnx_key, triton_model_name
+from pipeline.deploy.onnx_io import OnnxSignature, TensorSpec, exported_onnx, read_onnx_io
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
@@ -122,23 +115,24 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
-    """The branch's ONNX models the export accuracy guard deployed, and the pruned branch's as
-    <base>_pruned_onnx...; the x86 int8 form on CPU instances."""
+    """The ONNX models the export accuracy guard deployed of every model the table serves (the branch as
+    <base>_onnx..., the pruned branch as <base>_pruned_onnx...); the x86 int8 form on CPU instances."""
     entries = []
     deployed = (ctx.run.stage("export") or {}).get("outputs", {})
-    for subject, name in (("branch", base), ("pruned", f"{base}_pruned")):
-        for precision in [p for p in PRECISIONS if onnx_key(subject, p) in deployed]:
+    for subject in [m for m, spec in MODELS.items() if spec.triton_suffix is not None]:
+        for precision in [p for p in RUNTIMES["onnxruntime"].precisions if onnx_key(subject, p) in deployed]:
             path = exported_onnx(ctx.run, onnx_key(subject, precision))
             header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
                       f"(sha256 {sha256_file(path)[:16]})"]
-            entries.append(ModelEntry(triton_model_name(name, precision), "onnxruntime_onnx", path,
-                                      read_onnx_io(path), ctx.cfg.triton.max_batch_size, header,
+            entries.append(ModelEntry(triton_model_name(base, subject, "onnxruntime", precision), "onnxruntime_onnx",
+                                      path, read_onnx_io(path), ctx.cfg.triton.max_batch_size, header,
                                       "KIND_CPU" if precision == "int8_cpu" else None))
-            if precision == "int8_cpu" and ctx.cfg.triton.openvino:
+            openvino = triton_model_name(base, subject, "openvino", precision)
+            if openvino and ctx.cfg.triton.openvino:
                 # OpenVINO's backend has no f32 hint: on a bfloat16 CPU its float layers (the int8 file's first
                 # conv and classifier) run in bf16, where the bench's OpenVINO rows are compiled at f32
-                entries.append(ModelEntry(triton_model_name(name, precision, openvino=True), "openvino", path,
-                                          entries[-1].signature, ctx.cfg.triton.max_batch_size,
+                entries.append(ModelEntry(openvino, "openvino", path, entries[-1].signature,
+                                          ctx.cfg.triton.max_batch_size,
                                           [*header, "# OpenVINO backend: float layers may run in bf16 on CPUs "
                                                     "with bfloat16 (the backend sets no f32 hint)"], "KIND_CPU"))
     return entries
@@ -158,7 +152,7 @@ def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | 
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
                             "rerun with --force engine")
     low, high = info["profile"]["min"][0], info["profile"]["max"][0]
-    name = triton_model_name(base, info["precision"], tensorrt=True)
+    name = triton_model_name(base, "branch", "tensorrt", info["precision"])
     if low > 1:
         notes.append(f"no {name} model: the engine's profile starts at batch {low}, and Triton sends batches "
                      "from 1; rebuild with engine.min_batch=1")

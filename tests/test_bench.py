@@ -34,13 +34,14 @@ from pipeline.deploy.benchfile import (
     ship_pick,
 )
 from pipeline.deploy.runtime import ort_session, run_split
-from pipeline.deploy.served import served_row
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, run_stages, stage_def
 from pipeline.training import checkpoint
 from pipeline.training.data import load_datasets
 from stages import bench as bench_stage
+from stages import bench_measure, bench_rows
+from stages.bench_served import served_row
 from tests.conftest import copy_run, make_ctx, tiny_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
@@ -161,14 +162,15 @@ def test_the_export_guard_keeps_every_openvino_row_honest(exported_run, tmp_path
     entry = run.stage("export")
     entry["summary"]["branch"]["fp32"]["val_accuracy"] = 100.0 + cfg.export.max_accuracy_drop + 1.0
     run.record("export", entry)
-    bench = bench_stage._Bench(make_ctx(cfg, run), threads=1)
+    bench = bench_measure.Bench(make_ctx(cfg, run), threads=1)
     bench.static = {"branch": {}}
     for precision in ("fp32", "int8_cpu"):
-        row = bench._openvino_row("branch", precision)
+        row = bench_rows.openvino_row(bench, "branch", precision).model_dump()
         assert row["status"] == "skipped", row
         assert row["reason"].startswith(f"not deployed: OpenVINO {precision} loses ")
         assert row["reason"].endswith(f"> export.max_accuracy_drop {cfg.export.max_accuracy_drop:g}")
-    bf16 = bench._openvino_row("branch", "bf16")  # on a CPU without bfloat16: skipped for that reason
+    # on a CPU without bfloat16: skipped for that reason
+    bf16 = bench_rows.openvino_row(bench, "branch", "bf16").model_dump()
     assert bf16["status"] == "skipped" and ("OpenVINO bf16 loses " in bf16["reason"]
                                             or "no native bfloat16" in bf16["reason"]), bf16
 

@@ -34,10 +34,10 @@ class RowTimer:
     rates: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # images/s per batch, one per round
 
 
-def time_rows(timers: list[RowTimer], rows: list[dict], cfg: BenchConfig, device: torch.device,
-              console: Console) -> None:
-    """Time every timer in `cfg.rounds` rounds and fill its row's `latency_ms` and `throughput`; a row whose
-    timing raises is `failed` in "bench" and leaves the later rounds to the others."""
+def time_rows(timers: list[RowTimer], cfg: BenchConfig, device: torch.device,
+              console: Console) -> dict[str, dict[str, Any] | str]:
+    """Time every timer in `cfg.rounds` rounds: each row's `latency_ms` and `throughput` by name, or the
+    reason its timing failed (the row is then `failed` in "bench"; it leaves the later rounds to the others)."""
     def turn(timer: RowTimer) -> Callable[[int], None]:
         return lambda index: take_turn(timer, cfg, device, share(cfg.iterations, cfg.rounds, index),
                                        share(cfg.throughput_iterations, cfg.rounds, index))
@@ -47,18 +47,15 @@ def time_rows(timers: list[RowTimer], rows: list[dict], cfg: BenchConfig, device
     failed = {name: failure(exc) for name, exc in errors.items()}
     for name, reason in failed.items():
         console.print(f"[red]{name} failed:[/red] {escape(reason)}")
-    by_name = {timer.name: timer for timer in timers}
-    for row in rows:
-        timer = by_name.get(row["name"])
-        if timer is None or row["status"] != "ok":
-            continue
-        if row["name"] in failed:
-            row.update(status="failed", failed_in="bench", reason=failed[row["name"]])
-            continue
-        row["latency_ms"] = Latency.from_ns(timer.samples).figures(cfg.warmup)
-        row["throughput"] = [{"images_per_s": round(statistics.median(timer.rates[b]), 1), "batch": b,
-                              "warmup": min(cfg.warmup, 3), "iterations": cfg.throughput_iterations}
-                             for b in timer.batches]
+    figures: dict[str, dict[str, Any] | str] = dict(failed)
+    for timer in timers:
+        if timer.name not in failed:
+            figures[timer.name] = {
+                "latency_ms": Latency.from_ns(timer.samples).figures(cfg.warmup),
+                "throughput": [{"images_per_s": round(statistics.median(timer.rates[b]), 1), "batch": b,
+                                "warmup": min(cfg.warmup, 3), "iterations": cfg.throughput_iterations}
+                               for b in timer.batches]}
+    return figures
 
 
 def take_turn(timer: RowTimer, cfg: BenchConfig, device: torch.device, iterations: int,

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name, shippable
+
 SCHEMA_VERSION = 2
-MODELS = {"ensemble": "one_e", "full_branch": "full_branch", "branch": "branch", "pruned": "pruned",
-          "baseline": "baseline"}
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int8_cpu"]  # bf16: OpenVINO's, compiled from fp32
-
-
-def row_name(model: str, fmt: str, precision: str = "fp32") -> str:
-    """one_e_eager, branch_onnx_int8, branch_tensorrt, baseline_onnx_fp32, ..."""
-    how = {"pytorch": "eager", "torch.compile": "compile", "tensorrt": "tensorrt", "triton": f"triton_{precision}",
-           "openvino": f"openvino_{precision}"}.get(fmt, f"onnx_{precision}")
-    return f"{MODELS[model]}_{how}"
 
 
 class Strict(BaseModel):
@@ -55,10 +48,12 @@ class VsFP32(Strict):
 
 
 class Row(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # made once (stages/bench_measure.py), never changed
+
     name: str
     label: str
-    model: Literal["ensemble", "full_branch", "branch", "pruned", "baseline"]
-    format: Literal["pytorch", "torch.compile", "onnxruntime", "tensorrt", "triton", "openvino"]
+    model: str  # a model of pipeline/deploy/forms.py MODELS
+    format: str  # a runtime of pipeline/deploy/forms.py RUNTIMES
     precision: Precision
     status: Literal["ok", "skipped", "failed"]
     reason: str | None = None
@@ -78,6 +73,20 @@ class Row(Strict):
     vs_fp32: VsFP32 | None = None
     triton_model: str | None = None  # the Triton model that serves this file, where the triton stage writes one
     properties: dict[str, str] | None = None  # OpenVINO: the compiled model's settings, as it reports them
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"model {value!r} is none of {', '.join(MODELS)}")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        if value not in RUNTIMES:
+            raise ValueError(f"format {value!r} is none of {', '.join(RUNTIMES)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Row:
@@ -178,8 +187,8 @@ def gain(row: Row | None, versus: Row | None) -> Gain | None:
                 batch=batch, accuracy_delta=round(row.accuracy - versus.accuracy, 4))
 
 
-SHIPPABLE = ("branch", "pruned")  # the kept branch and its pruned form (compress)
-DEPLOYABLE = ("onnxruntime", "tensorrt", "openvino")  # formats a server runs from a file
+SHIPPABLE = shippable()  # the kept branch and its pruned form (compress)
+DEPLOYABLE = deployable()  # formats a server runs from a file (forms.RUNTIMES' `deployable`)
 
 
 def ship_pick(rows: list[Row], max_drop: float, objective: str = "latency") -> Ship:
@@ -193,7 +202,7 @@ def ship_pick(rows: list[Row], max_drop: float, objective: str = "latency") -> S
     if reference is None or reference.status != "ok":
         return Ship(row=None, reference_row=ref_name, max_accuracy_drop=max_drop, objective=objective,
                     reason="the fp32 ONNX branch row did not run, so no form can be measured against it")
-    deployed = [r for r in rows if r.model in SHIPPABLE and r.format in DEPLOYABLE and r.status == "ok"]
+    deployed = [r for r in rows if MODELS[r.model].shippable and RUNTIMES[r.format].deployable and r.status == "ok"]
     candidates = [r for r in deployed if r.accuracy >= reference.accuracy - max_drop]
     pick, why = _fastest(candidates, objective)
     other, other_why = _fastest(candidates, "throughput" if objective == "latency" else "latency")
@@ -211,7 +220,7 @@ def headline_figures(rows: list[Row], max_drop: float, ship_for: str) -> dict:
     """The bench's headline: the gain in parts, strip (same runtime and precision), runtime (same model),
     precision (same model and runtime) and prune (same runtime and precision); what to ship."""
     by_name = {r.name: r for r in rows}
-    branch, ensemble = by_name.get("branch_onnx_fp32"), by_name.get("one_e_onnx_fp32")
+    branch, ensemble = by_name.get(row_name("branch", "onnxruntime")), by_name.get(row_name("ensemble", "onnxruntime"))
     strip = gain(branch, ensemble)
     lower = [r for r in rows if r.model == "branch" and r.format == "onnxruntime" and r.precision != "fp32"
              and r.status == "ok" and r.vs_fp32 and r.vs_fp32.speedup_p50]
@@ -223,9 +232,9 @@ def headline_figures(rows: list[Row], max_drop: float, ship_for: str) -> dict:
         return round(a / b, 4) if strip and a and b else None
 
     return {"runtime": "onnxruntime fp32", "strip": strip and strip.model_dump(),
-            "runtime_gain": (g := gain(branch, by_name.get("branch_eager"))) and g.model_dump(),
+            "runtime_gain": (g := gain(branch, by_name.get(row_name("branch", "pytorch")))) and g.model_dump(),
             "precision_gain": (p := gain(fastest, branch)) and p.model_dump(),
-            "prune": (q := gain(by_name.get("pruned_onnx_fp32"), branch)) and q.model_dump(),
+            "prune": (q := gain(by_name.get(row_name("pruned", "onnxruntime")), branch)) and q.model_dump(),
             "size_ratio": ratio("file_bytes"), "params_ratio": ratio("params"), "flops_ratio": ratio("flops"),
             "ship": ship_pick(rows, max_drop, ship_for).model_dump(), "reason": "; ".join(reasons) or None}
 
@@ -251,20 +260,15 @@ def pareto_front(rows: list[Row]) -> list[Row]:
                                      and (o.latency_ms.p50, o.accuracy) != (r.latency_ms.p50, r.accuracy) for o in ok)]
 
 
-FORMAT_NAMES = {"pytorch": "PyTorch eager", "torch.compile": "torch.compile", "onnxruntime": "ONNX Runtime",
-                "tensorrt": "TensorRT", "triton": "Triton server", "openvino": "OpenVINO"}
-WHO = {"ensemble": "ONE-E", "full_branch": "full model -> branch", "branch": "branch", "pruned": "pruned branch",
-       "baseline": "baseline"}
-
-
 def runtime_text(row: Row) -> str:
     """E.g. "PyTorch eager" or "ONNX Runtime int8_cpu"."""
-    return FORMAT_NAMES[row.format] + (f" {row.precision}" if row.format in DEPLOYABLE else "")
+    rt = RUNTIMES[row.format]
+    return rt.name + (f" {row.precision}" if rt.deployable else "")
 
 
 def short_label(row: Row) -> str:
     """E.g. "ONE-E, PyTorch eager" or "branch, ONNX Runtime int8"."""
-    return f"{WHO[row.model]}, {runtime_text(row)}"
+    return f"{MODELS[row.model].who}, {runtime_text(row)}"
 
 
 def fmt(value: float | int | None, spec: str = ".2f") -> str:
@@ -310,11 +314,8 @@ def rich_table(bench: BenchFile) -> Table:
 
 
 def _tiny_label(row: Row) -> str:
-    who = {"ensemble": "ONE-E", "full_branch": "full->branch", "branch": "branch", "pruned": "pruned",
-           "baseline": "baseline"}[row.model]
-    how = {"pytorch": "eager", "torch.compile": "compile", "onnxruntime": "ORT", "tensorrt": "TRT",
-           "triton": "Triton", "openvino": "OV"}[row.format]
-    return f"{who} {how}" + (f" {row.precision}" if row.format in DEPLOYABLE else "")
+    rt = RUNTIMES[row.format]
+    return f"{MODELS[row.model].tiny} {rt.tiny}" + (f" {row.precision}" if rt.deployable else "")
 
 
 def _times(g: Gain) -> str:

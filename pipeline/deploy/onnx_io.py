@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from pipeline.deploy.forms import EXPORTED, ONNX_PRECISIONS, onnx_file_name, onnx_key  # noqa: F401 (read from here)
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir
 
@@ -103,28 +104,9 @@ def read_onnx_io(path: Path) -> OnnxSignature:
 # What the export stage writes, named once for the stages that read it. The stripped branch is the
 # deployed model; the full model's gated ensemble (ONE-E) is exported beside it for like-for-like benches;
 # the pruned branch (the compress stage's, when its guard deployed one) beside both.
-SUBJECTS = ("branch", "ensemble", "pruned")
+SUBJECTS = EXPORTED  # the table's (pipeline/deploy/forms.py), with its file names and output keys
 SOURCES = {"branch": ("strip", "model"), "ensemble": ("strip", "model"), "pruned": ("compress", "model")}
-PRECISIONS = ("fp32", "fp16", "int8", "int8_cpu")  # int8: TensorRT's Q/DQ form; int8_cpu: ONNX Runtime's on x86
-
-
-def onnx_key(subject: str, precision: str) -> str:
-    """The export stage's output name: onnx_int8 (branch), ensemble_onnx_int8 (ONE-E)."""
-    return f"onnx_{precision}" if subject == "branch" else f"{subject}_onnx_{precision}"
-
-
-def onnx_file_name(subject: str, precision: str) -> str:
-    return f"{'model' if subject == 'branch' else subject}_{precision}.onnx"
-
-
-def triton_model_name(base: str, precision: str, tensorrt: bool = False, openvino: bool = False) -> str:
-    """The Triton model the triton stage writes for the branch: <base>_onnx, <base>_onnx_int8, <base>_trt,
-    <base>_openvino_int8_cpu."""
-    if tensorrt:
-        return f"{base}_trt"
-    if openvino:
-        return f"{base}_openvino_{precision}"
-    return f"{base}_onnx" if precision == "fp32" else f"{base}_onnx_{precision}"
+PRECISIONS = ONNX_PRECISIONS
 
 
 def exported_onnx(run: RunDir, key: str) -> Path:

@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.deploy.onnx_io import PRECISIONS, SUBJECTS, exported_onnx, onnx_key
+from pipeline.deploy.forms import EXPORTED, ONNX_PRECISIONS, form_name, onnx_key, parse_form
+from pipeline.deploy.onnx_io import exported_onnx
 from pipeline.deploy.runtime import ort_session, run_logits
 from pipeline.errors import ArtifactError, UsageError
 from pipeline.rundir import RunDir, write_text
@@ -83,7 +84,7 @@ def forms(run: RunDir) -> list[str]:
     """The forms the export stage wrote: fp32, int8_cpu, ... (the branch), ensemble_fp32, ... (ONE-E),
     pruned_fp32, ... (compress)."""
     outputs = (run.stage("export") or {}).get("outputs", {})
-    return [(p if s == "branch" else f"{s}_{p}") for s in SUBJECTS for p in PRECISIONS if onnx_key(s, p) in outputs]
+    return [form_name(s, p) for s in EXPORTED for p in ONNX_PRECISIONS if onnx_key(s, p) in outputs]
 
 
 def shipped_form(run: RunDir) -> tuple[str, str]:
@@ -95,7 +96,7 @@ def shipped_form(run: RunDir) -> tuple[str, str]:
     row = next((r for r in bench.get("rows", []) if r.get("name") == ship.get("row")), None)
     if row is None:
         return "fp32", "fp32: the bench picked no form to ship"
-    form = row["precision"] if row["model"] == "branch" else f"{row['model']}_{row['precision']}"  # e.g. pruned_fp32
+    form = form_name(row["model"], row["precision"])  # e.g. fp32, pruned_fp32
     return form, f"{form}: the form the bench picked to ship ({row['name']})"
 
 
@@ -124,8 +125,7 @@ class Predictor:
         if form not in available:
             raise UsageError(f"--model {form}: {run_dir} has no such exported model; choose one of "
                              f"{', '.join(available)} (or add it to export.precisions and run export again)")
-        subject, _, precision = form.partition("_") if form.startswith(("ensemble_", "pruned_")) else \
-            ("branch", "", form)
+        subject, precision = parse_form(form)
         path = exported_onnx(run, onnx_key(subject, precision))
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         try:

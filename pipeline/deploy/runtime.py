@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -83,3 +84,24 @@ def parity(got: np.ndarray, reference: np.ndarray, atol: float | None = None,
     return {"max_abs_diff": max_diff, "max_abs_logit": float(np.abs(reference).max()),
             "top1_agreement": float(agree.mean()), "top1_mismatches": [int(i) for i in np.flatnonzero(~agree)]}, \
         problems
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSession:
+    """A deployed file opened in one runtime, as the bench runs it (pipeline/deploy/forms.py `Runtime.session`)."""
+
+    provider: str
+    logits: Callable[[Split, int], np.ndarray]  # every image of a split, in order, in batches of at most n
+    call: Callable[[np.ndarray], Any]  # one timed call on a batch
+    dtype: type  # what the timed call takes
+
+
+def onnxruntime_session(path: Path, threads: int, device: Any) -> FileSession:
+    """An ONNX file in ONNX Runtime on `device`'s providers, with `threads` intra-op threads."""
+    from pipeline.deploy.bench_rounds import onnx_call
+    from pipeline.device import onnx_providers
+
+    session = ort_session(path, onnx_providers(device), threads)
+    provider = session.get_providers()[0]
+    return FileSession(provider, lambda split, batch: run_split(session, split, batch), onnx_call(session, provider),
+                       input_dtype(session))
