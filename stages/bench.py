@@ -29,7 +29,7 @@ from rich.markup import escape
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.deploy import bench_rounds, openvino_runtime
+from pipeline.deploy import bench_rounds, openvino_runtime, target_check
 from pipeline.deploy.benchfile import (
     FORMAT_NAMES,
     SCHEMA_VERSION,
@@ -49,7 +49,7 @@ from pipeline.deploy.served import served_row
 from pipeline.deploy.timing import count_flops
 from pipeline.device import onnx_providers
 from pipeline.errors import StageSkipped, UsageError
-from pipeline.rundir import RunDir, atomic_path, environment, write_json
+from pipeline.rundir import RunDir, atomic_path, cpu_model, environment, write_json
 from pipeline.stage import StageContext, StageResult
 from pipeline.training.checkpoint import load_model
 from pipeline.training.data import load_datasets
@@ -77,6 +77,8 @@ def run(ctx: StageContext) -> StageResult:
     for line in reason_lines(bench):
         ctx.console.print(f"  [dim]{escape(line)}[/dim]", highlight=False)
     ctx.console.print(escape(headline_text(bench)))
+    if bench.headline.target:
+        ctx.console.print(escape(target_check.sentence(bench.headline.target)), highlight=False)
     ship = bench.headline.ship
     if ship and ship.row:
         ctx.console.print(escape(f"What to ship here: {ship.row} ({ship.file}, Triton model {ship.triton_model}): "
@@ -164,8 +166,9 @@ class _Bench:
                  "settings": self.cfg.model_dump(mode="json"), "environment": environment(),
                  "baseline": str(self.cfg.baseline) if self.cfg.baseline else None, "checks": self._checks(rows),
                  "rows": rows}
-        headline = headline_figures([Row.model_validate(r) for r in rows], self.cfg.ship_max_accuracy_drop,
-                                    self.cfg.ship_for)
+        parsed = [Row.model_validate(r) for r in rows]
+        headline = headline_figures(parsed, self.cfg.ship_max_accuracy_drop, self.cfg.ship_for)
+        headline["target"] = target_check.headline_target(parsed, ctx.run.stage("compress"), cpu_model(), self.threads)
         return BenchFile.model_validate({**bench, "headline": headline})
 
     def _eager_rows(self, full: nn.Module, stripped: nn.Module) -> list[dict]:
