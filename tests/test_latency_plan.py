@@ -190,6 +190,8 @@ def test_channel_multiple_auto_follows_the_cpu_flags():
     ({"target_ms": 0}, "compress.target_ms"),
     ({"channel_multiple": 0}, "channel_multiple must be auto or a channel count"),
     ({"plan_candidates": 1}, "compress.plan_candidates"),
+    ({"target_speedup": 2, "target_batch": 64}, "compress.target_batch 64 is not among bench.batch_sizes [1, 8]; add"),
+    ({"target_speedup": 2, "target_precision": "int8_cpu"}, "target_precision int8_cpu needs int8_cpu in export."),
 ])
 def test_latency_target_config_errors_are_one_line(compress, fragment):
     with pytest.raises(ConfigError) as err:

@@ -85,7 +85,8 @@ def compress_compare(config: Path, overrides: Sequence[str], seeds: Sequence[int
 def _config(config: Path, overrides: Sequence[str], root: Path, method: Method, seed: int, key: str,
             teacher: str, plan: Path | None = None) -> Config:
     return run_config(config, overrides, root, method, seed, name=f"compress-{key}-seed{seed}",
-                      extra=("compress.enabled=true", f"compress.teacher={teacher}",
+                      # these runs stop at compress: no bench to measure a latency target's form in
+                      extra=("compress.enabled=true", f"compress.teacher={teacher}", "bench.enabled=false",
                              *([f"compress.plan={plan}"] if plan else [])))
 
 
