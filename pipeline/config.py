@@ -347,7 +347,26 @@ class Config(Section):
                              "have; use compress.teacher branch (the unpruned network) or none")
         if self.name in (".", ".."):
             raise ValueError("name must be a plain folder name")
+        self._target_is_benched()
         return self
+
+    def _target_is_benched(self) -> None:
+        """A latency target the bench cannot measure (its batch, file or runtime missing) is a config error:
+        the bench's headline sets the target against what the deployed form achieves."""
+        c = self.compress
+        if not (c.enabled and self.bench.enabled and (c.target_speedup is not None or c.target_ms is not None)):
+            return
+        batch, runtime, precision = c.target_batch or 1, c.target_runtime or "onnxruntime", c.target_precision or "fp32"
+        if batch not in self.bench.batch_sizes:
+            raise ValueError(f"compress.target_batch {batch} is not among bench.batch_sizes {self.bench.batch_sizes}; "
+                             "add it, so that the bench measures the latency target")
+        source = "int8_cpu" if precision == "int8_cpu" else "fp32"  # OpenVINO's bf16 is compiled from fp32
+        if runtime in ("onnxruntime", "openvino") and source not in self.export.precisions:
+            raise ValueError(f"compress.target_precision {precision} needs {source} in export.precisions "
+                             f"{self.export.precisions}; add it, so that the bench measures the latency target")
+        if runtime == "openvino" and not self.bench.openvino:
+            raise ValueError("compress.target_runtime openvino is measured by the bench's OpenVINO rows, and "
+                             "bench.openvino is false; set it true")
 
     @property
     def run_dir(self) -> Path:

@@ -30,7 +30,7 @@ from rich.markup import escape
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.deploy import bench_rounds
+from pipeline.deploy import bench_rounds, target_check
 from pipeline.deploy.benchfile import (
     SCHEMA_VERSION,
     BenchFile,
@@ -44,7 +44,7 @@ from pipeline.deploy.forms import row_name
 from pipeline.deploy.onnx_io import export_onnx
 from pipeline.deploy.runtime import onnxruntime_session
 from pipeline.errors import StageSkipped, UsageError
-from pipeline.rundir import RunDir, atomic_path, environment, write_json
+from pipeline.rundir import RunDir, atomic_path, cpu_model, environment, write_json
 from pipeline.stage import StageContext, StageResult
 from pipeline.training.checkpoint import load_model
 from pipeline.training.models import EnsembleNet
@@ -68,6 +68,8 @@ def run(ctx: StageContext) -> StageResult:
     for line in reason_lines(bench):
         ctx.console.print(f"  [dim]{escape(line)}[/dim]", highlight=False)
     ctx.console.print(escape(headline_text(bench)))
+    if bench.headline.target:
+        ctx.console.print(escape(target_check.sentence(bench.headline.target)), highlight=False)
     ship = bench.headline.ship
     if ship and ship.row:
         ctx.console.print(escape(f"What to ship here: {ship.row} ({ship.file}, Triton model {ship.triton_model}): "
@@ -126,13 +128,15 @@ def measure(ctx: StageContext, threads: int) -> BenchFile:
     timings = bench_rounds.time_rows(list(bench.timers.values()), bench.cfg, bench.device, ctx.console)
     rows = bench.finish(made, timings)
     cfg = bench.cfg
+    headline = headline_figures(rows, cfg.ship_max_accuracy_drop, cfg.ship_for)
+    headline["target"] = target_check.headline_target(rows, ctx.run.stage("compress"), cpu_model(), threads)
     return BenchFile.model_validate({
         "schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": bench.method, "branch": bench.branch,
         "device": str(bench.device), "threads": threads, "test_images": len(bench.test),
         "eval_batch_size": bench.eval_batch, "batch_sizes": cfg.batch_sizes, "settings": cfg.model_dump(mode="json"),
         "environment": environment(), "baseline": str(cfg.baseline) if cfg.baseline else None,
         "checks": _checks(bench, rows), "rows": rows,
-        "headline": headline_figures(rows, cfg.ship_max_accuracy_drop, cfg.ship_for)})
+        "headline": headline})
 
 
 def _baseline_rows(bench: Bench, model: nn.Module, path: Path) -> list:

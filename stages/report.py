@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from pipeline.compare import recipe
+from pipeline.deploy import target_check
 from pipeline.deploy.benchfile import (
     BenchFile,
     Gain,
@@ -55,7 +56,8 @@ def run(ctx: StageContext) -> StageResult:
     report, plot, curves = out / "report.md", out / "accuracy_vs_latency.png", out / "training_curves.png"
     history = read_metrics(ctx.input("train", "metrics"))
     worth = worth_it(ctx)
-    write_text(report, markdown(bench, plot.name, ctx.summary("export"), curves.name, history, worth))
+    write_text(report, markdown(bench, plot.name, ctx.summary("export"), curves.name, history, worth,
+                                target_check.read_plan(ctx.run)))
     write_plot(bench, plot)
     write_training_curves([Curves(bench.run, history, kept=ctx.summary("select").get("branch"))], curves,
                           f"{bench.run}: training, per epoch")
@@ -97,13 +99,14 @@ def load_bench(path: Path) -> BenchFile:
 
 
 def markdown(bench: BenchFile, plot_name: str, export: dict | None = None, curves_name: str | None = None,
-             history: list[dict] | None = None, worth: str | None = None) -> str:
+             history: list[dict] | None = None, worth: str | None = None, plan: dict | None = None) -> str:
     env = bench.environment
     lines = [f"# Benchmark: {bench.run}", "",
              f"Measured on {env.get('cpu') or 'an unnamed CPU'} ({env.get('cpu_count')} cores), GPU: "
              f"{env.get('cuda') or 'none'}, {bench.threads} thread(s) for every row. Timings move with the CPU "
              "and with whatever else runs on it: compare rows of one report, not figures across machines.", "",
-             "## Headline", "", *_headline(bench), "", *_ship(bench), "", *([worth, ""] if worth else []),
+             "## Headline", "", *_headline(bench), "", *_ship(bench), *target_check.plan_lines(plan), "",
+             *([worth, ""] if worth else []),
              f"![accuracy vs batch-1 latency]({plot_name})", "", "## Results", "",
              f"Latency at batch 1 over {bench.settings.get('iterations')} calls after {bench.settings.get('warmup')} "
              f"warm-up calls; throughput at batches {', '.join(map(str, bench.batch_sizes))}. Top-1 on "
@@ -164,7 +167,7 @@ def _gain_line(title: str, g: Gain | None, bench: BenchFile, missing: str) -> st
 
 def _headline(bench: BenchFile) -> list[str]:
     h = bench.headline
-    lines = [headline_text(bench), ""]
+    lines = [*([f"**{target_check.sentence(h.target)}**", ""] if h.target else []), headline_text(bench), ""]
     lines.append(_gain_line("Strip gain (same runtime, same precision)", h.strip, bench,
                             f"not measured ({h.reason or 'the ONE-E or branch ONNX row did not run'})"))
     if h.strip:

@@ -439,3 +439,45 @@ def test_without_openvino_its_rows_are_skipped_with_the_install_command(tiny_onn
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
     with pytest.raises(StageSkipped, match=r"OpenVINO is not installed: pip install openvino"):
         openvino_runtime.compile_onnx(tiny_onnx, "fp32", threads=1)
+
+
+def _compress_entry(deployed=True, **plan):
+    latency_plan = {"source": "planned", "target": {"speedup": 2.0, "ms": None}, "runtime": "onnxruntime",
+                    "precision": "fp32", "batch": 1, "threads": 2, "cpu": "AMD EPYC", "plan": "16-32-64/16-32-64/1-1-3",
+                    "speedup": 2.1, "p50_ms": 0.1, **plan}
+    return {"status": "done", "summary": {"deployed": deployed, "latency_plan": latency_plan,
+                                          **({} if deployed else {"reason": "the pruned network loses 0.74 points"})}}
+
+
+def _target_rows(pruned_p50, branch_p50=0.2, pruned_ips=900.0, branch_ips=450.0, **pruned):
+    """The kept branch and its pruned form in ONNX Runtime fp32 (fake timings: a test of the verdict, not the clock)."""
+    return [_row("branch_onnx_fp32", 90.0, branch_p50, branch_ips),
+            _row("pruned_onnx_fp32", 89.8, pruned_p50, pruned_ips, model="pruned", **pruned)]
+
+
+def test_the_headline_target_says_met_missed_or_why_not_measured():
+    from pipeline.deploy.benchfile import TargetCheck
+    from pipeline.deploy.target_check import headline_target
+
+    met = TargetCheck(**headline_target(_target_rows(0.095), _compress_entry(), "AMD EPYC", 2))
+    assert (met.met, met.why, met.row, met.versus, met.same_host) == (True, "met", "pruned_onnx_fp32",
+                                                                     "branch_onnx_fp32", True)
+    assert abs(met.achieved_speedup - 0.2 / 0.095) < 1e-3 and met.achieved_ms == 0.095 and met.planned_speedup == 2.1
+    missed = TargetCheck(**headline_target(_target_rows(0.125), _compress_entry(), "Intel Xeon", 2))
+    assert (missed.met, missed.why, missed.same_host, missed.benched_on) == (False, "planner_and_bench_disagree",
+                                                                            False, "Intel Xeon")
+    assert abs(missed.planner_vs_bench - (1.6 / 2.1 - 1)) < 1e-3
+    guarded = headline_target(_target_rows(0.1, status="skipped"), _compress_entry(deployed=False), "AMD EPYC", 2)
+    assert (guarded["met"], guarded["why"], guarded["achieved_speedup"], guarded["achieved_ms"]) == \
+        (False, "accuracy_guard", 1.0, 0.2) and "0.74 points" in guarded["reason"]
+    skipped = headline_target(_target_rows(0.1, status="skipped"), _compress_entry(), "AMD EPYC", 2)
+    assert (skipped["met"], skipped["why"]) == (None, "not_measured") and "not deployed" in skipped["reason"]
+    # a batch-64 target: images/s at that batch, 900 against 450
+    batched = headline_target(_target_rows(0.5, branch_p50=0.2), _compress_entry(batch=64), "AMD EPYC", 2)
+    assert batched["met"] and batched["achieved_speedup"] == 2.0 and abs(batched["achieved_ms"] - 64000 / 900) < 1e-3
+    unbenched = headline_target(_target_rows(0.1), _compress_entry(batch=8), "AMD EPYC", 2)
+    assert unbenched["why"] == "not_measured" and "add 8 to bench.batch_sizes" in unbenched["reason"]
+    ms = headline_target(_target_rows(0.095), _compress_entry(target={"speedup": None, "ms": 0.09}), "AMD EPYC", 2)
+    assert (ms["kind"], ms["met"]) == ("ms", False)
+    assert headline_target(_target_rows(0.1), {"status": "done", "summary": {"deployed": True}}, "x", 2) is None
+    assert headline_target(_target_rows(0.1), None, "x", 2) is None

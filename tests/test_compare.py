@@ -331,3 +331,39 @@ def test_the_map_draws_the_gain_against_training_set_size_for_compares_of_the_sa
     plot([mid, *others, large, small], tmp_path / "sweep.png")
     plot([mid, *others], tmp_path / "regimes.png")
     assert width(tmp_path / "sweep.png") > width(tmp_path / "regimes.png")  # the size panel beside the regimes
+
+
+@pytest.mark.slow
+def test_compare_compress_plans_once_and_pins_that_plan_for_every_variant(compared, tmp_path, monkeypatch):
+    """A latency target: one plan (fake timings), pinned in every run's compress, reused by a second compare."""
+    import shutil
+
+    from pipeline.compare.compress import VARIANTS, compress_compare
+    from pipeline.deploy import plan_timing
+    from tests.test_latency_plan import FakeClock
+
+    _, result, _, _ = compared
+    shutil.copytree(result.root, tmp_path / "runs" / "tiny-compare", ignore=shutil.ignore_patterns(".lock"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs")))
+    overrides = ["compress.target_speedup=1.3", "compress.channel_multiple=2", "compress.plan_candidates=16",
+                 "compress.epochs=0", "compress.max_accuracy_drop=100"]
+    monkeypatch.setattr(plan_timing, "RuntimeClock", FakeClock)
+    FakeClock.calls = 0
+    compress_compare(config, overrides, [0], Console(quiet=True))
+    planned = FakeClock.calls
+    root = tmp_path / "runs" / "tiny-compare"
+    [pinned] = root.glob("compress-plan-*.json")
+    chosen = json.loads(pinned.read_text())["chosen"]
+    assert planned > 0 and pinned.name == f"compress-plan-{chosen['label'].replace('/', '_')}.json"
+    for key, *_ in VARIANTS:
+        summary = RunDir(root / f"compress-{key}-seed0").stage("compress")["summary"]
+        assert summary["latency_plan"]["source"] == "pinned" and summary["latency_plan"]["pinned_from"] == str(pinned)
+        assert (summary["stage_widths"], summary["inner_widths"], summary["stage_blocks"]) == \
+            (chosen["stage_widths"], chosen["inner_widths"], chosen["stage_blocks"])
+    table = json.loads((root / "compress.json").read_text())
+    assert {r["plan"] for r in table["runs"]} == {chosen["label"]} and table["recipe"]["plans"] == [chosen["label"]]
+    assert f"Pruned to the latency plan {chosen['label']} (planned once, pinned for every run)" in \
+        (root / "compress.md").read_text()
+    compress_compare(config, overrides, [0], Console(quiet=True))  # the same key: the plan is reused, not timed
+    assert FakeClock.calls == planned and list(root.glob("compress-plan-*.json")) == [pinned]

@@ -190,6 +190,8 @@ def test_channel_multiple_auto_follows_the_cpu_flags():
     ({"target_ms": 0}, "compress.target_ms"),
     ({"channel_multiple": 0}, "channel_multiple must be auto or a channel count"),
     ({"plan_candidates": 1}, "compress.plan_candidates"),
+    ({"target_speedup": 2, "target_batch": 64}, "compress.target_batch 64 is not among bench.batch_sizes [1, 8]; add"),
+    ({"target_speedup": 2, "target_precision": "int8_cpu"}, "target_precision int8_cpu needs int8_cpu in export."),
 ])
 def test_latency_target_config_errors_are_one_line(compress, fragment):
     with pytest.raises(ConfigError) as err:
@@ -306,3 +308,27 @@ def test_an_openvino_precision_this_cpu_lacks_is_refused_in_one_line(tmp_path, m
     with pytest.raises(UsageError) as err:
         plan_timing.build_call(net, (3, 16, 16), plan_timing.Where("openvino", "bf16", 1, 1), tmp_path)
     assert "\n" not in str(err.value) and "compress.target_runtime openvino at bf16 cannot run here" in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_with_a_latency_target_goes_through_bench_and_report(trained_run, tmp_path, monkeypatch):
+    """Planned on fake timings, benched for real: the headline holds the target against the bench's figure (no
+    assertion on what the clock read, only that the verdict follows from it)."""
+    from tests.conftest import copy_run
+
+    monkeypatch.setattr(plan_timing, "RuntimeClock", FakeClock)
+    cfg, run = _run(trained_run, tmp_path / "a")
+    chosen = json.loads(run.output("compress", "plan").read_text())["chosen"]
+    _, run = copy_run((cfg, run), tmp_path / "b", "report", export={"precisions": ["fp32"], "ensemble": False},
+                      bench={"served": False, "openvino": False, "batch_sizes": [1, 8], "warmup": 1, "iterations": 3,
+                             "throughput_iterations": 2})
+    target = json.loads(run.output("bench", "bench").read_text())["headline"]["target"]
+    assert (target["row"], target["versus"], target["plan"]) == ("pruned_onnx_fp32", "branch_onnx_fp32",
+                                                                chosen["label"])
+    assert target["planned_speedup"] == chosen["speedup"] and target["same_host"] is True
+    assert target["met"] == (target["achieved_speedup"] >= 1.3) and target["why"] in ("met",
+                                                                                   "planner_and_bench_disagree")
+    text = run.output("report", "report").read_text()
+    verdict = "met: the bench measured" if target["met"] else "MISSED: the bench measured"
+    assert f"**Latency target 1.3x the kept branch in onnxruntime fp32 at batch 1: {verdict}" in text
+    assert "## Latency plan (compress/plan.json)" in text and f"| {chosen['label']} | **chosen** |" in text

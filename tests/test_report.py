@@ -213,3 +213,85 @@ def test_a_one_run_says_whether_one_paid_from_its_compare_else_what_was_measured
     finally:
         shutil.rmtree(compare_dir)
         execute(cfg, stage_def("report"), run, make_ctx(cfg, run))
+
+
+def _with_target(data: dict, **check) -> BenchFile:
+    """The tiny run's bench.json with a latency target check in its headline (fake figures: a test of the wording)."""
+    data = json.loads(json.dumps(data))
+    data["headline"]["target"] = {
+        "kind": "speedup", "value": 2.0, "runtime": "onnxruntime", "precision": "fp32", "batch": 1,
+        "row": "pruned_onnx_fp32", "versus": "branch_onnx_fp32", "plan": "16-32-64/16-32-64/1-1-3",
+        "plan_source": "planned", "planned_speedup": 2.1, "planned_ms": 0.1, "achieved_speedup": 2.05,
+        "achieved_ms": 0.098, "planner_vs_bench": -0.0238, "met": True, "why": "met",
+        "reason": "the bench measured the target met", "planned_on": data["environment"]["cpu"],
+        "benched_on": data["environment"]["cpu"], "planned_threads": 1, "benched_threads": 1, "same_host": True,
+        **check}
+    return BenchFile.model_validate(data)
+
+
+PLAN = {"key": {"target": {"speedup": 2.0, "ms": None}, "runtime": "onnxruntime", "precision": "fp32", "batch": 1,
+                "threads": 2, "cpu": "AMD EPYC", "channel_multiple": 16}, "seconds": 12.3,
+        "branch": {"label": "16-32-64/16-32-64/3-3-3", "flops": 100, "flops_ratio": 1.0, "params": 270000,
+                   "p50_ms": 0.2, "speedup": 1.0, "spread": [1.0, 1.0], "rounds": 20},
+        "chosen": {"label": "16-32-64/16-32-64/1-1-3", "flops": 53, "flops_ratio": 0.53, "params": 225000,
+                   "p50_ms": 0.095, "speedup": 2.1, "spread": [1.9, 2.3], "rounds": 18, "meets": True,
+                   "chosen": True},
+        "candidates": [
+            {"label": "16-32-64/16-32-64/1-2-3", "flops": 65, "flops_ratio": 0.65, "params": 250000, "p50_ms": 0.13,
+             "speedup": 1.55, "spread": [1.4, 1.6], "rounds": 8, "meets": False, "chosen": False, "neighbour": True},
+            {"label": "16-32-64/16-32-64/1-1-3", "flops": 53, "flops_ratio": 0.53, "params": 225000,
+             "p50_ms": 0.095, "speedup": 2.1, "spread": [1.9, 2.3], "rounds": 18, "meets": True, "chosen": True,
+             "neighbour": False},
+            {"label": "16-32-48/16-32-48/1-2-3", "flops": 51, "flops_ratio": 0.51, "params": 200000, "p50_ms": 0.09,
+             "speedup": 2.03, "spread": [1.8, 2.2], "rounds": 8, "meets": True, "chosen": False, "neighbour": True},
+            {"label": "16-16-16/16-16-16/1-1-1", "flops": 15, "flops_ratio": 0.15, "params": 20000, "p50_ms": 0.04,
+             "speedup": 4.9, "spread": [4.5, 5.1], "rounds": 3, "meets": True, "chosen": False, "neighbour": False}]}
+
+
+def test_the_headline_states_the_latency_target_and_whether_the_bench_met_it(reported):
+    _, data = reported
+    headline = markdown(_with_target(data), "plot.png").split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert ("**Latency target 2x the kept branch in onnxruntime fp32 at batch 1: met: the bench measured 2.05x "
+            "(0.098 ms) in pruned_onnx_fp32 against branch_onnx_fp32; the planner measured 2.10x (0.100 ms) for "
+            "plan 16-32-64/16-32-64/1-1-3, -2% off.**") in headline
+    assert "MISSED" not in headline and "was measured on" not in headline
+    missed = markdown(_with_target(data, achieved_speedup=1.6, achieved_ms=0.125, planner_vs_bench=-0.238,
+                                   met=False, why="planner_and_bench_disagree", reason="x"), "plot.png")
+    assert ("2x the kept branch in onnxruntime fp32 at batch 1: MISSED: the bench measured 1.60x (0.125 ms) in "
+            "pruned_onnx_fp32 against branch_onnx_fp32, where the planner measured 2.10x") in missed
+    assert "the planner and the bench disagree (-24%)" in missed
+    guarded = markdown(_with_target(data, achieved_speedup=1.0, achieved_ms=0.2, planner_vs_bench=None, met=False,
+                                    why="accuracy_guard", reason="the accuracy guard kept the pruned network back "
+                                                                 "(it loses 0.74 points)"), "plot.png")
+    assert ("MISSED: the accuracy guard kept the pruned network back (it loses 0.74 points); the kept branch ships at "
+            "1.00x (the planner measured 2.10x") in guarded
+    unmeasured = markdown(_with_target(data, achieved_speedup=None, achieved_ms=None, planner_vs_bench=None,
+                                       met=None, why="not_measured", reason="pruned_openvino_bf16 skipped: no bf16"),
+                          "plot.png")
+    assert "not measured by the bench (pruned_openvino_bf16 skipped: no bf16)" in unmeasured
+    assert "**Latency target" not in markdown(BenchFile.model_validate(data), "plot.png")
+
+
+def test_the_report_says_when_the_plan_was_made_on_another_cpu(reported):
+    _, data = reported
+    other = markdown(_with_target(data, planned_on="AMD EPYC 9000", planned_threads=2, same_host=False), "plot.png")
+    assert (f"The plan was measured on AMD EPYC 9000 with 2 thread(s) and benched on {data['environment']['cpu']} "
+            "with 1: a plan's speed-up holds on the host it was planned on; plan again there") in other
+
+
+def test_the_report_shows_the_chosen_plan_among_its_neighbours(reported):
+    _, data = reported
+    text = markdown(_with_target(data), "plot.png", plan=PLAN)
+    section = text.split("## Latency plan (compress/plan.json)", 1)[1].split("\n## ", 1)[0]
+    assert "Planned for 2x in onnxruntime fp32 at batch 1, 2 thread(s), on AMD EPYC (channel multiple 16): 5 plans " \
+           "timed in 12 s" in section
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| plan (widths / inner widths / blocks) |")
+    assert [line.split(" | ")[0:2] for line in table[1:]] == [
+        ["| 16-32-64/16-32-64/3-3-3", "kept branch"], ["| 16-32-64/16-32-64/1-2-3", "neighbour"],
+        ["| 16-32-64/16-32-64/1-1-3", "**chosen**"], ["| 16-32-48/16-32-48/1-2-3", "neighbour"]]
+    assert "| 0.530x | 225,000 | 0.095 | 2.10x (1.90-2.30) | 18 | yes |" in table[3]
+    assert "16-16-16/16-16-16/1-1-1" not in section  # neither chosen nor a neighbour
+    pinned = markdown(_with_target(data), "plot.png", plan={"chosen": PLAN["chosen"], "pinned_from": "p.json"})
+    assert "A plan given without its measurements. Pinned from `p.json`." in pinned
+    assert "## Latency plan" not in markdown(_with_target(data), "plot.png")

@@ -134,6 +134,32 @@ class Ship(Strict):
     other_objective: str | None = None  # the pick had the bench been told to ship for the other objective
 
 
+class TargetCheck(Strict):
+    """compress's latency target against what the bench measured (pipeline/deploy/target_check.py)."""
+    kind: Literal["speedup", "ms"]
+    value: float  # the target: times faster than the kept branch, or ms per call of `batch` images
+    runtime: str
+    precision: str
+    batch: int = Field(ge=1)
+    row: str  # the bench row of the pruned form in the target's runtime and precision
+    versus: str  # the kept branch's row there, timed in the same interleaved rounds
+    plan: str | None = None  # widths/inner widths/blocks, as compress/plan.json labels it
+    plan_source: str | None = None  # planned, reused or pinned
+    planned_speedup: float | None = None
+    planned_ms: float | None = None
+    achieved_speedup: float | None = None
+    achieved_ms: float | None = None
+    planner_vs_bench: float | None = None  # achieved speed-up / planned - 1
+    met: bool | None = None  # None: the bench did not measure the target's form
+    why: Literal["met", "planner_and_bench_disagree", "accuracy_guard", "not_measured"]
+    reason: str  # the verdict in one sentence
+    planned_on: str | None = None  # the CPU model (and threads) the plan was measured on
+    benched_on: str | None = None
+    planned_threads: int | None = None
+    benched_threads: int | None = None
+    same_host: bool | None = None  # the same CPU model and threads
+
+
 class Headline(Strict):
     runtime: str  # where the strip gain is measured, e.g. "onnxruntime fp32"
     strip: Gain | None  # kept branch vs ONE-E, same runtime and precision
@@ -145,6 +171,7 @@ class Headline(Strict):
     flops_ratio: float | None
     ship: Ship | None
     reason: str | None = None  # why some figures are null
+    target: TargetCheck | None = None  # compress's latency target against the bench (absent without one)
 
 
 class BenchFile(Strict):
