@@ -174,4 +174,4 @@ def test_no_event_files_when_off(tmp_path):
     cfg = validate_config(tiny_dict(tmp_path, train={"epochs": 1}))
     run = RunDir(cfg.run_dir)
     run_stages(cfg, run, make_ctx(cfg, run), until="train")
-    assert not run.path("train/tb").exists() and "torch.utils.tensorboard" not in sys.modules
+    assert not run.path("train/tb").exists()  # no import when off: see test_curves_cost_nothing_when_off
