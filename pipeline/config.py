@@ -60,6 +60,19 @@ class ModelConfig(Section):
     method: Literal["one", "vanilla"] = Field("one", description="vanilla: the same backbone as one plain network")
     branches: int = Field(3, ge=2, le=8, description="ONE branches m")
     width: int = Field(16, ge=4, le=128, description="CIFAR ResNets: channels of the first stage")
+    pretrained: str | None = Field(None, description=(
+        "resnet18 only: a torchvision ResNet-18 state dict (a path) or weights name (ResNet18_Weights.IMAGENET1K_V1, "
+        "downloaded); the trunk and every branch start from it, the classifiers fresh. None: from scratch"))
+    pretrained_branch_noise: float | None = Field(None, ge=0, le=1, description=(
+        "With pretrained: noise (this share of each conv's std) on every branch's copy of the last stage, so the "
+        "branches start apart; None: 0.1 (docs/PRETRAINED.md); 0: identical copies"))
+
+    @model_validator(mode="after")
+    def _pretrained_resnet18(self) -> ModelConfig:
+        if self.pretrained is not None and self.arch != "resnet18":
+            raise ValueError(f"pretrained is a torchvision ResNet-18 state dict: it needs arch resnet18, not "
+                             f"{self.arch}")
+        return self
 
 
 class LossConfig(Section):
@@ -92,6 +105,8 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1, description="CPU threads; None: PyTorch's default")
     eval_every: int | None = Field(None, ge=1, description="Validate every N epochs and always after the last "
                                                            "(selection uses the last); None: every epoch")
+    tensorboard: bool | None = Field(None, description="TensorBoard event files of train and compress under "
+                                     "<run>/<stage>/tb (pip install -e '.[tensorboard]'); not in any fingerprint")
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
@@ -375,6 +390,7 @@ class Config(Section):
     def section_hash(self, *sections: str) -> str:
         """A stable digest of some top-level fields: a stage is stale when its digest changes."""
         dumped = self.model_dump(mode="json")
+        dumped["train"]["tensorboard"] = None  # curves or not, the weights are the same
         data = {s: _set_fields(dumped[s]) for s in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

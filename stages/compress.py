@@ -28,7 +28,7 @@ from pipeline.deploy.guard import guard
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import sha256_file, write_json
 from pipeline.stage import StageContext, StageResult
-from pipeline.training import checkpoint, fit, loop, prune
+from pipeline.training import checkpoint, curves, fit, loop, prune
 from pipeline.training.data import Datasets, ImageSet, load_datasets, training_batches
 from pipeline.training.evaluate import evaluate
 from pipeline.training.loss import distill_loss
@@ -160,7 +160,8 @@ def _finetune(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, 
         return distill_loss(logits, target, labels, cfg.temperature, cfg.kd_weight), logits
 
     history = fit.fit(ctx, plan, start, batches, loss, record=_record,
-                      sinks=[lambda epoch, _: ctx.console.print(fit.epoch_line(plan.title, epoch))])
+                      sinks=[lambda epoch, _: ctx.console.print(fit.epoch_line(plan.title, epoch)),
+                             *curves.sinks(ctx, "compress")])
     student.to(memory_format=torch.contiguous_format)  # the model file holds plain tensors
     return history
 

@@ -18,7 +18,7 @@ from pipeline.config import Config
 from pipeline.errors import UsageError
 from pipeline.rundir import write_text
 from pipeline.stage import StageContext, StageResult
-from pipeline.training import checkpoint, fit, loop
+from pipeline.training import checkpoint, curves, fit, loop, pretrained
 from pipeline.training.data import Datasets, load_datasets, training_batches
 from pipeline.training.evaluate import evaluate
 from pipeline.training.imagefolder import check_images
@@ -52,6 +52,8 @@ def run(ctx: StageContext) -> StageResult:
     model = build_model(spec).to(device)
     plan = _plan(ctx, model, spec, len(data.train))
     start = fit.resume_point(ctx, plan)
+    if cfg.model.pretrained and start == fit.Start():  # a resumed run's weights are last.pt's
+        pretrained.start_from(model, cfg.model.pretrained, _branch_noise(cfg))
     plan.module = _distributed(ctx, model)
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -68,7 +70,8 @@ def run(ctx: StageContext) -> StageResult:
             write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     history = fit.fit(ctx, plan, start, batches, loss, record=_recorder(ctx, model, data),
-                      sinks=[write_metrics, lambda epoch, history: ctx.console.print(_epoch_line(epoch, history[-1]))])
+                      sinks=[write_metrics, lambda epoch, history: ctx.console.print(_epoch_line(epoch, history[-1])),
+                             *curves.sinks(ctx, "train")])
     test = evaluate(model, data.test, device, cfg.train.eval_batch_size, ctx.rank, ctx.world,
                     channels_last=cfg.train.channels_last)
     model_path = out_dir / "model.pt"
@@ -84,6 +87,11 @@ def run(ctx: StageContext) -> StageResult:
                  "params": count_parameters(model), "images_per_s": round(sum(measured) / len(measured), 1),
                  "spec": spec.to_dict()},
     )
+
+
+def _branch_noise(cfg: Config) -> float:
+    noise = cfg.model.pretrained_branch_noise
+    return pretrained.DEFAULT_BRANCH_NOISE if noise is None else noise
 
 
 def _plan(ctx: StageContext, model: nn.Module, spec: ModelSpec, train_size: int) -> fit.Plan:
