@@ -82,11 +82,17 @@ def _execute(config: Path, overrides: list[str] | None, *, until: str | None = N
 @app.command()
 def run(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt,
         until: Optional[str] = typer.Option(None, help=f"Stop after this stage ({', '.join(STAGE_NAMES)})"),
-        force: Optional[str] = typer.Option(None, help="Rerun this stage and every stage after it"),
+        from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun this stage and every stage after it"),
+        force: bool = typer.Option(False, "--force", help="Rerun every stage even if up to date"),
         debug: bool = DebugOpt) -> None:
     """Run every stage in order, skipping those already up to date."""
-    _guard(lambda: _execute(config, overrides, until=_check_stage(until, "--until"),
-                            force=_check_stage(force, "--force")), debug)
+    def action() -> None:
+        if force and from_stage:
+            raise UsageError("--force reruns every stage and --from reruns from one; give one of them")
+        _execute(config, overrides, until=_check_stage(until, "--until"),
+                 force=STAGE_NAMES[0] if force else _check_stage(from_stage, "--from"))
+
+    _guard(action, debug)
 
 
 def _sentence(text: str) -> str:
@@ -217,6 +223,23 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory, e.g. arti
 def show_config(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt, debug: bool = DebugOpt) -> None:
     """Print the resolved config (defaults filled in) as YAML."""
     _guard(lambda: typer.echo(load_config(config, overrides or []).to_yaml()), debug)
+
+
+@app.command("config-reference")
+def config_reference(write: bool = typer.Option(False, "--write", help="Rewrite docs/CONFIG.md instead of printing"),
+                     debug: bool = DebugOpt) -> None:
+    """Print every config field with its type, default and meaning (the source of docs/CONFIG.md)."""
+    from pipeline.config_reference import REFERENCE_PATH, reference_markdown
+
+    def action() -> None:
+        text = reference_markdown()
+        if not write:
+            typer.echo(text, nl=False)
+            return
+        REFERENCE_PATH.write_text(text)
+        console.print(f"wrote {REFERENCE_PATH}")
+
+    _guard(action, debug)
 
 
 def main() -> None:

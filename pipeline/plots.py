@@ -35,7 +35,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not JSON lines ({exc}); rerun with --force train") from None
+        raise ArtifactError(f"{path} is not JSON lines ({exc}); rerun with --from train") from None
 
 
 def write_training_curves(runs: list[Curves], path: Path, title: str) -> None:

@@ -283,8 +283,8 @@ class RunDir:
         record = entry["outputs"][key]
         path = self.recorded_path(record["path"])
         if not path.exists():
-            raise ArtifactError(f"{path} is missing; rerun with --force {stage}")
+            raise ArtifactError(f"{path} is missing; rerun with --from {stage}")
         if sha256_file(path) != record["sha256"]:
             raise ArtifactError(f"{path} does not match the sha256 recorded when '{stage}' wrote it "
-                                f"(truncated or modified); rerun with --force {stage}")
+                                f"(truncated or modified); rerun with --from {stage}")
         return path

@@ -94,7 +94,7 @@ def state(cfg: Config, stage: StageDef, run: RunDir) -> tuple[str, str]:
             return "stale", f"{record['path']} is missing"
         if sha256_file(path) != record["sha256"]:
             raise ArtifactError(f"{path} does not match the sha256 recorded in the manifest (truncated or "
-                                f"modified); it will not be used: rerun with --force {stage.name}")
+                                f"modified); it will not be used: rerun with --from {stage.name}")
     return "done", ""
 
 
@@ -120,7 +120,7 @@ def check_same_run(cfg: Config, run: RunDir) -> None:
                 changed.append(section)
         what = ", ".join(changed[:4]) or "a field this version of one-pipeline added"
         raise UsageError(f"{run.root} holds a run trained with another config (changed: {what}); "
-                         "use another run name (--set name=...) or retrain it with --force train")
+                         "use another run name (--set name=...) or retrain it with --from train")
 
 
 def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None = None,
@@ -128,7 +128,7 @@ def run_stages(cfg: Config, run: RunDir, ctx: StageContext, *, until: str | None
     """Run the chain (or one stage and what it needs); returns {stage: status}. Raises on failure."""
     last = STAGE_NAMES.index(until or only or STAGE_NAMES[-1])
     forced_from = STAGE_NAMES.index(force) if force else len(STAGE_NAMES)
-    if forced_from > 0:  # --force train may overwrite another config's run
+    if forced_from > 0:  # --from train may overwrite another config's run
         check_same_run(cfg, run)
     results: dict[str, str] = {}
     try:

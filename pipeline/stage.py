@@ -29,7 +29,7 @@ class StageContext:
     console: Console = dataclasses.field(default_factory=lambda: Console(quiet=True))
     rank: int = 0  # under torchrun: this process's rank (only rank 0 writes)
     world: int = 1
-    fresh: bool = False  # --force train: start over instead of resuming from the last checkpoint
+    fresh: bool = False  # --from train: start over instead of resuming from the last checkpoint
     label: str = ""  # put before progress descriptions (compare: which of its runs this is)
 
     def input(self, stage: str, key: str) -> Path:

@@ -274,7 +274,7 @@ def run(ctx: StageContext) -> StageResult:
     branch_path = ctx.input("strip", "model")
     branch, payload = checkpoint.load_model(branch_path)
     if payload["spec"]["method"] != "single" or "branch" not in payload:
-        raise ArtifactError(f"{branch_path} is not a stripped branch; rerun with --force strip")
+        raise ArtifactError(f"{branch_path} is not a stripped branch; rerun with --from strip")
     models: dict[str, nn.Module] = {"branch": branch}
     if cfg.ensemble and ctx.summary("train").get("method", ctx.cfg.model.method) == "one":
         full, _ = checkpoint.load_model(ctx.input("train", "model"))

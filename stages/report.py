@@ -34,16 +34,6 @@ from pipeline.plots import Curves, milliseconds_axis, read_metrics, write_traini
 from pipeline.rundir import atomic_path, write_text
 from pipeline.stage import StageContext, StageResult
 
-# Said after every ONE run whose data has no compare yet: what this project measured of ONE's kept branch
-# against the same network trained alone (README: "Is ONE worth it on this data?", "Where does ONE pay?",
-# and Compress's five-way tables).
-MEASURED_SO_FAR = ("On Fashion-MNIST, no regime measured so far made ONE's kept branch more accurate than the same "
-                   "network trained alone beyond the seed noise: -0.25 points on all 55,000 images over 2 epochs (3 "
-                   "seeds), -0.26 to +0.27 trained to convergence on 2,500 to 10,000 images (3 seeds each), +0.84 with "
-                   "40% noisy labels (7 seeds, 95% interval -0.08 to +1.75), for 1.5x the training time; pruned to "
-                   "half its FLOPs and distilled from ONE-E, it trailed the pruned vanilla network by 0.33 to 0.53 "
-                   "points on all 55,000 images and led it by 0.66 to 0.89 with noisy labels (3 seeds, p 0.045 to "
-                   "0.25)")
 PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and its legend on the right
 
 
@@ -72,8 +62,8 @@ def run(ctx: StageContext) -> StageResult:
 
 def worth_it(ctx: StageContext) -> str | None:
     """Is ONE worth its training cost on this data? The verdict of `one-pipeline compare` where this run's
-    compare exists (`<output_root>/<name>-compare/compare.json`), else what this project measured so far and
-    the command that measures it. None for a vanilla run."""
+    compare exists (`<output_root>/<name>-compare/compare.json`), else the command that measures it: a report
+    speaks of this run only. None for a vanilla run."""
     if ctx.summary("train").get("method", ctx.cfg.model.method) != "one":
         return None
     found = ctx.cfg.output_root / f"{ctx.cfg.name}-compare" / "compare.json"
@@ -84,8 +74,10 @@ def worth_it(ctx: StageContext) -> str | None:
                     f"{summary['gains'][0]['verdict']}")
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # no compare (or an unreadable one) yet
         pass
-    return (f"Is ONE worth its training cost? {MEASURED_SO_FAR}. Measure it on your data: "
-            "one-pipeline compare CONFIG --seeds 0,1,2 (add --compress for the pruned branch).")
+    measured = (" (the project's own Fashion-MNIST compares: docs/RESULTS.md)"
+                if ctx.cfg.data.dataset == "fashion-mnist" else "")
+    return ("Is ONE worth its training cost? This data has no compare yet; measure it: one-pipeline compare CONFIG "
+            f"--seeds 0,1,2 (add --compress for the pruned branch){measured}.")
 
 
 def load_bench(path: Path) -> BenchFile:
@@ -95,7 +87,7 @@ def load_bench(path: Path) -> BenchFile:
     except (json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else (
             f"{'.'.join(map(str, exc.errors()[0]['loc']))}: {exc.errors()[0]['msg']}")
-        raise ArtifactError(f"{path} does not follow the bench schema ({first}); rerun with --force bench") from None
+        raise ArtifactError(f"{path} does not follow the bench schema ({first}); rerun with --from bench") from None
 
 
 def markdown(bench: BenchFile, plot_name: str, export: dict | None = None, curves_name: str | None = None,

@@ -21,7 +21,7 @@ def choose_branch(val_accuracies: Sequence[float], choice: str | int = "best") -
     with ties to the lowest index. An index out of range is a UsageError naming the valid ones."""
     count = len(val_accuracies)
     if count == 0:
-        raise ArtifactError("train recorded no branch accuracies; rerun with --force train")
+        raise ArtifactError("train recorded no branch accuracies; rerun with --from train")
     if isinstance(choice, int):
         if not 0 <= choice < count:
             valid = f"branches {', '.join(map(str, range(count)))}" if count > 1 else "only branch 0"
@@ -42,11 +42,11 @@ def run(ctx: StageContext) -> StageResult:
         val_branches, test_branches = list(val["branches"]), list(test["branches"])
     except (KeyError, TypeError):
         raise ArtifactError("train's summary has no validation/test accuracies in the manifest; rerun with "
-                            "--force train") from None
+                            "--from train") from None
     method = train.get("method", "one")
     if method == "vanilla" and len(val_branches) != 1:
         raise ArtifactError(f"train's summary says vanilla but lists {len(val_branches)} networks; rerun with "
-                            "--force train")
+                            "--from train")
     index, reason = choose_branch(val_branches, ctx.cfg.select.branch)
     selection: dict[str, Any] = {
         "branch": index,

@@ -64,12 +64,12 @@ def run(ctx: StageContext) -> StageResult:
     if spec.method == "one":
         if index >= spec.branches:
             raise ArtifactError(f"select chose branch {index} but train/model.pt has {spec.branches} branches; "
-                                "rerun with --force select")
+                                "rerun with --from select")
         single = strip_branch(full, index)
         reference_index: int | None = index
     else:
         if index != 0:
-            raise ArtifactError(f"select chose branch {index} of a vanilla network; rerun with --force select")
+            raise ArtifactError(f"select chose branch {index} of a vanilla network; rerun with --from select")
         single, reference_index = full, None  # vanilla: already a plain network
 
     data = load_datasets(ctx.cfg.data)

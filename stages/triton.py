@@ -150,7 +150,7 @@ def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | 
     onnx_path = exported_onnx(ctx.run, f"onnx_{info['precision']}")
     if info.get("onnx_sha256") != sha256_file(onnx_path):
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
-                            "rerun with --force engine")
+                            "rerun with --from engine")
     low, high = info["profile"]["min"][0], info["profile"]["max"][0]
     name = triton_model_name(base, "branch", "tensorrt", info["precision"])
     if low > 1:

@@ -156,7 +156,7 @@ def test_corrupted_checkpoint_is_detected_never_used(trained_run, tmp_path):
     model = run.path("train/model.pt")
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     result = runner.invoke(app, ["run", str(config), "--until", "select"])
-    assert result.exit_code == 1 and "sha256" in result.output and "--force train" in result.output
+    assert result.exit_code == 1 and "sha256" in result.output and "--from train" in result.output
     assert run.stage("select") is None
     status = runner.invoke(app, ["status", str(config)])
     assert "corrupted" in status.output

@@ -148,12 +148,26 @@ def test_resolved_yaml_round_trips():
     assert Config.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
-def test_readme_documents_every_config_field():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_docs_config_documents_every_config_field_and_is_current():
+    from pipeline.config_reference import REFERENCE_PATH, reference_markdown
+
+    text = REFERENCE_PATH.read_text()
     for name, field in Config.model_fields.items():
         sections = getattr(field.annotation, "model_fields", None)
         for path in ([f"{name}.{sub}" for sub in sections] if sections else [name]):
-            assert f"| `{path}` |" in readme, f"README's config reference lacks {path}"
+            assert f"| `{path}` |" in text, f"docs/CONFIG.md lacks {path}"
+    assert text == reference_markdown(), "docs/CONFIG.md is stale: run `one-pipeline config-reference --write`"
+
+
+def test_the_readmes_config_keys_exist_in_the_schema():
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    keys = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", readme, flags=re.M))
+    assert keys, "the README's table of the config keys people change is missing"
+    for key in keys:
+        section, name = key.split(".")
+        assert name in Config.model_fields[section].annotation.model_fields, f"README names {key}, not in the schema"
 
 
 def test_output_root_expands_the_home_folder(tmp_path, monkeypatch):

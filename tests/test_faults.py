@@ -320,7 +320,7 @@ def test_an_onnx_exported_from_another_checkpoint_is_refused(tmp_path, tiny_onnx
         onnx.save(proto, str(run.path("export/model_fp32.onnx")))
         run.record("export", {"status": "done", "fingerprint": "t",
                               "outputs": run.describe_outputs({"onnx_fp32": run.path("export/model_fp32.onnx")})})
-        with pytest.raises(ArtifactError, match="another checkpoint.*--force export") if refused else \
+        with pytest.raises(ArtifactError, match="another checkpoint.*--from export") if refused else \
                 contextlib.nullcontext():
             assert exported_onnx(run, "onnx_fp32") == run.path("export/model_fp32.onnx")
 

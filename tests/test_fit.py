@@ -93,7 +93,7 @@ def test_ctrl_c_after_an_epoch_stops_and_a_checkpoint_of_another_config_is_refus
     with pytest.raises(fit.Interrupted, match="interrupted after epoch 1"):
         _run(ctx, _plan(ctx, tmp_path / "last.pt"))
     monkeypatch.undo()
-    with pytest.raises(UsageError, match="--force train"):
+    with pytest.raises(UsageError, match="--from train"):
         fit.resume_point(ctx, _plan(ctx, tmp_path / "last.pt", fingerprint="other"))
     assert fit.resume_point(ctx, _plan(ctx, tmp_path / "last.pt", fingerprint="other"),
                             other_config="restart") == fit.Start()

@@ -20,7 +20,7 @@ from pipeline.plots import CURVES_DPI, CURVES_SIZE_IN, Curves, training_curves_f
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, stage_def
 from stages import report as report_stage
-from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, plot_figure, write_plot
+from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, plot_figure, worth_it, write_plot
 from tests.conftest import make_ctx
 from tests.test_bench import benched_copy
 
@@ -198,6 +198,7 @@ def test_a_one_run_says_whether_one_paid_from_its_compare_else_what_was_measured
     run, _ = reported
     text = run.path("report/report.md").read_text()
     assert "Is ONE worth its training cost?" in text and "one-pipeline compare CONFIG --seeds 0,1,2" in text
+    assert "measured so far" not in text and "Fashion-MNIST" not in text  # no project findings in a user's report
     cfg = load_config(run.root / "config.yaml")
     compare_dir = cfg.output_root / f"{cfg.name}-compare"
     compare_dir.mkdir()
@@ -213,6 +214,17 @@ def test_a_one_run_says_whether_one_paid_from_its_compare_else_what_was_measured
     finally:
         shutil.rmtree(compare_dir)
         execute(cfg, stage_def("report"), run, make_ctx(cfg, run))
+
+
+def test_the_worth_it_sentence_quotes_no_figure_the_run_did_not_measure(reported):
+    """Fashion-MNIST runs too: the project's own compares are pointed to (docs/RESULTS.md), never quoted."""
+    run, _ = reported
+    cfg = load_config(run.root / "config.yaml")
+    for dataset in ("synthetic", "fashion-mnist"):
+        other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": dataset})})
+        sentence = worth_it(make_ctx(other, run))
+        assert "one-pipeline compare CONFIG" in sentence and not re.search(r"[-+]?\d+\.\d+|\d+%", sentence)
+        assert ("docs/RESULTS.md" in sentence) is (dataset == "fashion-mnist")
 
 
 def _with_target(data: dict, **check) -> BenchFile:

@@ -79,15 +79,35 @@ def test_changed_opset_reruns_export_and_after_not_training(full_run, tmp_path):
     assert "stale" in status.output
 
 
-def test_force_and_until(full_run):
+def test_from_and_until(full_run):
     config, run, _ = full_run
     before = finished(run)
-    result = runner.invoke(app, ["run", str(config), "--force", "strip", "--until", "export"])
+    result = runner.invoke(app, ["run", str(config), "--from", "strip", "--until", "export"])
     assert result.exit_code == 0, result.output
     after = finished(run)
     assert after["train"] == before["train"] and after["select"] == before["select"]
     assert after["strip"] != before["strip"] and after["export"] != before["export"]
     assert after["bench"] == before["bench"]  # --until export stopped there
+
+
+def test_force_is_a_flag_on_run_and_on_every_stage_command(full_run, monkeypatch):
+    """--force reruns what the command runs: every stage for `run`, the one stage for a stage command."""
+    config, run, _ = full_run
+    before = finished(run)
+    result = runner.invoke(app, ["strip", str(config), "--force"])
+    assert result.exit_code == 0, result.output
+    after = finished(run)
+    assert [n for n in STAGE_NAMES if after[n] != before[n]] == ["strip"]
+    calls = []
+    monkeypatch.setattr("pipeline.cli.run_stages", lambda cfg, run, ctx, **kw: calls.append(kw) or {})
+    assert runner.invoke(app, ["run", str(config), "--force"]).exit_code == 0
+    assert runner.invoke(app, ["strip", str(config), "--force"]).exit_code == 0
+    assert calls == [{"until": None, "force": "train", "only": None},
+                     {"until": None, "force": "strip", "only": "strip"}]
+    result = runner.invoke(app, ["run", str(config), "--force", "--from", "strip"])
+    assert result.exit_code == 2 and "give one of them" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["run", str(config), "--from", "strp"])
+    assert result.exit_code == 2 and "--from 'strp' is not a stage" in result.output
 
 
 def test_export_branch_override_out_of_range(full_run):

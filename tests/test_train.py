@@ -104,7 +104,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     run = _train(cfg)
     run.forget("train")  # as if it had been interrupted
     other = validate_config(tiny_dict(tmp_path, train={"epochs": 1}, model={"arch": "resnet32"}))
-    with pytest.raises(UsageError, match="--force train"):
+    with pytest.raises(UsageError, match="--from train"):
         _train(other)
 
 

@@ -216,7 +216,7 @@ def test_skipped_engine_removes_an_earlier_plan_model_and_keeps_foreign_folders(
 def test_plan_built_from_another_onnx_is_refused(tmp_path, tiny_onnx):
     ctx = make_run(tmp_path, {"fp32": tiny_onnx})
     record_engine(ctx, onnx_sha="0" * 64)
-    with pytest.raises(ArtifactError, match="--force engine"):
+    with pytest.raises(ArtifactError, match="--from engine"):
         triton.run(ctx)
 
 

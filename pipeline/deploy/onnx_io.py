@@ -71,7 +71,7 @@ def read_onnx_io(path: Path) -> OnnxSignature:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: a truncated or foreign file
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --force export")
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --from export")
     initializers = {t.name for t in model.graph.initializer}
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -96,7 +96,7 @@ def read_onnx_io(path: Path) -> OnnxSignature:
             names = None
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ArtifactError(f"{path.name}: metadata class_names is not a JSON list of strings; "
-                                "rerun with --force export")
+                                "rerun with --from export")
         names = tuple(names)
     return OnnxSignature(inputs, outputs, names)
 
@@ -117,12 +117,12 @@ def exported_onnx(run: RunDir, key: str) -> Path:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: a truncated or foreign file
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --force export")
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --from export")
     written_from = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256")
     stage, output = SOURCES["pruned" if key.startswith("pruned_") else "branch"]
     record = (run.stage(stage) or {}).get("outputs", {}).get(output, {})
     if written_from != record.get("sha256"):
         raise ArtifactError(f"{path} was exported from another checkpoint (sha256 {str(written_from)[:16]}, "
                             f"{record.get('path', stage)} is {str(record.get('sha256'))[:16]}); rerun with "
-                            "--force export")
+                            "--from export")
     return path

@@ -133,7 +133,7 @@ class Predictor:
             names = json.loads(meta["class_names"])
         except (KeyError, ValueError, TypeError):
             raise ArtifactError(f"{path} lacks the preprocessing metadata (input_shape, mean, std, dataset, "
-                                "class_names) predict needs; rerun with --force export") from None
+                                "class_names) predict needs; rerun with --from export") from None
         return cls(path, form, why, preprocessing, list(names), ort_session(path, ["CPUExecutionProvider"]),
                    max_pixels)
 

@@ -45,5 +45,5 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise ArtifactError(f"{path} does not fit architecture {spec.arch} ({first}); it comes from another "
-                            "model: rerun with --force train") from None
+                            "model: rerun with --from train") from None
     return model.eval(), payload

@@ -56,11 +56,11 @@ def resume(path: Path, fingerprint: str, model: nn.Module, optimizer, scheduler,
     state = checkpoint.load(path)
     if state.get("fingerprint") != fingerprint:
         raise UsageError(f"{path} was written by a run with another {what} config; run with "
-                         f"--force {stage} to start over (or use another run name)")
+                         f"--from {stage} to start over (or use another run name)")
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError:
-        raise UsageError(f"{path} holds an incompatible architecture; run with --force {stage} to start "
+        raise UsageError(f"{path} holds an incompatible architecture; run with --from {stage} to start "
                          "over") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
