@@ -107,6 +107,25 @@ def test_a_plan_that_misses_when_confirmed_gives_way():
     assert result.chosen.confirmed and base / _fake_ms(result.chosen.shape) >= 2.0
 
 
+def test_after_lucky_probes_miss_the_search_goes_on_up_from_the_smallest_plan():
+    """What a quickstart's planner met on a 2-core AMD EPYC: each one-knob probe read fast in its 3 noisy rounds,
+    every one missed when confirmed, and the smallest plan (3.7x for a 1.5x target) was left. The search must
+    refine again from where the misses leave it and keep nearly as much as the widest plan truly meeting."""
+    space = _space()
+    base = _fake_ms(space.full())
+    probes = set(latency_plan.Search(space, FakeClock(), latency_plan.Target(speedup=1.5), budget=40).probes())
+
+    def clock(shapes, rounds):
+        confirming = rounds == latency_plan.CONFIRM_ROUNDS
+        return {s: [base / 1.9 if s in probes and not confirming else _fake_ms(s)] * rounds for s in shapes}
+
+    result = latency_plan.Search(space, clock, latency_plan.Target(speedup=1.5), budget=40).run()
+    truly = [s for s in itertools.product(*space.values) if base / _fake_ms(s) >= 1.5]
+    widest = max(space.flops(s) for s in truly)
+    assert any(c.confirmed is False for c in result.candidates)  # the lucky probes were caught
+    assert result.chosen.shape in truly and result.chosen.flops >= 0.9 * widest, (result.chosen.flops, widest)
+
+
 def test_plan_flops_count_depth_as_torch_does():
     torch.manual_seed(0)
     net = SingleNet(QUICKSTART).eval()

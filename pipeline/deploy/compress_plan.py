@@ -206,7 +206,8 @@ def plan_document(space: latency_plan.PlanSpace, result: latency_plan.Result, ta
             "budget_spent": result.budget_spent, "rounds": {"step": latency_plan.ROUNDS,
                                                             "repeat": latency_plan.REPEAT_ROUNDS,
                                                             "confirm": latency_plan.CONFIRM_ROUNDS},
-            "iterations_per_round": plan_timing.ITERATIONS, "branch": record(result.base),
+            "iterations_per_round": {"least": plan_timing.MIN_ITERATIONS, "most": plan_timing.ITERATIONS,
+                                     "turn_ms": plan_timing.TURN_MS}, "branch": record(result.base),
             "chosen": record(result.chosen), "candidates": [record(c) for c in ranked if c is not result.base]}
 
 
