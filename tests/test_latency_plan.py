@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import validate_config
-from pipeline.deploy import compress_plan, latency_plan, plan_timing
+from pipeline.deploy import compress_plan, latency_plan, plan_timing, target_timing
 from pipeline.deploy.onnx_io import export_onnx
 from pipeline.deploy.timing import count_flops
 from pipeline.errors import ConfigError, UsageError
@@ -124,6 +124,21 @@ def test_after_lucky_probes_miss_the_search_goes_on_up_from_the_smallest_plan():
     widest = max(space.flops(s) for s in truly)
     assert any(c.confirmed is False for c in result.candidates)  # the lucky probes were caught
     assert result.chosen.shape in truly and result.chosen.flops >= 0.9 * widest, (result.chosen.flops, widest)
+
+
+def test_the_paired_rounds_decide_the_target_over_the_tables_ratio():
+    """The bench table's p50s of the two forms (1.04x) against their paired rounds (1.48x): the paired decide."""
+    from pipeline.deploy import target_check
+    from tests.test_bench import _row
+
+    rows = [_row("branch_onnx_fp32", 90.0, 0.223), _row("pruned_onnx_fp32", 90.0, 0.215, model="pruned")]
+    compress = {"status": "done", "summary": {"deployed": True, "latency_plan": {
+        "target": {"speedup": 1.5}, "runtime": "onnxruntime", "precision": "fp32", "batch": 1, "speedup": 1.51}}}
+    alone = target_check.headline_target(rows, compress, "cpu", 2)
+    paired = target_check.headline_target(rows, compress, "cpu", 2, {"speedup": 1.48, "ms": 0.19, "rounds": 15})
+    assert (alone["met"], alone["achieved_speedup"], alone.get("paired_rounds")) == (False, 1.0372, None)
+    assert (paired["achieved_speedup"], paired["table_speedup"], paired["paired_rounds"]) == (1.48, 1.0372, 15)
+    assert paired["why"] == "planner_and_bench_disagree" and paired["planner_vs_bench"] == round(1.48 / 1.51 - 1, 4)
 
 
 def test_plan_flops_count_depth_as_torch_does():
@@ -345,9 +360,12 @@ def test_a_tiny_run_with_a_latency_target_goes_through_bench_and_report(trained_
     assert (target["row"], target["versus"], target["plan"]) == ("pruned_onnx_fp32", "branch_onnx_fp32",
                                                                 chosen["label"])
     assert target["planned_speedup"] == chosen["speedup"] and target["same_host"] is True
+    # measured as the planner measures: the two forms alone in paired rounds, the table's ratio kept beside it
+    assert target["paired_rounds"] == target_timing.TARGET_ROUNDS and target["table_speedup"] > 0
     assert target["met"] == (target["achieved_speedup"] >= 1.3) and target["why"] in ("met",
                                                                                    "planner_and_bench_disagree")
     text = run.output("report", "report").read_text()
     verdict = "met: the bench measured" if target["met"] else "MISSED: the bench measured"
     assert f"**Latency target 1.3x the kept branch in onnxruntime fp32 at batch 1: {verdict}" in text
+    assert f"over {target_timing.TARGET_ROUNDS} paired rounds; the table's p50s: " in text
     assert "## Latency plan (compress/plan.json)" in text and f"| {chosen['label']} | **chosen** |" in text
