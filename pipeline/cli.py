@@ -242,6 +242,25 @@ def config_reference(write: bool = typer.Option(False, "--write", help="Rewrite 
     _guard(action, debug)
 
 
+@app.command("results")
+def results(write: bool = typer.Option(False, "--write", help="Rewrite docs/RESULTS.md and the README's key-results "
+                                       "table instead of printing"), debug: bool = DebugOpt) -> None:
+    """Print every measured table (docs/RESULTS.md) from the JSON records in docs/results/."""
+    from pipeline import results as measured
+
+    def action() -> None:
+        text = measured.results_markdown()
+        if not write:
+            typer.echo(text, nl=False)
+            return
+        measured.RESULTS_PATH.write_text(text)
+        readme = measured.README_PATH.read_text()
+        measured.README_PATH.write_text(measured.readme_with_key_results(readme))
+        console.print(f"wrote {measured.RESULTS_PATH} and the key results in {measured.README_PATH}")
+
+    _guard(action, debug)
+
+
 def main() -> None:
     app()
 
