@@ -134,7 +134,7 @@ for _stage in STAGES:  # in the runner's order, so `--help` lists the stages as 
 
 @app.command(help="Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether "
                   "ONE's kept branch is better, with a paired significance figure and the cost (writes "
-                  "<name>-compare/compare.md). Regimes measured (README, Results): configs/edge.yaml (the "
+                  "<name>-compare/compare.md). Regimes measured (docs/RESULTS.md): configs/edge.yaml (the "
                   "quickstart: 55,000 images, 2 epochs), configs/edge_small_data_long.yaml (5,000 images, 60 "
                   "epochs), configs/edge_noisy_labels.yaml (the same with 40% of the training labels noisy); "
                   "`one-pipeline gain-map` puts several compares in one table and one plot.")
