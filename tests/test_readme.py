@@ -41,3 +41,9 @@ def test_the_readme_is_short_and_names_no_commit():
     assert len(readme.splitlines()) <= 250
     hashes = re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b", readme)  # hex with letters and digits
     assert not hashes, hashes
+
+
+def test_every_file_the_readme_links_exists():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#:]+)\)", readme)
+    assert links and not [link for link in links if not (ROOT / link).exists()]
