@@ -16,49 +16,11 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from pipeline.deploy import openvino_runtime  # noqa: E402
-from pipeline.deploy.bench_rounds import onnx_call  # noqa: E402
-from pipeline.deploy.onnx_io import exported_onnx, onnx_key  # noqa: E402
-from pipeline.deploy.plan_timing import time_in_rounds  # noqa: E402
-from pipeline.deploy.runtime import input_dtype, ort_session  # noqa: E402
+from pipeline.deploy.target_timing import form_call, measure_pair  # noqa: E402
 from pipeline.rundir import RunDir, cpu_model  # noqa: E402
-
-
-def form_call(run: RunDir, model: str, runtime: str, precision: str, threads: int,
-              batch: int) -> Callable[[], Any]:
-    """The exported file of `model` (branch or pruned) in `runtime` at `precision`, as a call on a fixed
-    random batch."""
-    if runtime not in ("onnxruntime", "openvino"):
-        raise SystemExit(f"{runtime}: this script times onnxruntime and openvino forms")
-    source = openvino_runtime.FORMS[precision][0] if runtime == "openvino" else precision
-    path = exported_onnx(run, onnx_key(model, source))
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
-    x = np.random.default_rng(0).standard_normal((batch, *(d.dim_value for d in dims))).astype(np.float32)
-    if runtime == "openvino":
-        compiled = openvino_runtime.compile_onnx(path, precision, threads)
-        return lambda: compiled(x)
-    session = ort_session(path, ["CPUExecutionProvider"], threads)
-    x = x.astype(input_dtype(session))
-    call = onnx_call(session, "CPUExecutionProvider")
-    return lambda: call(x)
-
-
-def measure(calls: dict[str, Callable[[], Any]], rounds: int, repeats: int, iterations: int) -> list[dict]:
-    """Per repeat: the median over rounds of the per-round speed-up and of the pruned form's p50."""
-    found = []
-    for _ in range(repeats):
-        per_round = time_in_rounds(calls, rounds, iterations=iterations)
-        found.append({"speedup": statistics.median(b / p for b, p in zip(per_round["branch"], per_round["pruned"])),
-                      "ms": statistics.median(per_round["pruned"]),
-                      "branch_ms": statistics.median(per_round["branch"])})
-    return found
 
 
 def main() -> None:
@@ -79,7 +41,7 @@ def main() -> None:
     runtime, precision, batch = plan["runtime"], plan["precision"], plan.get("batch") or 1
     threads = args.threads or plan.get("threads") or 1
     calls = {m: form_call(run, m, runtime, precision, threads, batch) for m in ("branch", "pruned")}
-    found = measure(calls, args.rounds, args.repeats, args.iterations)
+    found = [measure_pair(calls, args.rounds, args.iterations) for _ in range(args.repeats)]
     speedup = statistics.median(f["speedup"] for f in found)
     ms = statistics.median(f["ms"] for f in found)
     target = plan["target"]

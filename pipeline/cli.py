@@ -134,7 +134,7 @@ for _stage in STAGES:  # in the runner's order, so `--help` lists the stages as 
 
 @app.command(help="Train the config's backbone alone (vanilla) and with ONE on the same seeds, and say whether "
                   "ONE's kept branch is better, with a paired significance figure and the cost (writes "
-                  "<name>-compare/compare.md). Regimes measured (README, Results): configs/edge.yaml (the "
+                  "<name>-compare/compare.md). Regimes measured (docs/RESULTS.md): configs/edge.yaml (the "
                   "quickstart: 55,000 images, 2 epochs), configs/edge_small_data_long.yaml (5,000 images, 60 "
                   "epochs), configs/edge_noisy_labels.yaml (the same with 40% of the training labels noisy); "
                   "`one-pipeline gain-map` puts several compares in one table and one plot.")
@@ -238,6 +238,25 @@ def config_reference(write: bool = typer.Option(False, "--write", help="Rewrite 
             return
         REFERENCE_PATH.write_text(text)
         console.print(f"wrote {REFERENCE_PATH}")
+
+    _guard(action, debug)
+
+
+@app.command("results")
+def results(write: bool = typer.Option(False, "--write", help="Rewrite docs/RESULTS.md and the README's key-results "
+                                       "table instead of printing"), debug: bool = DebugOpt) -> None:
+    """Print every measured table (docs/RESULTS.md) from the JSON records in docs/results/."""
+    from pipeline import results as measured
+
+    def action() -> None:
+        text = measured.results_markdown()
+        if not write:
+            typer.echo(text, nl=False)
+            return
+        measured.RESULTS_PATH.write_text(text)
+        readme = measured.README_PATH.read_text()
+        measured.README_PATH.write_text(measured.readme_with_key_results(readme))
+        console.print(f"wrote {measured.RESULTS_PATH} and the key results in {measured.README_PATH}")
 
     _guard(action, debug)
 

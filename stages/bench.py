@@ -30,7 +30,7 @@ from rich.markup import escape
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.deploy import bench_rounds, target_check
+from pipeline.deploy import bench_rounds, target_check, target_timing
 from pipeline.deploy.benchfile import (
     SCHEMA_VERSION,
     BenchFile,
@@ -129,7 +129,9 @@ def measure(ctx: StageContext, threads: int) -> BenchFile:
     rows = bench.finish(made, timings)
     cfg = bench.cfg
     headline = headline_figures(rows, cfg.ship_max_accuracy_drop, cfg.ship_for)
-    headline["target"] = target_check.headline_target(rows, ctx.record("compress"), cpu_model(), threads)
+    compress = ctx.record("compress")
+    headline["target"] = target_check.headline_target(rows, compress, cpu_model(), threads,
+                                                      target_timing.measure_target(ctx.run, compress, threads))
     return BenchFile.model_validate({
         "schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": bench.method, "branch": bench.branch,
         "device": str(bench.device), "threads": threads, "test_images": len(bench.test),

@@ -34,3 +34,16 @@ def test_no_file_names_a_file_outside_the_repository():
              and not {".venv", "artifacts", ".git"} & set(p.relative_to(ROOT).parts)]
     cited = [f"{p.relative_to(ROOT)}: {m}" for p in files for m in re.findall(r"shared/[\w./-]+\.md", p.read_text())]
     assert files and not cited
+
+
+def test_the_readme_is_short_and_names_no_commit():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    hashes = re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b", readme)  # hex with letters and digits
+    assert not hashes, hashes
+
+
+def test_every_file_the_readme_links_exists():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#:]+)\)", readme)
+    assert links and not [link for link in links if not (ROOT / link).exists()]

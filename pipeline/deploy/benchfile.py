@@ -150,6 +150,8 @@ class TargetCheck(Strict):
     achieved_speedup: float | None = None
     achieved_ms: float | None = None
     planner_vs_bench: float | None = None  # achieved speed-up / planned - 1
+    paired_rounds: int | None = None  # achieved over this many paired rounds of the two forms alone; None: the table's
+    table_speedup: float | None = None  # the two rows' ratio in the bench's table
     met: bool | None = None  # None: the bench did not measure the target's form
     why: Literal["met", "planner_and_bench_disagree", "accuracy_guard", "not_measured"]
     reason: str  # the verdict in one sentence

@@ -21,8 +21,9 @@ by up to 2x, so every figure is pooled over rounds and the winner is timed again
    of up to SPACE_LIMIT, else a seeded sample and the best's neighbours); the REFINE_WIDTH widest the fit
    expects to meet the target are timed, the fit is redone, until none is left or the budget is spent.
 4. repeat: plans within CLOSE of the target are timed again (REPEAT_ROUNDS), pooled with what they had.
-5. confirm: the best is timed again beside the branch (CONFIRM_ROUNDS); if its pooled rounds no longer meet
-   the target, the next best is (CONFIRM_TRIES, then the fastest plan meeting it).
+5. confirm: every plan meeting the target is timed again beside the branch (CONFIRM_ROUNDS) and judged on
+   those rounds alone; the misses drop out and steps 3 to 5 run again from the best confirmed plan, until
+   nothing wider meets the target (at most CONFIRM_TRIES passes).
 
 The best: among the plans meeting the target, the one keeping the most FLOPs (then params). FLOPs are the
 capacity proxy: they weigh every layer by the pixels it computes and fall with width and depth alike, where
@@ -218,7 +219,10 @@ class Search:
         return [s for s in shapes if s in self.candidates or s in new]
 
     def best(self) -> Candidate | None:
-        return choose([c for c in self.candidates.values() if c.shape not in self.rejected], self.target)
+        """`choose` over the plans not rejected, a confirmed one meeting the target on its confirmation."""
+        meeting = [c for c in self.candidates.values()
+                   if c.shape not in self.rejected and (c.confirmed or self.target.met_by(c))]
+        return max(meeting, key=lambda c: (*c.capacity, c.speedup), default=None)
 
     def run(self) -> Result:
         started = time.perf_counter()
@@ -304,23 +308,40 @@ class Search:
             self.log(f"repeated {len(close)} plans within {CLOSE:.0%} of the target")
 
     def confirm(self) -> Candidate:
-        """The best plan timed again, judged on those rounds alone; after CONFIRM_TRIES misses, the fastest plan
-        still meeting the target."""
-        for attempt in range(CONFIRM_TRIES + 1):
-            best = self.best() if attempt < CONFIRM_TRIES else self.fastest_meeting()
-            if best is None:
+        """Every plan meeting the target timed again together (CONFIRM_ROUNDS) and judged on those rounds alone;
+        the misses drop out, and the refine and repeat run again from the best confirmed plan (a few noisy rounds
+        can make many plans read fast, and rejecting them must not leave only the smallest plan), until the
+        best is confirmed and nothing wider meets the target, or CONFIRM_TRIES passes are done."""
+        for _ in range(CONFIRM_TRIES):
+            self.confirm_meeting()
+            confirmed = self.best()
+            if confirmed is None:
                 break
-            per_round = self.time([best.shape], CONFIRM_ROUNDS, "confirm")
-            speedup = statistics.median(b / t for b, t in zip(per_round[self.base_shape], per_round[best.shape]))
-            best.confirmation = (speedup, statistics.median(per_round[best.shape]))
-            best.confirmed = self.target.meets(*best.confirmation)
-            self.log(f"confirm {self.space.label(best.shape)}: {speedup:.2f}x, {best.confirmation[1]:.3f} ms "
-                     f"({'meets' if best.confirmed else 'misses'} the target)")
-            if best.confirmed:
-                return best
-            self.rejected.add(best.shape)
-        raise OutOfReach(self.fastest(), self.candidates[self.base_shape])
+            timed = len(self.candidates)
+            self.refine()
+            if len(self.candidates) == timed:  # nothing wider to try
+                return confirmed
+            self.repeat_close()
+            if self.best() is confirmed:
+                return confirmed
+        self.confirm_meeting()
+        if (best := self.best()) is None:
+            raise OutOfReach(self.fastest(), self.candidates[self.base_shape])
+        return best
 
-    def fastest_meeting(self) -> Candidate | None:
-        meeting = [c for c in self.candidates.values() if c.shape not in self.rejected and self.target.met_by(c)]
-        return max(meeting, key=lambda c: c.speedup, default=None)
+    def confirm_meeting(self) -> None:
+        waiting = [c for c in self.candidates.values() if c.confirmed is None and c.shape != self.base_shape
+                   and self.target.met_by(c)]
+        if not waiting:
+            return
+        per_round = self.time([c.shape for c in waiting], CONFIRM_ROUNDS, "confirm")
+        for c in waiting:
+            c.confirmation = (statistics.median(b / t for b, t in zip(per_round[self.base_shape], per_round[c.shape])),
+                              statistics.median(per_round[c.shape]))
+            c.confirmed = self.target.meets(*c.confirmation)
+            if not c.confirmed:
+                self.rejected.add(c.shape)
+        best = self.best()
+        self.log(f"confirmed {sum(c.confirmed for c in waiting)} of {len(waiting)} plans meeting the target"
+                 + (f"; best {self.space.label(best.shape)}: {best.confirmation[0]:.2f}x, {best.confirmation[1]:.3f} ms"
+                    if best is not None and best.confirmation else ""))

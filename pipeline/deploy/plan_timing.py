@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import statistics
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +31,11 @@ from pipeline.deploy.timing import in_turns, latency_samples
 from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.training.data import ImageSet
 
-WARMUP = 5  # untimed calls before each turn's samples
-ITERATIONS = 20  # timed calls per turn: a round's p50 is over these
+WARMUP = 10  # untimed calls before each turn's samples
+# timed calls per turn (a round's p50 is over these): as many as fit in TURN_MS, within these bounds. Over 20
+# calls of a quarter-millisecond network, one plan's per-round speed-up spread from 0.4x to 1.8x; 100 of them
+# take 25 ms, and a slow network still gets 20
+TURN_MS, MIN_ITERATIONS, ITERATIONS = 25.0, 20, 100
 TORCHSCRIPT_OPSET = 17
 
 
@@ -100,15 +104,21 @@ def build_call(model: nn.Module, sample_shape: tuple[int, ...], where: Where, wo
     return lambda: session.run([OUTPUT], {INPUT: inputs})
 
 
-def time_in_rounds(calls: dict[Any, Callable[[], Any]], rounds: int, iterations: int = ITERATIONS,
+def time_in_rounds(calls: dict[Any, Callable[[], Any]], rounds: int, iterations: int | None = None,
                    warmup: int = WARMUP) -> dict[Any, list[float]]:
     """Each call's p50 (ms) per round, over `rounds` rounds in which every call takes its turn (the bench's
-    `in_turns`), so that a machine that slows down mid-measurement moves every candidate alike."""
+    `in_turns`), so that a machine that slows down mid-measurement moves every candidate alike. `iterations`
+    None: as many timed calls per turn as take TURN_MS (MIN_ITERATIONS to ITERATIONS), from the warm-up's pace."""
     per_round: dict[Any, list[float]] = {key: [] for key in calls}
 
     def turn(key: Any) -> Callable[[int], None]:
         def run(index: int) -> None:
-            samples = latency_samples(calls[key], warmup=warmup, iterations=iterations, device=torch.device("cpu"))
+            started = time.perf_counter()
+            for _ in range(warmup):
+                calls[key]()
+            count = iterations or _calls_per_turn((time.perf_counter() - started) * 1e3 / max(warmup, 1))
+            samples = latency_samples(calls[key], warmup=0, iterations=count,
+                                      device=torch.device("cpu"))
             per_round[key].append(statistics.median(samples) / 1e6)
         return run
 
@@ -118,6 +128,10 @@ def time_in_rounds(calls: dict[Any, Callable[[], Any]], rounds: int, iterations:
         raise PipelineError(f"timing a candidate plan ({key}) failed: {type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
     return per_round
+
+
+def _calls_per_turn(call_ms: float) -> int:
+    return int(min(max(TURN_MS / max(call_ms, 1e-3), MIN_ITERATIONS), ITERATIONS))
 
 
 class RuntimeClock:

@@ -278,5 +278,5 @@ def _download(name: str, root: Path) -> Path:
         getattr(torchvision.datasets, name)(str(root), train=False, download=True)
     except Exception as exc:  # offline, proxy, disk: all mean the same to the user
         raise UsageError(f"could not download {name} to {root} ({type(exc).__name__}: {exc}); put the files in "
-                         "data.root by hand (see the README's Data section)") from None
+                         "data.root by hand (see docs/DATA.md)") from None
     return root
