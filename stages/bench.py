@@ -104,7 +104,7 @@ def baseline_model(cfg: Config) -> tuple[nn.Module, Path] | None:
                          f"{theirs.get('val_size')}); compare runs of the same data split")
     method = entry.summary.get("method", entry.config.get("model", {}).get("method"))
     stage = "train" if method == "vanilla" else "strip"
-    path = run.output(stage, "model")
+    path = run.output(stage, "model")  # another run's
     model, _ = load_model(path)
     return model, path
 

@@ -86,7 +86,7 @@ def test_runner_records_the_skip_and_goes_on_but_the_stage_alone_fails(tmp_path,
     ctx = _ctx(cfg)
     assert execute(cfg, stage_def("engine"), ctx.run, ctx) == "skipped"
     entry = ctx.run.stage("engine")
-    assert entry["status"] == "skipped" and "TensorRT" in entry["reason"] and entry["outputs"] == {}
+    assert entry.status == "skipped" and "TensorRT" in entry.reason and entry.outputs == {}
     with pytest.raises(StageSkipped, match="TensorRT"):
         execute(cfg, stage_def("engine"), ctx.run, ctx, strict=True)
 

@@ -265,8 +265,8 @@ def test_after_the_real_export(tmp_path, exported_run):
 
     _, copy = copy_run(exported_run[:2], tmp_path / "runs", "triton")
     has_engine = import_tensorrt()[0] is not None and torch.cuda.is_available()
-    assert copy.stage("engine")["status"] == ("done" if has_engine else "skipped")
-    summary = copy.stage("triton")["summary"]
+    assert copy.stage("engine").status == ("done" if has_engine else "skipped")
+    summary = copy.stage("triton").summary
     expected = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8",
                 "tiny_onnx_int8_cpu": "int8_cpu"}
     assert summary["models"] == {**{m: "onnxruntime_onnx" for m in expected}, "tiny_openvino_int8_cpu": "openvino",
