@@ -324,14 +324,15 @@ def table_headers(bench: BenchFile) -> list[str]:
 
 
 def rich_table(bench: BenchFile) -> Table:
-    """The terminal's table: the columns that decide, narrow enough for 80 columns (report.md has all)."""
+    """The terminal's table: the rows that ran or failed (pipeline/deploy/unmeasured.py folds the skipped ones
+    under it), the columns that decide, narrow enough for 80 columns (report.md has all)."""
     batch = bench.batch_sizes[-1]
     table = Table(title=f"bench: {bench.run} on {bench.device}, {bench.threads} thread(s), "
                         f"{bench.test_images} test images")
     for i, header in enumerate(["variant", "status", "top-1", "p50 ms", "p99 ms", f"img/s@{batch}", "MB"]):
         table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i == 0)
     colour = {"ok": "green", "skipped": "yellow", "failed": "red"}
-    for row in bench.rows:
+    for row in [r for r in bench.rows if r.status != "skipped"]:
         lat = row.latency_ms
         table.add_row(escape(_tiny_label(row)), f"[{colour[row.status]}]{escape(status_text(row))}[/]",
                       fmt(row.accuracy), fmt(lat and lat.p50, ".3f"), fmt(lat and lat.p99, ".3f"),
@@ -370,8 +371,3 @@ def headline_text(bench: BenchFile) -> str:
                  f"the images/s at batch {h.prune.batch} in {runtime_text(br)} ({h.prune.accuracy_delta:+.2f} "
                  f"points{share})")
     return text + "."
-
-
-def reason_lines(bench: BenchFile) -> list[str]:
-    """`label: status: reason` for every row that did not run."""
-    return [f"{r.label}: {status_text(r)}: {r.reason}" for r in bench.rows if r.status != "ok"]
