@@ -20,6 +20,7 @@ from pipeline.deploy.benchfile import (
     fmt,
     gain,
     headline_text,
+    of_this_version,
     pareto_front,
     rich_table,
     runtime_text,
@@ -84,9 +85,10 @@ def worth_it(ctx: StageContext) -> str | None:
 
 
 def load_bench(path: Path) -> BenchFile:
-    """bench.json, checked against its schema (pipeline/deploy/benchfile.py, docs/bench_schema.md)."""
+    """bench.json, checked against its schema (pipeline/deploy/benchfile.py, docs/bench_schema.md); a file of
+    another schema version is refused (rerun the bench)."""
     try:
-        return BenchFile.model_validate(json.loads(path.read_text()))
+        return BenchFile.model_validate(of_this_version(json.loads(path.read_text()), path))
     except (json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else (
             f"{'.'.join(map(str, exc.errors()[0]['loc']))}: {exc.errors()[0]['msg']}")

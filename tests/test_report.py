@@ -214,6 +214,17 @@ def test_report_rejects_a_bench_json_off_schema(reported, tmp_path):
         load_bench(path)
 
 
+def test_a_bench_json_of_an_older_schema_is_refused_in_one_line_that_says_to_rerun_the_bench(reported, tmp_path):
+    """A version 2 file has no pruned rows, headline.prune or headline.target: the report refuses it."""
+    path = tmp_path / "bench.json"
+    for older in (2, None):
+        path.write_text(json.dumps({**reported[1], "schema_version": older}))
+        with pytest.raises(ArtifactError) as refused:
+            load_bench(path)
+        assert str(refused.value) == (f"{path} has bench schema_version {older or 'none'}, this one-pipeline reads 3; "
+                                      "rerun the bench: one-pipeline run CONFIG --from bench")
+
+
 def test_nothing_to_report_when_the_bench_was_skipped(tiny_cfg, tmp_path):
     run = RunDir(tmp_path / "run")
     run.record("bench", {"status": "skipped", "reason": "bench.enabled is false in the config", "outputs": {}})

@@ -6,6 +6,7 @@ what it writes, the report what it reads.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,8 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name, shippable
+from pipeline.errors import ArtifactError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the pruned branch's rows, headline.prune and headline.target (docs/bench_schema.md)
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int8_cpu"]  # bf16: OpenVINO's, compiled from fp32
 
 
@@ -175,7 +177,7 @@ class Headline(Strict):
 
 
 class BenchFile(Strict):
-    schema_version: Literal[2]
+    schema_version: Literal[3]
     run: str
     method: Literal["one", "vanilla"]
     branch: int = Field(ge=0)
@@ -200,6 +202,17 @@ class BenchFile(Strict):
 
     def row(self, name: str | None) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
+
+
+def of_this_version(data: Any, path: Path) -> dict:
+    """A bench.json's contents, when written at SCHEMA_VERSION; else an ArtifactError in one line: an older
+    file lacks what this version reads (and a newer one may hold what it does not know), so rerun the bench."""
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if found != SCHEMA_VERSION:
+        raise ArtifactError(f"{path} has bench schema_version {'none' if found is None else found}, this "
+                            f"one-pipeline reads {SCHEMA_VERSION}; rerun the bench: one-pipeline run CONFIG "
+                            "--from bench")
+    return data
 
 
 def gain(row: Row | None, versus: Row | None) -> Gain | None:
