@@ -4,6 +4,7 @@ and stage contexts for it."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 import shutil
@@ -14,7 +15,10 @@ import pytest
 import torch
 import yaml
 from onnxruntime.quantization import CalibrationDataReader
+from rich.console import Console
 
+from pipeline.compare import compare
+from pipeline.compare import runs as compare_runs
 from pipeline.config import Config, validate_config
 from pipeline.deploy import quantize
 from pipeline.rundir import RunDir
@@ -183,3 +187,36 @@ def benched_run(exported_run, tmp_path_factory) -> tuple[Config, RunDir, dict, i
     threads_before = torch.get_num_threads()
     assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
     return cfg, run, json.loads(run.output("bench", "bench").read_text()), threads_before
+
+
+COMPARE_SEEDS = [0, 1]
+COMPARE_VARIANT = "branches=2"
+COMPARE_RUN_NAMES = ["vanilla-seed0", "one-seed0", "one-model.branches-2-seed0",
+                     "vanilla-seed1", "one-seed1", "one-model.branches-2-seed1"]
+
+
+@pytest.fixture(scope="session")
+def compared_tiny(tmp_path_factory):
+    """A compare of the tiny config, interrupted before its third run and then run again to the end:
+    (config file, its result, the first two runs' train records before the resume, the resumed log). Shared
+    by tests/test_compare.py and the compare --compress tests, which copy its runs to write beside them."""
+    root = tmp_path_factory.mktemp("compare")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(root / "runs")))
+    started, real = [], compare_runs.run_stages
+
+    def interrupt_third(cfg, run, ctx, **kwargs):
+        started.append(cfg.name)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, run, ctx, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare_runs, "run_stages", interrupt_third)
+        with pytest.raises(KeyboardInterrupt):
+            compare(config, [], COMPARE_SEEDS, [COMPARE_VARIANT], Console(quiet=True))
+    compare_root = root / "runs" / "tiny-compare"
+    before = {name: RunDir(compare_root / name).stage("train") for name in COMPARE_RUN_NAMES[:2]}
+    log = io.StringIO()
+    result = compare(config, [], COMPARE_SEEDS, [COMPARE_VARIANT], Console(file=log, width=200))
+    return config, result, before, log.getvalue()

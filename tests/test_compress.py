@@ -290,18 +290,21 @@ def test_compress_table_says_whether_ones_teacher_pays():
 
 
 @pytest.mark.slow
-def test_compare_compress_prunes_both_methods_five_ways(tmp_path):
+def test_compare_compress_prunes_both_methods_five_ways(compared_tiny, tmp_path):
     import yaml
     from rich.console import Console
 
     from pipeline.compare import compare
     from pipeline.compare.compress import VARIANTS, compress_compare
 
+    # the session's compare of the same tiny config (tests/conftest.py): its runs are reused, not run again
+    shutil.copytree(compared_tiny[1].root, tmp_path / "runs" / "tiny-compare", ignore=shutil.ignore_patterns(".lock"))
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", compress=SMALL)))
+    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs")))
     compare(config, [], [0, 1], [], Console(quiet=True))
     assert not (tmp_path / "runs" / "tiny-compare" / "one-seed0" / "compress" / "model.pt").exists()  # plain compare
-    compress_compare(config, [], [0, 1], Console(quiet=True))
+    # SMALL as command-line overrides: the same compress runs as with SMALL in the file
+    compress_compare(config, [f"compress.{key}={value}" for key, value in SMALL.items()], [0, 1], Console(quiet=True))
     table = json.loads((tmp_path / "runs" / "tiny-compare" / "compress.json").read_text())
     assert [r["variant"] for r in table["rows"]] == [key for key, *_ in VARIANTS]
     assert len(table["runs"]) == 10 and all(len(r["per_seed"]) == 2 for r in table["rows"])
