@@ -54,6 +54,8 @@ ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile"
 @pytest.fixture
 def benched(benched_run):
     """The session's benched run (tests/conftest.py): read it; a test that writes to it takes a private_copy."""
+    _, run, data, _ = benched_run
+    assert json.loads(run.output("bench", "bench").read_text()) == data  # no earlier test wrote to it
     return benched_run
 
 

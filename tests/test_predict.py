@@ -27,6 +27,8 @@ runner = CliRunner()
 @pytest.fixture
 def benched(benched_run):
     """The session's benched run (tests/conftest.py), read only: predict writes outside the run."""
+    _, run, data, _ = benched_run
+    assert json.loads(run.output("bench", "bench").read_text()) == data  # no earlier test wrote to it
     return benched_run[:3]
 
 
