@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Config, validate_config
+from pipeline.config import validate_config
 from pipeline.deploy import bench_rounds
 from pipeline.deploy.benchfile import (
     DEPLOYABLE,
@@ -42,31 +42,21 @@ from pipeline.training.data import load_datasets
 from stages import bench as bench_stage
 from stages import bench_measure, bench_rows
 from stages.bench_served import served_row
-from tests.conftest import copy_run, make_ctx, tiny_dict
+from tests.conftest import FAST_BENCH, benched_copy, make_ctx, private_copy, tiny_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
-FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1,
-              "rounds": 2}
 ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile", "branch_compile",
              *[f"{m}_onnx_{p}" for p in ("fp32", "fp16", "int8", "int8_cpu") for m in ("one_e", "branch")],
              *[f"{m}_openvino_{p}" for p in ("fp32", "bf16", "int8_cpu") for m in ("one_e", "branch")],
              "one_e_tensorrt", "branch_tensorrt", "branch_triton_fp32"]
 
 
-def benched_copy(exported_run, root: Path, **sections: dict) -> tuple[Config, RunDir]:
-    """A copy of the shared exported run taken through the engine stage (skipped where TensorRT or a GPU
-    is missing), with the fast bench settings."""
-    return copy_run(exported_run[:2], root, "engine", bench={**FAST_BENCH, **sections.pop("bench", {})},
-                    **sections)
-
-
-@pytest.fixture(scope="module")
-def benched(exported_run, tmp_path_factory):
-    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("bench"))
-    threads_before = torch.get_num_threads()
-    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
-    data = json.loads(run.output("bench", "bench").read_text())
-    return cfg, run, data, threads_before
+@pytest.fixture
+def benched(benched_run):
+    """The session's benched run (tests/conftest.py): read it; a test that writes to it takes a private_copy."""
+    _, run, data, _ = benched_run
+    assert json.loads(run.output("bench", "bench").read_text()) == data  # no earlier test wrote to it
+    return benched_run
 
 
 def rows(data: dict) -> dict[str, dict]:
@@ -329,9 +319,9 @@ def test_one_thread_count_for_every_row_and_restored_after(benched):
     assert torch.get_num_threads() == threads_before
 
 
-def test_test_limit_and_a_row_that_fails_in_the_bench(benched, monkeypatch):
+def test_test_limit_and_a_row_that_fails_in_the_bench(benched, tmp_path, monkeypatch):
     """A file that exists but does not run is `failed` in "bench"; the other rows still run."""
-    cfg, run, _, _ = benched
+    cfg, run = private_copy(benched[:2], tmp_path)
     import onnxruntime
 
     real = onnxruntime.InferenceSession
@@ -376,7 +366,7 @@ def test_a_model_the_guard_rejected_is_a_skipped_row_that_says_why(exported_run,
 def test_a_baseline_run_adds_the_same_network_trained_alone(benched, tmp_path):
     """Attached with one config field; here the baseline is a copy of this run in another folder, so its
     network is the kept branch and every figure that does not depend on timing must match."""
-    cfg, run, _, _ = benched
+    cfg, run = private_copy(benched[:2], tmp_path / "own")
     alone = tmp_path / "alone"
     shutil.copytree(run.root, alone)
     with_baseline = validate_config({**cfg.model_dump(mode="json"), "bench": {**FAST_BENCH,

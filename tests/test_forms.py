@@ -13,8 +13,8 @@ from pipeline.deploy import forms
 from pipeline.deploy.benchfile import BenchFile, Row
 from pipeline.deploy.runtime import onnxruntime_session
 from pipeline.runner import execute, stage_def
-from tests.conftest import make_ctx
-from tests.test_bench import ROW_NAMES, benched_copy
+from tests.conftest import benched_copy, make_ctx
+from tests.test_bench import ROW_NAMES
 
 
 def test_the_table_names_every_row_file_and_triton_model_as_the_stages_always_have():

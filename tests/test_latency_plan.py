@@ -262,12 +262,24 @@ def _run(trained_run, root, **compress):
     return new, copy
 
 
-def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes(trained_run, tmp_path,
+@pytest.fixture(scope="module")
+def planned(trained_run, tmp_path_factory) -> tuple[RunDir, int]:
+    """The tiny run taken through compress with TARGET, planned on FakeClock once for the module: the run
+    (shared: copy it to change it) and how many times the planner read the clock."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_timing, "RuntimeClock", FakeClock)
+        FakeClock.calls = 0
+        _, run = _run(trained_run, tmp_path_factory.mktemp("planned"))
+        return run, FakeClock.calls
+
+
+def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes(planned, trained_run, tmp_path,
                                                                                   monkeypatch):
     monkeypatch.setattr(plan_timing, "RuntimeClock", FakeClock)
-    FakeClock.calls = 0
-    cfg, run = _run(trained_run, tmp_path)
-    assert FakeClock.calls > 0
+    shutil.copytree(planned[0].root, tmp_path / trained_run[0].name)
+    FakeClock.calls = planned[1]
+    cfg, run = _run(trained_run, tmp_path)  # up to date: the planned run as it was
+    assert FakeClock.calls == planned[1] > 0
     summary = run.stage("compress")["summary"]
     plan = json.loads(run.output("compress", "plan").read_text())
     chosen = plan["chosen"]
@@ -355,17 +367,16 @@ def test_an_openvino_precision_this_cpu_lacks_is_refused_in_one_line(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_tiny_run_with_a_latency_target_goes_through_bench_and_report(trained_run, tmp_path, monkeypatch):
+def test_a_tiny_run_with_a_latency_target_goes_through_bench_and_report(planned, tmp_path, monkeypatch):
     """Planned on fake timings, benched for real: the headline holds the target against the bench's figure (no
     assertion on what the clock read, only that the verdict follows from it)."""
     from tests.conftest import copy_run
 
     monkeypatch.setattr(plan_timing, "RuntimeClock", FakeClock)
-    cfg, run = _run(trained_run, tmp_path / "a")
+    cfg, run = validate_config(tiny_dict(planned[0].root.parent, compress=TARGET)), planned[0]
     chosen = json.loads(run.output("compress", "plan").read_text())["chosen"]
     _, run = copy_run((cfg, run), tmp_path / "b", "report", export={"precisions": ["fp32"], "ensemble": False},
-                      bench={"served": False, "openvino": False, "batch_sizes": [1, 8], "warmup": 1, "iterations": 3,
-                             "throughput_iterations": 2})
+                      bench={"served": False, "openvino": False})  # else the fast bench (tests/conftest.py)
     target = json.loads(run.output("bench", "bench").read_text())["headline"]["target"]
     assert (target["row"], target["versus"], target["plan"]) == ("pruned_onnx_fp32", "branch_onnx_fp32",
                                                                 chosen["label"])

@@ -20,21 +20,19 @@ from pipeline.deploy import predict as predict_module
 from pipeline.deploy.predict import Predictor, image_paths, softmax
 from pipeline.deploy.runtime import ort_session, run_split
 from pipeline.rundir import RunDir
-from pipeline.runner import execute, stage_def
 from pipeline.training.data import load_datasets
 from pipeline.training.preprocess import Preprocessing, normalise
-from tests.conftest import make_ctx
 from tests.own_images import write_bomb
-from tests.test_bench import benched_copy
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def benched(exported_run, tmp_path_factory):
-    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("predict"))
-    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
-    return cfg, run, json.loads(run.output("bench", "bench").read_text())
+@pytest.fixture
+def benched(benched_run):
+    """The session's benched run (tests/conftest.py), read only: predict writes outside the run."""
+    _, run, data, _ = benched_run
+    assert json.loads(run.output("bench", "bench").read_text()) == data  # no earlier test wrote to it
+    return benched_run[:3]
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,17 @@ from pipeline.rundir import RunDir
 from pipeline.runner import execute, stage_def
 from stages import report as report_stage
 from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, plot_figure, worth_it, write_plot
-from tests.conftest import make_ctx
-from tests.test_bench import benched_copy
+from tests.conftest import make_ctx, private_copy
 
 PLOT_PIXELS = (round(PLOT_SIZE_IN[0] * PLOT_DPI), round(PLOT_SIZE_IN[1] * PLOT_DPI))
 CURVES_PIXELS = (round(CURVES_SIZE_IN[0] * CURVES_DPI), round(CURVES_SIZE_IN[1] * CURVES_DPI))
 
 
 @pytest.fixture(scope="module")
-def reported(exported_run, tmp_path_factory):
-    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("report"))
-    ctx = make_ctx(cfg, run)
-    assert execute(cfg, stage_def("bench"), run, ctx) == "done"
-    assert execute(cfg, stage_def("report"), run, ctx) == "done"
+def reported(benched_run, tmp_path_factory):
+    """The session's benched run (tests/conftest.py), reported in a copy of its own."""
+    cfg, run = private_copy(benched_run[:2], tmp_path_factory.mktemp("report"))
+    assert execute(cfg, stage_def("report"), run, make_ctx(cfg, run)) == "done"
     bench = json.loads(run.output("bench", "bench").read_text())
     return run, bench
 
