@@ -32,7 +32,7 @@ class CompressConfig(Section):
         None, gt=1, description="Latency target: the pruned network runs this many times faster than the kept "
                                 "branch (batch p50, measured on this host in target_runtime at target_precision and "
                                 "the bench's threads); the planner times candidate widths and depths and keeps the "
-                                "one with the most FLOPs that meets it (compress/plan.json). None: flops_ratio")
+                                "one with the most parameters that meets it (compress/plan.json). None: flops_ratio")
     target_ms: float | None = Field(None, gt=0, description="Latency target in milliseconds per call of target_batch "
                                                             "images (p50, measured like target_speedup); set one of "
                                                             "the two")

@@ -37,12 +37,12 @@ from pipeline.deploy.benchfile import (
     Row,
     headline_figures,
     headline_text,
-    reason_lines,
     rich_table,
 )
 from pipeline.deploy.forms import row_name
 from pipeline.deploy.onnx_io import export_onnx
 from pipeline.deploy.runtime import onnxruntime_session
+from pipeline.deploy.unmeasured import console_lines
 from pipeline.errors import StageSkipped, UsageError
 from pipeline.rundir import RunDir, atomic_path, cpu_model, environment, write_json
 from pipeline.stage import StageContext, StageResult
@@ -65,7 +65,7 @@ def run(ctx: StageContext) -> StageResult:
     path = ctx.stage_dir("bench") / "bench.json"
     write_json(path, bench.model_dump(mode="json"))
     ctx.console.print(rich_table(bench))
-    for line in reason_lines(bench):
+    for line in console_lines(bench):
         ctx.console.print(f"  [dim]{escape(line)}[/dim]", highlight=False)
     ctx.console.print(escape(headline_text(bench)))
     if bench.headline.target:

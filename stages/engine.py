@@ -1,17 +1,19 @@
 """engine stage: build TensorRT engines from the exported ONNX of `engine.precision` (`auto`: the lowest
-precision the export accuracy guard deployed): the kept branch, and its ONE-E twin when
-`engine.ensemble` (for the like-for-like bench; servers get the branch).
+precision the export accuracy guard deployed): the kept branch, its ONE-E twin when `engine.ensemble`
+(for the like-for-like bench), and compress's pruned branch when the export stage wrote pruned_<p>.onnx
+(servers get the branch and the pruned branch: the triton stage's <name>_trt and <name>_pruned_trt).
 
 The builder (profile, network flags, logger, timing cache, the check against ONNX Runtime) is
 pipeline/deploy/tensorrt_build.py; this stage chooses what to build and records it.
 
 Writes, under engine/:
-- model_<p>.plan       the serialized engine (nothing else inside it); ensemble_<p>.plan for ONE-E;
+- model_<p>.plan       the serialized engine (nothing else inside it); ensemble_<p>.plan for ONE-E,
+                       pruned_<p>.plan for the pruned branch;
 - model_<p>.plan.json  its sidecar: TensorRT version, GPU, compute capability, precision and why it was
                        chosen, profile, ONNX sha256 and the check figures. A plan runs only with that
                        TensorRT version on that GPU model;
 - build.log            the builder config (logged first), then every TensorRT message at INFO and up
-                       (ensemble_build.log for ONE-E);
+                       (ensemble_build.log for ONE-E, pruned_build.log for the pruned branch);
 - timing.cache         tactic timings, reused by the next build on the same GPU and TensorRT.
 
 After the build the plan is deserialized and run on the validation images the export stage checks
@@ -123,7 +125,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def _build_one(ctx: StageContext, trt: ModuleType, subject: str, precision: str,
                why: str) -> tuple[dict[str, Any], Path]:
-    """Build, record and check the engine of one exported subject (the branch, or ONE-E)."""
+    """Build, record and check the engine of one exported subject (the branch, ONE-E or the pruned branch)."""
     cfg = ctx.cfg.engine
     onnx_path = exported_onnx(ctx, onnx_key(subject, precision))
     profile = batch_profile(onnx_path, cfg)

@@ -1,4 +1,5 @@
-"""report: bench.json -> report/report.md (headline, results table, skipped rows, training, environment),
+"""report: bench.json -> report/report.md (headline, results table with the forms not measured folded under
+it, training, environment),
 report/accuracy_vs_latency.png (one labelled point per measured row) and report/training_curves.png (loss,
 learning rate and validation top-1 per epoch, from train/metrics.jsonl)."""
 
@@ -19,8 +20,8 @@ from pipeline.deploy.benchfile import (
     fmt,
     gain,
     headline_text,
+    of_this_version,
     pareto_front,
-    reason_lines,
     rich_table,
     runtime_text,
     short_label,
@@ -29,6 +30,7 @@ from pipeline.deploy.benchfile import (
 )
 from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name
 from pipeline.deploy.quantize import INT8_TARGETS
+from pipeline.deploy.unmeasured import console_lines, folded, shown_rows
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.plots import Curves, milliseconds_axis, read_metrics, write_training_curves
 from pipeline.rundir import atomic_path, write_text
@@ -52,6 +54,8 @@ def run(ctx: StageContext) -> StageResult:
     write_training_curves([Curves(bench.run, history, kept=ctx.summary("select").get("branch"))], curves,
                           f"{bench.run}: training, per epoch")
     ctx.console.print(rich_table(bench))
+    for line in console_lines(bench):
+        ctx.console.print(f"  [dim]{escape(line)}[/dim]", highlight=False)
     ctx.console.print(escape(headline_text(bench)))
     if worth:
         ctx.console.print(escape(worth), highlight=False)
@@ -81,9 +85,10 @@ def worth_it(ctx: StageContext) -> str | None:
 
 
 def load_bench(path: Path) -> BenchFile:
-    """bench.json, checked against its schema (pipeline/deploy/benchfile.py, docs/bench_schema.md)."""
+    """bench.json, checked against its schema (pipeline/deploy/benchfile.py, docs/bench_schema.md); a file of
+    another schema version is refused (rerun the bench)."""
     try:
-        return BenchFile.model_validate(json.loads(path.read_text()))
+        return BenchFile.model_validate(of_this_version(json.loads(path.read_text()), path))
     except (json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else (
             f"{'.'.join(map(str, exc.errors()[0]['loc']))}: {exc.errors()[0]['msg']}")
@@ -105,11 +110,7 @@ def markdown(bench: BenchFile, plot_name: str, export: dict | None = None, curve
              f"{bench.test_images} test images; agreement: share of top-1 predictions equal to the same model's in "
              "PyTorch eager. FLOPs per image, counted by `torch.utils.flop_counter` (ONNX and TensorRT rows share "
              "the PyTorch model's count).", ""]
-    lines += _table(table_headers(bench), [table_cells(bench, row) for row in bench.rows], left=3)
-    lines += _strip_by_batch(bench) + _baseline(bench) + _precision(bench, export or {})
-    skipped = reason_lines(bench)
-    if skipped:
-        lines += ["", "## Skipped and failed rows", "", *[f"- {line}" for line in skipped]]
+    lines += _results(bench) + _strip_by_batch(bench) + _baseline(bench) + _precision(bench, export or {})
     if bench.checks:
         lines += ["", "## Checks", ""]
         lines += [f"- {c.row}: top-1 {c.bench:.4f}% {'equals' if c.equal else 'DIFFERS FROM'} the {c.train:.4f}% "
@@ -122,6 +123,19 @@ def markdown(bench: BenchFile, plot_name: str, export: dict | None = None, curve
                                for k in ("python", "torch", "onnx", "onnxruntime", "tensorrt")),
               f"- platform: {env.get('platform')}", ""]
     return "\n".join(lines)
+
+
+def _results(bench: BenchFile) -> list[str]:
+    """The rows that ran (and those that failed, marked), then every skipped form in one list, forms that
+    share a reason in one entry (pipeline/deploy/unmeasured.py): a CPU host skips a dozen GPU forms."""
+    shown = shown_rows(bench)
+    lines = _table(table_headers(bench), [table_cells(bench, row) for row in shown], left=3) if shown \
+        else ["No form was measured here."]
+    for title, status in (("Not measured here", "skipped"), ("Failed (marked in the table)", "failed")):
+        found = folded(bench.rows, status)
+        if found:
+            lines += ["", f"{title}:", "", *[f"- {line}" for line in found]]
+    return lines
 
 
 def _training(history: list[dict]) -> list[str]:

@@ -10,6 +10,8 @@
                                                                      instances (triton.openvino)
       <name>_trt/         ... 1/model.plan                          platform tensorrt_plan (when engine is done)
       <name>_pruned_onnx/ ... (and _fp16, _int8, _int8_cpu)         the compress stage's pruned branch, when deployed
+      <name>_pruned_openvino_int8_cpu/ ...                          (likewise, with triton.openvino)
+      <name>_pruned_trt/  ... 1/model.plan                          the pruned branch's engine (when engine built one)
 
 <name> is triton.model_name or the run name. Only the models the export accuracy guard deployed are
 written. Inputs and outputs (names, data types, dims without the
@@ -33,7 +35,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from pipeline.deploy.forms import MODELS, RUNTIMES, onnx_key, triton_model_name
+from pipeline.deploy.forms import MODELS, RUNTIMES, engine_key, onnx_key, output_prefix, triton_model_name
 from pipeline.deploy.onnx_io import OnnxSignature, TensorSpec, exported_onnx, read_onnx_io
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped
 from pipeline.rundir import atomic_path, sha256_file, write_text
@@ -139,21 +141,30 @@ def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
     return entries
 
 
-def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> ModelEntry | None:
+def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> list[ModelEntry]:
+    """A tensorrt_plan model for every engine the engine stage built of a model the table serves in TensorRT
+    (the kept branch, and its pruned form where compress deployed one)."""
     entry = ctx.record("engine")
     if not entry or not entry.done:
         why = ("has not run" if not entry else f"was skipped: {entry.reason}"
                if entry.status == "skipped" else f"is {entry.status}: {entry.error}")
         notes.append(f"no TensorRT plan model: the engine stage {why}")
-        return None
-    plan = ctx.input("engine", "engine")
-    info = json.loads(ctx.input("engine", "engine_info").read_text())
-    onnx_path = exported_onnx(ctx, f"onnx_{info['precision']}")
+        return []
+    built = [m for m in RUNTIMES["tensorrt"].triton_models if engine_key(m) in entry.outputs]
+    return [e for e in (_plan_entry(ctx, base, model, notes) for model in built) if e is not None]
+
+
+def _plan_entry(ctx: StageContext, base: str, model: str, notes: list[str]) -> ModelEntry | None:
+    """One engine as a Triton model: checked against the ONNX exported now (its sidecar's sha256), its
+    max_batch_size clamped to the engine's profile, on GPU instances."""
+    plan = ctx.input("engine", engine_key(model))
+    info = json.loads(ctx.input("engine", f"{output_prefix(model)}engine_info").read_text())
+    onnx_path = exported_onnx(ctx, onnx_key(model, info["precision"]))
     if info.get("onnx_sha256") != sha256_file(onnx_path):
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
                             "rerun with --from engine")
     low, high = info["profile"]["min"][0], info["profile"]["max"][0]
-    name = triton_model_name(base, "branch", "tensorrt", info["precision"])
+    name = triton_model_name(base, model, "tensorrt", info["precision"])
     if low > 1:
         notes.append(f"no {name} model: the engine's profile starts at batch {low}, and Triton sends batches "
                      "from 1; rebuild with engine.min_batch=1")
@@ -205,9 +216,7 @@ def run(ctx: StageContext) -> StageResult:
     compress = ctx.summary("export").get("compress") or {}
     if ctx.cfg.compress.enabled and not compress.get("deployed"):
         notes.append(f"no {base}_pruned models: {compress.get('reason', 'the compress stage did not run')}")
-    plan = _plan_model(ctx, base, notes)
-    if plan is not None:
-        entries.append(plan)
+    entries += _plan_model(ctx, base, notes)
     repo = ctx.stage_dir("triton")
     outputs: dict[str, Path] = {}
     validated = False

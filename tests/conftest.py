@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny synthetic run trained once per test session, and stage contexts for it."""
+"""Shared fixtures: a tiny synthetic run trained once per test session (exported and benched once too),
+and stage contexts for it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -10,13 +13,18 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+import yaml
 from onnxruntime.quantization import CalibrationDataReader
+from rich.console import Console
 
+from pipeline.compare import compare
+from pipeline.compare import runs as compare_runs
 from pipeline.config import Config, validate_config
 from pipeline.deploy import quantize
 from pipeline.rundir import RunDir
-from pipeline.runner import run_stages
+from pipeline.runner import execute, run_stages, stage_def
 from pipeline.stage import StageContext
+from pipeline.training import fit
 from pipeline.training.models import ModelSpec, SingleNet
 
 TINY = {
@@ -27,8 +35,11 @@ TINY = {
     "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "milestones": [2],
               "device": "cpu", "deterministic": True},
     "export": {"check_size": 16, "calibration_size": 32},
-    "bench": {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "threads": 1, "rounds": 2},
+    "bench": {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1,
+              "rounds": 2},
 }
+# The one set of fast bench settings (the tiny config's): tests add only what their point needs
+FAST_BENCH = TINY["bench"]
 
 
 def tiny_dict(output_root: Path, **sections) -> dict:
@@ -46,6 +57,17 @@ def tiny_dict(output_root: Path, **sections) -> dict:
 def trained_epochs(output: str) -> list[int]:
     """The epochs a train command's output reports as trained (one line each, rank 0 only)."""
     return [int(n) for n in re.findall(r"^epoch (\d+): loss", output, flags=re.M)]
+
+
+def press_ctrl_c_at(monkeypatch, check: int) -> None:
+    """Ctrl-C as the training loop sees it (fit.catch_sigint's flag): pressed at its `check`-th look."""
+    looks = []
+
+    @contextlib.contextmanager
+    def pressed():
+        yield lambda: looks.append(1) or len(looks) == check
+
+    monkeypatch.setattr(fit, "catch_sigint", pressed)
 
 
 def make_ctx(cfg: Config, run: RunDir | None = None) -> StageContext:
@@ -118,8 +140,9 @@ def exported_run(trained_run, tmp_path_factory) -> tuple[Config, RunDir, list]:
     return cfg, run, fed
 
 
-def copy_run(source: tuple[Config, RunDir], root: Path, until: str, **sections: dict) -> tuple[Config, RunDir]:
-    """A copy of `source`'s run under `root` with some config sections updated, taken through `until`."""
+def private_copy(source: tuple[Config, RunDir], root: Path, **sections: dict) -> tuple[Config, RunDir]:
+    """A copy of `source`'s run under `root`, its config pointed there with some sections updated; no stage
+    is run (for a test that writes to a shared run)."""
     cfg, run = source
     raw = cfg.model_dump(mode="json")
     raw["output_root"] = str(root)
@@ -127,6 +150,73 @@ def copy_run(source: tuple[Config, RunDir], root: Path, until: str, **sections: 
         raw[key] = {**raw[key], **value}
     cfg = validate_config(raw)
     shutil.copytree(run.root, cfg.run_dir)
-    run = RunDir(cfg.run_dir)
+    return cfg, RunDir(cfg.run_dir)
+
+
+def copy_run(source: tuple[Config, RunDir], root: Path, until: str, **sections: dict) -> tuple[Config, RunDir]:
+    """A copy of `source`'s run under `root` with some config sections updated, taken through `until`."""
+    cfg, run = private_copy(source, root, **sections)
     run_stages(cfg, run, make_ctx(cfg, run), until=until)
     return cfg, run
+
+
+def copy_trained(trained_run, tmp_path: Path, output_root: Path | None = None, **sections) -> tuple[Path, RunDir]:
+    """A private copy of the session's trained run (under `output_root`, default tmp_path/runs), and a config
+    file tmp_path/c.yaml that names it (the tiny config with `sections` updated)."""
+    cfg, run = trained_run
+    output_root = output_root or tmp_path / "runs"
+    shutil.copytree(run.root, output_root / cfg.name)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(output_root, **sections)))
+    return config, RunDir(output_root / cfg.name)
+
+
+def benched_copy(exported_run, root: Path, **sections: dict) -> tuple[Config, RunDir]:
+    """A copy of the shared exported run taken through the engine stage (skipped where TensorRT or a GPU
+    is missing), with the fast bench settings."""
+    return copy_run(exported_run[:2], root, "engine", bench={**FAST_BENCH, **sections.pop("bench", {})},
+                    **sections)
+
+
+@pytest.fixture(scope="session")
+def benched_run(exported_run, tmp_path_factory) -> tuple[Config, RunDir, dict, int]:
+    """The exported run's copy benched once with the fast settings, for every test that reads a bench:
+    (config, run, bench.json, torch's thread count before the bench). Shared: a test that writes to the
+    run works on private_copy(benched_run[:2], ...)."""
+    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("benched"))
+    threads_before = torch.get_num_threads()
+    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
+    return cfg, run, json.loads(run.output("bench", "bench").read_text()), threads_before
+
+
+COMPARE_SEEDS = [0, 1]
+COMPARE_VARIANT = "branches=2"
+COMPARE_RUN_NAMES = ["vanilla-seed0", "one-seed0", "one-model.branches-2-seed0",
+                     "vanilla-seed1", "one-seed1", "one-model.branches-2-seed1"]
+
+
+@pytest.fixture(scope="session")
+def compared_tiny(tmp_path_factory):
+    """A compare of the tiny config, interrupted before its third run and then run again to the end:
+    (config file, its result, the first two runs' train records before the resume, the resumed log). Shared
+    by tests/test_compare.py and the compare --compress tests, which copy its runs to write beside them."""
+    root = tmp_path_factory.mktemp("compare")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(root / "runs")))
+    started, real = [], compare_runs.run_stages
+
+    def interrupt_third(cfg, run, ctx, **kwargs):
+        started.append(cfg.name)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, run, ctx, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare_runs, "run_stages", interrupt_third)
+        with pytest.raises(KeyboardInterrupt):
+            compare(config, [], COMPARE_SEEDS, [COMPARE_VARIANT], Console(quiet=True))
+    compare_root = root / "runs" / "tiny-compare"
+    before = {name: RunDir(compare_root / name).stage("train") for name in COMPARE_RUN_NAMES[:2]}
+    log = io.StringIO()
+    result = compare(config, [], COMPARE_SEEDS, [COMPARE_VARIANT], Console(file=log, width=200))
+    return config, result, before, log.getvalue()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Config, validate_config
+from pipeline.config import validate_config
 from pipeline.deploy import bench_rounds
 from pipeline.deploy.benchfile import (
     DEPLOYABLE,
@@ -35,38 +35,28 @@ from pipeline.deploy.benchfile import (
 )
 from pipeline.deploy.runtime import ort_session, run_split
 from pipeline.errors import StageSkipped, UsageError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageRecord
 from pipeline.runner import execute, run_stages, stage_def
 from pipeline.training import checkpoint
 from pipeline.training.data import load_datasets
 from stages import bench as bench_stage
 from stages import bench_measure, bench_rows
 from stages.bench_served import served_row
-from tests.conftest import copy_run, make_ctx, tiny_dict
+from tests.conftest import FAST_BENCH, benched_copy, make_ctx, private_copy, tiny_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
-FAST_BENCH = {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1,
-              "rounds": 2}
 ROW_NAMES = ["one_e_eager", "full_branch_eager", "branch_eager", "one_e_compile", "branch_compile",
              *[f"{m}_onnx_{p}" for p in ("fp32", "fp16", "int8", "int8_cpu") for m in ("one_e", "branch")],
              *[f"{m}_openvino_{p}" for p in ("fp32", "bf16", "int8_cpu") for m in ("one_e", "branch")],
              "one_e_tensorrt", "branch_tensorrt", "branch_triton_fp32"]
 
 
-def benched_copy(exported_run, root: Path, **sections: dict) -> tuple[Config, RunDir]:
-    """A copy of the shared exported run taken through the engine stage (skipped where TensorRT or a GPU
-    is missing), with the fast bench settings."""
-    return copy_run(exported_run[:2], root, "engine", bench={**FAST_BENCH, **sections.pop("bench", {})},
-                    **sections)
-
-
-@pytest.fixture(scope="module")
-def benched(exported_run, tmp_path_factory):
-    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("bench"))
-    threads_before = torch.get_num_threads()
-    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
-    data = json.loads(run.output("bench", "bench").read_text())
-    return cfg, run, data, threads_before
+@pytest.fixture
+def benched(benched_run):
+    """The session's benched run (tests/conftest.py): read it; a test that writes to it takes a private_copy."""
+    _, run, data, _ = benched_run
+    assert json.loads(run.output("bench", "bench").read_text()) == data  # no earlier test wrote to it
+    return benched_run
 
 
 def rows(data: dict) -> dict[str, dict]:
@@ -84,7 +74,7 @@ def documented_fields(section: str) -> set[str]:
 def test_bench_json_follows_the_documented_schema(benched):
     _, _, data, _ = benched
     bench = BenchFile.model_validate(data)  # the schema in code: types, statuses, reasons, unique names
-    assert bench.schema_version == SCHEMA_VERSION == 2
+    assert bench.schema_version == SCHEMA_VERSION == 3
     assert f"schema version {SCHEMA_VERSION}" in DOC.read_text().splitlines()[0]  # they move together
     assert documented_fields("Top level") == set(BenchFile.model_fields)
     assert documented_fields("Row") == set(Row.model_fields)
@@ -116,7 +106,7 @@ def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
     for name in ("one_e_tensorrt", "branch_tensorrt"):
         assert by_name[name]["status"] == "skipped"
         if engine.status == "skipped":  # no TensorRT or no GPU: the engine stage's own reason
-            assert by_name[name]["reason"] == f"engine skipped: {engine['reason']}"
+            assert by_name[name]["reason"] == f"engine skipped: {engine.reason}"
     served = by_name["branch_triton_fp32"]  # tested with a real server in tests/test_server.py
     assert served["status"] == "skipped" and "triton stage has not run" in served["reason"]
     assert by_name["branch_onnx_fp32"]["provider"] == "CPUExecutionProvider"
@@ -329,9 +319,9 @@ def test_one_thread_count_for_every_row_and_restored_after(benched):
     assert torch.get_num_threads() == threads_before
 
 
-def test_test_limit_and_a_row_that_fails_in_the_bench(benched, monkeypatch):
+def test_test_limit_and_a_row_that_fails_in_the_bench(benched, tmp_path, monkeypatch):
     """A file that exists but does not run is `failed` in "bench"; the other rows still run."""
-    cfg, run, _, _ = benched
+    cfg, run = private_copy(benched[:2], tmp_path)
     import onnxruntime
 
     real = onnxruntime.InferenceSession
@@ -376,7 +366,7 @@ def test_a_model_the_guard_rejected_is_a_skipped_row_that_says_why(exported_run,
 def test_a_baseline_run_adds_the_same_network_trained_alone(benched, tmp_path):
     """Attached with one config field; here the baseline is a copy of this run in another folder, so its
     network is the kept branch and every figure that does not depend on timing must match."""
-    cfg, run, _, _ = benched
+    cfg, run = private_copy(benched[:2], tmp_path / "own")
     alone = tmp_path / "alone"
     shutil.copytree(run.root, alone)
     with_baseline = validate_config({**cfg.model_dump(mode="json"), "bench": {**FAST_BENCH,
@@ -445,8 +435,9 @@ def _compress_entry(deployed=True, **plan):
     latency_plan = {"source": "planned", "target": {"speedup": 2.0, "ms": None}, "runtime": "onnxruntime",
                     "precision": "fp32", "batch": 1, "threads": 2, "cpu": "AMD EPYC", "plan": "16-32-64/16-32-64/1-1-3",
                     "speedup": 2.1, "p50_ms": 0.1, **plan}
-    return {"status": "done", "summary": {"deployed": deployed, "latency_plan": latency_plan,
-                                          **({} if deployed else {"reason": "the pruned network loses 0.74 points"})}}
+    return StageRecord(status="done", outputs={}, summary={
+        "deployed": deployed, "latency_plan": latency_plan,
+        **({} if deployed else {"reason": "the pruned network loses 0.74 points"})})
 
 
 def _target_rows(pruned_p50, branch_p50=0.2, pruned_ips=900.0, branch_ips=450.0, **pruned):
@@ -479,5 +470,6 @@ def test_the_headline_target_says_met_missed_or_why_not_measured():
     assert unbenched["why"] == "not_measured" and "add 8 to bench.batch_sizes" in unbenched["reason"]
     ms = headline_target(_target_rows(0.095), _compress_entry(target={"speedup": None, "ms": 0.09}), "AMD EPYC", 2)
     assert (ms["kind"], ms["met"]) == ("ms", False)
-    assert headline_target(_target_rows(0.1), {"status": "done", "summary": {"deployed": True}}, "x", 2) is None
+    unplanned = StageRecord(status="done", outputs={}, summary={"deployed": True})
+    assert headline_target(_target_rows(0.1), unplanned, "x", 2) is None
     assert headline_target(_target_rows(0.1), None, "x", 2) is None

@@ -3,7 +3,6 @@
 import errno
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pipeline.cli import app
 from pipeline.rundir import RunDir, sha256_file
 from pipeline.runner import STAGE_NAMES
 from pipeline.training import checkpoint
-from tests.conftest import tiny_dict, trained_epochs
+from tests.conftest import copy_trained, tiny_dict, trained_epochs
 
 runner = CliRunner()
 
@@ -28,13 +27,6 @@ def write_config(tmp_path, filename="c.yaml", **sections):
     path = tmp_path / filename
     path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", **sections)))
     return path
-
-
-def copy_trained(trained_run, tmp_path):
-    """A private copy of the session's trained run, and a config file that names it."""
-    cfg, run = trained_run
-    shutil.copytree(run.root, tmp_path / "runs" / cfg.name)
-    return write_config(tmp_path), RunDir(tmp_path / "runs" / cfg.name)
 
 
 def snapshot(root):
@@ -177,13 +169,22 @@ def _wait_for(path, proc, timeout=600):  # a bound against hangs, not a speed te
         time.sleep(0.05)
 
 
+KILLED_TRAINING = {"data": {"synthetic_size": 512}, "train": {"epochs": 3}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_training(tmp_path_factory) -> Path:
+    """The model file of KILLED_TRAINING trained without a break, in a process of its own (once for both signals)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    reference = write_config(root, "ref.yaml", name="ref", **KILLED_TRAINING)
+    assert _cli(reference).wait() == 0
+    return root / "runs/ref/train/model.pt"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, sig):
-    sections = {"data": {"synthetic_size": 512}, "train": {"epochs": 3}}
-    reference = write_config(tmp_path, "ref.yaml", name="ref", **sections)
-    config = write_config(tmp_path, **sections)
-    assert _cli(reference).wait() == 0
+def test_killed_training_resumes_to_the_uninterrupted_result(uninterrupted_training, tmp_path, sig):
+    config = write_config(tmp_path, **KILLED_TRAINING)
     proc = _cli(config)
     _wait_for(tmp_path / "runs/tiny/train/last.pt", proc)  # epoch 1 finished: now kill it inside epoch 2
     proc.send_signal(sig)
@@ -205,7 +206,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, sig):
     assert trained_epochs(output) == list(range(saved["epoch"] + 1, 4))
     assert metrics.read_text().startswith(kept)
     assert not list((tmp_path / "runs").rglob(".*.tmp"))  # a killed writer's temporary file is removed
-    a = torch.load(tmp_path / "runs/ref/train/model.pt", weights_only=True)["state_dict"]
+    a = torch.load(uninterrupted_training, weights_only=True)["state_dict"]
     b = torch.load(train_dir / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -217,22 +218,31 @@ def test_messages_keep_their_brackets(tmp_path):
     assert result.exit_code == 2 and "unknown key 'engine.extra[tensorrt]'" in result.output
 
 
+KILLED_FINE_TUNE = {"enabled": True, "channel_multiple": 2, "epochs": 12, "images_per_epoch": None,
+                    "batch_size": 16, "lr": 0.02, "max_accuracy_drop": 100}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_fine_tune(trained_run, tmp_path_factory) -> Path:
+    """The model file of KILLED_FINE_TUNE on a copy of the trained run, fine-tuned without a break in a process
+    of its own (once for both signals)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    reference, run = copy_trained(trained_run, root, compress=KILLED_FINE_TUNE)
+    whole = _cli(reference, command="compress")
+    output = whole.communicate(timeout=600)[0]
+    assert whole.returncode == 0 and _fine_tuned_epochs(output) == list(range(1, KILLED_FINE_TUNE["epochs"] + 1)), \
+        output
+    return run.path("compress/model.pt")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, sig):
+def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(uninterrupted_fine_tune, trained_run, tmp_path, sig):
     """SIGKILL (or Ctrl-C) inside compress's fine-tune: the next run resumes from the checkpoint of the last
     finished epoch (or of the batch Ctrl-C stopped at), fine-tunes only the epochs left, one line each, and
     ends with the weights of a fine-tune that was never interrupted."""
-    compress = {"enabled": True, "channel_multiple": 2, "epochs": 12, "images_per_epoch": None, "batch_size": 16,
-                "lr": 0.02, "max_accuracy_drop": 100}
-    (tmp_path / "ref").mkdir()
-    reference, _ = copy_trained(trained_run, tmp_path / "ref")
-    reference.write_text(yaml.safe_dump({**yaml.safe_load(reference.read_text()), "compress": compress}))
-    config, run = copy_trained(trained_run, tmp_path)
-    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "compress": compress}))
-    whole = _cli(reference, command="compress")
-    output = whole.communicate(timeout=600)[0]
-    assert whole.returncode == 0 and _fine_tuned_epochs(output) == list(range(1, compress["epochs"] + 1)), output
+    compress = KILLED_FINE_TUNE
+    config, run = copy_trained(trained_run, tmp_path, compress=compress)
     proc = _cli(config, command="compress")
     _wait_for(run.path("compress/last.pt"), proc)  # the first epoch finished: kill it inside a later one
     proc.send_signal(sig)
@@ -248,7 +258,7 @@ def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(trained_run, tm
     assert re.search(rf"resuming the fine-tune from .+: epoch\s+{saved['epoch'] + 1},\s+batch\s+{saved['batch']}\b",
                      output, re.S)
     assert _fine_tuned_epochs(output) == list(range(saved["epoch"] + 1, compress["epochs"] + 1))
-    a = torch.load(tmp_path / "ref/runs/tiny/compress/model.pt", weights_only=True)["state_dict"]
+    a = torch.load(uninterrupted_fine_tune, weights_only=True)["state_dict"]
     b = torch.load(run.path("compress/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,6 +1,5 @@
 """`compare`: vanilla and ONE on the same seeds through the runner, summarised from the runs' own records."""
 
-import io
 import json
 import math
 import re
@@ -14,50 +13,29 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.compare import compare, gain, methods, paired, parse_seeds, welch
-from pipeline.compare import runs as runs_module
+from pipeline.compare import gain, methods, paired, parse_seeds, welch
 from pipeline.compare.report import curves
 from pipeline.errors import ConfigError, UsageError
 from pipeline.plots import training_curves_figure
 from pipeline.rundir import RunDir
-from tests.conftest import tiny_dict
+from tests.conftest import COMPARE_RUN_NAMES, COMPARE_SEEDS, COMPARE_VARIANT, tiny_dict
 
-SEEDS = [0, 1]
-VARIANT = "branches=2"
-RUN_NAMES = ["vanilla-seed0", "one-seed0", "one-model.branches-2-seed0",
-             "vanilla-seed1", "one-seed1", "one-model.branches-2-seed1"]
+SEEDS = COMPARE_SEEDS
+VARIANT = COMPARE_VARIANT
+RUN_NAMES = COMPARE_RUN_NAMES
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    """A compare of the tiny config, interrupted before its third run and then run again to the end."""
-    root = tmp_path_factory.mktemp("compare")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict(root / "runs")))
-    started, real = [], runs_module.run_stages
-
-    def interrupt_third(cfg, run, ctx, **kwargs):
-        started.append(cfg.name)
-        if len(started) == 3:
-            raise KeyboardInterrupt
-        return real(cfg, run, ctx, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runs_module, "run_stages", interrupt_third)
-        with pytest.raises(KeyboardInterrupt):
-            compare(config, [], SEEDS, [VARIANT], Console(quiet=True))
-    compare_root = root / "runs" / "tiny-compare"
-    before = {name: RunDir(compare_root / name).stage("train") for name in RUN_NAMES[:2]}
-    log = io.StringIO()
-    result = compare(config, [], SEEDS, [VARIANT], Console(file=log, width=200))
-    return config, result, before, log.getvalue()
+@pytest.fixture
+def compared(compared_tiny):
+    """The session's compare of the tiny config (tests/conftest.py), interrupted once and resumed."""
+    return compared_tiny
 
 
 def test_an_interrupted_compare_resumes_and_reuses_finished_runs(compared):
     _, result, before, log = compared
     assert sorted(p.name for p in result.root.iterdir() if p.is_dir()) == sorted(RUN_NAMES)
     for name, train in before.items():
-        assert train["status"] == "done"
+        assert train.status == "done"
         assert RunDir(result.root / name).stage("train") == train  # not retrained: the same record
     assert "2 of 6 runs done" in log and "min left" in log  # the ETA comes from the finished runs
 

@@ -18,7 +18,7 @@ from pipeline.runner import run_stages
 from pipeline.training import checkpoint, fit, prune
 from pipeline.training.models import ModelSpec, SingleNet
 from stages import compress as compress_stage
-from tests.conftest import make_ctx, tiny_dict
+from tests.conftest import make_ctx, press_ctrl_c_at, tiny_dict
 
 # width-4 tiny net (stages 4/8/16): blocks of 2 channels so that half the FLOPs is reachable
 SMALL = {"enabled": True, "channel_multiple": 2, "epochs": 1, "images_per_epoch": 96, "batch_size": 16, "lr": 0.02,
@@ -92,13 +92,7 @@ def test_guard_rejects_a_destroyed_pruning(trained_run, tmp_path):
 def test_interrupted_fine_tune_resumes_to_the_same_weights(trained_run, tmp_path, monkeypatch):
     settings = {"epochs": 2, "images_per_epoch": 64}  # 4 batches per epoch
     _, whole = _compress(trained_run, tmp_path / "a", **settings)
-    calls = []
-
-    @contextlib.contextmanager
-    def ctrl_c_at_check_7():  # a check after each of epoch 1's 4 batches, one after the epoch, then epoch 2's
-        yield lambda: calls.append(1) or len(calls) == 7
-
-    monkeypatch.setattr(fit, "catch_sigint", ctrl_c_at_check_7)
+    press_ctrl_c_at(monkeypatch, 7)  # a check after each of epoch 1's 4 batches, one after the epoch, then epoch 2's
     with pytest.raises(fit.Interrupted, match="run the same command again to resume"):
         _compress(trained_run, tmp_path / "b", **settings)
     cfg = validate_config(tiny_dict(tmp_path / "b", compress={**SMALL, **settings}))
@@ -244,8 +238,7 @@ def test_a_real_server_answers_with_the_pruned_models_logits(deployed, tmp_path)
 def test_bench_and_report_put_the_pruned_rows_beside_the_branch(deployed, tmp_path):
     from tests.conftest import copy_run
 
-    _, run = copy_run(deployed, tmp_path, "report", bench={"served": False, "batch_sizes": [8], "warmup": 1,
-                                                           "iterations": 3, "throughput_iterations": 2})
+    _, run = copy_run(deployed, tmp_path, "report", bench={"served": False, "batch_sizes": [8]})  # else the fast bench
     bench = json.loads(run.path("bench/bench.json").read_text())
     rows = {r["name"]: r for r in bench["rows"]}
     for name in ("pruned_eager", "pruned_onnx_fp32", "pruned_onnx_fp16"):
@@ -265,8 +258,7 @@ def test_a_pruning_the_guard_rejects_is_named_by_every_later_stage(trained_run, 
     reason = run.stage("compress").summary["reason"]
     _, run = copy_run((cfg, run), tmp_path / "d", "bench",
                       export={"precisions": ["fp32"], "ensemble": False},
-                      bench={"served": False, "batch_sizes": [8], "warmup": 1, "iterations": 3,
-                             "throughput_iterations": 2})
+                      bench={"served": False, "batch_sizes": [8]})
     assert run.stage("export").summary["compress"] == {"deployed": False, "reason": reason}
     assert not list(run.path("export").glob("pruned_*"))
     assert reason in run.path("triton", "README.txt").read_text()
@@ -298,18 +290,21 @@ def test_compress_table_says_whether_ones_teacher_pays():
 
 
 @pytest.mark.slow
-def test_compare_compress_prunes_both_methods_five_ways(tmp_path):
+def test_compare_compress_prunes_both_methods_five_ways(compared_tiny, tmp_path):
     import yaml
     from rich.console import Console
 
     from pipeline.compare import compare
     from pipeline.compare.compress import VARIANTS, compress_compare
 
+    # the session's compare of the same tiny config (tests/conftest.py): its runs are reused, not run again
+    shutil.copytree(compared_tiny[1].root, tmp_path / "runs" / "tiny-compare", ignore=shutil.ignore_patterns(".lock"))
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", compress=SMALL)))
+    config.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs")))
     compare(config, [], [0, 1], [], Console(quiet=True))
     assert not (tmp_path / "runs" / "tiny-compare" / "one-seed0" / "compress" / "model.pt").exists()  # plain compare
-    compress_compare(config, [], [0, 1], Console(quiet=True))
+    # SMALL as command-line overrides: the same compress runs as with SMALL in the file
+    compress_compare(config, [f"compress.{key}={value}" for key, value in SMALL.items()], [0, 1], Console(quiet=True))
     table = json.loads((tmp_path / "runs" / "tiny-compare" / "compress.json").read_text())
     assert [r["variant"] for r in table["rows"]] == [key for key, *_ in VARIANTS]
     assert len(table["runs"]) == 10 and all(len(r["per_seed"]) == 2 for r in table["rows"])

@@ -21,19 +21,9 @@ from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir, atomic_path, sha256_file, write_text
 from pipeline.runner import run_stages, stage_def, state
 from pipeline.training import checkpoint
-from tests.conftest import copy_run, make_ctx, tiny_dict, trained_epochs
+from tests.conftest import copy_run, copy_trained, make_ctx, tiny_dict, trained_epochs
 
 runner = CliRunner()
-
-
-def copy_trained(trained_run, tmp_path, output_root=None, **sections):
-    """A private copy of the session's trained run, and a config file that names it."""
-    cfg, run = trained_run
-    output_root = output_root or tmp_path / "runs"
-    shutil.copytree(run.root, output_root / cfg.name)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict(output_root, **sections)))
-    return config, RunDir(output_root / cfg.name)
 
 
 def snapshot(root):
@@ -262,12 +252,18 @@ def test_disk_full_for_real_fails_cleanly_and_keeps_earlier_outputs(trained_run,
 
 # --- failed and skipped commands --------------------------------------------------------------------------
 
-@pytest.fixture
-def stripped(trained_run, tmp_path):
-    config, run = copy_trained(trained_run, tmp_path)
+@pytest.fixture(scope="module")
+def stripped_once(trained_run, tmp_path_factory):
+    config, run = copy_trained(trained_run, tmp_path_factory.mktemp("stripped"))
     result = runner.invoke(app, ["run", str(config), "--until", "strip"])
     assert result.exit_code == 0, result.output
-    return config, run
+    return trained_run[0], run
+
+
+@pytest.fixture
+def stripped(stripped_once, tmp_path):
+    """A private copy of the trained run taken through strip once for the module, and a config that names it."""
+    return copy_trained(stripped_once, tmp_path)
 
 
 def _no_space(*args, **kwargs):

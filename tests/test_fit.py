@@ -3,8 +3,6 @@ mid-epoch, resume from last.pt to the weights of an uninterrupted run, sinks cal
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -13,7 +11,7 @@ from pipeline.errors import PipelineError, UsageError
 from pipeline.rundir import RunDir
 from pipeline.stage import StageContext
 from pipeline.training import fit, loop
-from tests.conftest import tiny_dict
+from tests.conftest import press_ctrl_c_at, tiny_dict
 
 EPOCHS, BATCHES = 3, 4
 IMAGES = torch.randn(BATCHES * 8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -56,16 +54,6 @@ def _run(ctx: StageContext, plan: fit.Plan, seen: list | None = None) -> list[di
     return fit.fit(ctx, plan, start, _batches, loss, record=record, sinks=sinks)
 
 
-def _ctrl_c_at(monkeypatch, check: int) -> None:
-    calls = []
-
-    @contextlib.contextmanager
-    def pressed():
-        yield lambda: calls.append(1) or len(calls) == check
-
-    monkeypatch.setattr(fit, "catch_sigint", pressed)
-
-
 def test_ctrl_c_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     ctx = _ctx(tmp_path)
     whole = _plan(ctx, tmp_path / "whole.pt")
@@ -73,7 +61,7 @@ def test_ctrl_c_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pa
     assert [r["epoch"] for r in history] == [1, 2, 3] and all(r["acc"] is not None for r in history)
 
     interrupted = _plan(ctx, tmp_path / "last.pt")
-    _ctrl_c_at(monkeypatch, BATCHES + 1 + 2)  # epoch 1's 4 steps, the check after it, 2 steps of epoch 2
+    press_ctrl_c_at(monkeypatch, BATCHES + 1 + 2)  # epoch 1's 4 steps, the check after it, 2 steps of epoch 2
     with pytest.raises(fit.Interrupted, match="interrupted at epoch 2, batch 2"):
         _run(ctx, interrupted)
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -89,7 +77,7 @@ def test_ctrl_c_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pa
 
 def test_ctrl_c_after_an_epoch_stops_and_a_checkpoint_of_another_config_is_refused(tmp_path, monkeypatch):
     ctx = _ctx(tmp_path)
-    _ctrl_c_at(monkeypatch, BATCHES + 1)
+    press_ctrl_c_at(monkeypatch, BATCHES + 1)
     with pytest.raises(fit.Interrupted, match="interrupted after epoch 1"):
         _run(ctx, _plan(ctx, tmp_path / "last.pt"))
     monkeypatch.undo()

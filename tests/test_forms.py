@@ -13,8 +13,8 @@ from pipeline.deploy import forms
 from pipeline.deploy.benchfile import BenchFile, Row
 from pipeline.deploy.runtime import onnxruntime_session
 from pipeline.runner import execute, stage_def
-from tests.conftest import make_ctx
-from tests.test_bench import ROW_NAMES, benched_copy
+from tests.conftest import benched_copy, make_ctx
+from tests.test_bench import ROW_NAMES
 
 
 def test_the_table_names_every_row_file_and_triton_model_as_the_stages_always_have():
@@ -38,7 +38,8 @@ def test_the_table_names_every_row_file_and_triton_model_as_the_stages_always_ha
         ("branch", "openvino", "int8_cpu"): "edge_openvino_int8_cpu", ("branch", "tensorrt", "fp32"): "edge_trt",
         ("branch", "tensorrt", "int8_cpu"): "edge_trt", ("pruned", "onnxruntime", "fp32"): "edge_pruned_onnx",
         ("pruned", "onnxruntime", "int8_cpu"): "edge_pruned_onnx_int8_cpu",
-        ("pruned", "openvino", "int8_cpu"): "edge_pruned_openvino_int8_cpu"}
+        ("pruned", "openvino", "int8_cpu"): "edge_pruned_openvino_int8_cpu", ("pruned", "tensorrt", "fp32"):
+        "edge_pruned_trt", ("pruned", "tensorrt", "int8_cpu"): "edge_pruned_trt"}
     assert [forms.parse_form(forms.form_name(m, "int8_cpu")) for m in forms.EXPORTED] == [
         (m, "int8_cpu") for m in forms.EXPORTED]
 

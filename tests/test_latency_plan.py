@@ -4,6 +4,7 @@ tiny run planned on the real clock."""
 
 import itertools
 import json
+import random
 import shutil
 
 import numpy as np
@@ -15,10 +16,10 @@ from pipeline.deploy import compress_plan, latency_plan, plan_timing, target_tim
 from pipeline.deploy.onnx_io import export_onnx
 from pipeline.deploy.timing import count_flops
 from pipeline.errors import ConfigError, UsageError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageRecord
 from pipeline.runner import run_stages, stage_def, state
 from pipeline.training import checkpoint, prune
-from pipeline.training.models import ModelSpec, SingleNet
+from pipeline.training.models import ModelSpec, SingleNet, count_parameters
 from tests.conftest import make_ctx, tiny_dict
 
 QUICKSTART = ModelSpec("resnet20", 10, 1, "single", 1, 16)
@@ -54,10 +55,11 @@ def _candidate(flops, params, speedup, ms=1.0):
 
 
 def test_the_choice_is_the_widest_plan_meeting_the_target():
-    table = [_candidate(100, 50, 1.0), _candidate(80, 40, 1.9), _candidate(60, 45, 2.05), _candidate(60, 30, 2.4),
-             _candidate(70, 20, 1.99), _candidate(40, 48, 2.1), _candidate(20, 5, 3.5)]
+    table = [_candidate(100, 50, 1.0), _candidate(40, 49, 1.9), _candidate(45, 40, 2.05), _candidate(60, 40, 2.2),
+             _candidate(70, 20, 1.99), _candidate(80, 30, 2.1), _candidate(20, 5, 3.5)]
     chosen = latency_plan.choose(table, latency_plan.Target(speedup=2.0))
-    assert (chosen.flops, chosen.params) == (60, 45)  # not the fastest, not the widest: the widest that is fast enough
+    # not the fastest, not the most FLOPs (80, 30): the most params fast enough, then the most FLOPs
+    assert (chosen.flops, chosen.params) == (60, 40)
     fast_ms = [_candidate(100, 50, 1.0, 0.40), _candidate(60, 30, 2.0, 0.21), _candidate(50, 30, 2.2, 0.19)]
     assert latency_plan.choose(fast_ms, latency_plan.Target(ms=0.2)).flops == 50
     assert latency_plan.choose(table, latency_plan.Target(speedup=4.0)) is None
@@ -69,8 +71,7 @@ def test_the_search_finds_the_widest_plan_of_the_whole_space_on_fake_timings(spe
     result = latency_plan.Search(space, FakeClock(), latency_plan.Target(speedup=speedup), budget=40).run()
     base = _fake_ms(space.full())
     meeting = [s for s in itertools.product(*space.values) if base / _fake_ms(s) >= speedup]
-    most = max(space.flops(s) for s in meeting)
-    best = max((s for s in meeting if space.flops(s) == most), key=space.params)
+    best = max(meeting, key=space.capacity)
     assert result.chosen.shape == best and result.chosen.confirmed
     assert len(result.candidates) <= 40 and result.chosen.speedup >= speedup
     assert result.chosen is latency_plan.choose(result.candidates, latency_plan.Target(speedup=speedup))
@@ -121,9 +122,9 @@ def test_after_lucky_probes_miss_the_search_goes_on_up_from_the_smallest_plan():
 
     result = latency_plan.Search(space, clock, latency_plan.Target(speedup=1.5), budget=40).run()
     truly = [s for s in itertools.product(*space.values) if base / _fake_ms(s) >= 1.5]
-    widest = max(space.flops(s) for s in truly)
+    widest = max(space.params(s) for s in truly)
     assert any(c.confirmed is False for c in result.candidates)  # the lucky probes were caught
-    assert result.chosen.shape in truly and result.chosen.flops >= 0.9 * widest, (result.chosen.flops, widest)
+    assert result.chosen.shape in truly and result.chosen.params >= 0.9 * widest, (result.chosen.params, widest)
 
 
 def test_the_paired_rounds_decide_the_target_over_the_tables_ratio():
@@ -132,8 +133,8 @@ def test_the_paired_rounds_decide_the_target_over_the_tables_ratio():
     from tests.test_bench import _row
 
     rows = [_row("branch_onnx_fp32", 90.0, 0.223), _row("pruned_onnx_fp32", 90.0, 0.215, model="pruned")]
-    compress = {"status": "done", "summary": {"deployed": True, "latency_plan": {
-        "target": {"speedup": 1.5}, "runtime": "onnxruntime", "precision": "fp32", "batch": 1, "speedup": 1.51}}}
+    compress = StageRecord(status="done", outputs={}, summary={"deployed": True, "latency_plan": {
+        "target": {"speedup": 1.5}, "runtime": "onnxruntime", "precision": "fp32", "batch": 1, "speedup": 1.51}})
     alone = target_check.headline_target(rows, compress, "cpu", 2)
     paired = target_check.headline_target(rows, compress, "cpu", 2, {"speedup": 1.48, "ms": 0.19, "rounds": 15})
     assert (alone["met"], alone["achieved_speedup"], alone.get("paired_rounds")) == (False, 1.0372, None)
@@ -150,6 +151,15 @@ def test_plan_flops_count_depth_as_torch_does():
     pruned = prune.prune(net, space.plan(shape), example)
     assert pruned.spec.stage_blocks == (2, 1, 3) and len(pruned.trunk[4]) == 1
     assert count_flops(pruned, example[:1]) == space.flops(shape) < count_flops(net, example[:1])
+
+
+@pytest.mark.parametrize("spec,side", [(QUICKSTART, 28), (ModelSpec("resnet32", 100, 3, "single", 1, 16), 32),
+                                       (ModelSpec("resnet18", 7, 3, "single", 1, 16), 64)])
+def test_plan_params_count_every_parameter_of_the_built_network(spec, side):
+    """The planner ranks thousands of plans by params without building them: the count must be exact."""
+    space = _space(spec, side=side)
+    for shape in [space.full(), space.smallest(), *random.Random(0).sample(space.every(), 8)]:
+        assert space.params(shape) == count_parameters(space.network(shape)), space.label(shape)
 
 
 def test_the_blocks_that_go_are_those_whose_branch_changes_their_input_least():
@@ -262,12 +272,24 @@ def _run(trained_run, root, **compress):
     return new, copy
 
 
-def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes(trained_run, tmp_path,
+@pytest.fixture(scope="module")
+def planned(trained_run, tmp_path_factory) -> tuple[RunDir, int]:
+    """The tiny run taken through compress with TARGET, planned on FakeClock once for the module: the run
+    (shared: copy it to change it) and how many times the planner read the clock."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_timing, "RuntimeClock", FakeClock)
+        FakeClock.calls = 0
+        _, run = _run(trained_run, tmp_path_factory.mktemp("planned"))
+        return run, FakeClock.calls
+
+
+def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes(planned, trained_run, tmp_path,
                                                                                   monkeypatch):
     monkeypatch.setattr(plan_timing, "RuntimeClock", FakeClock)
-    FakeClock.calls = 0
-    cfg, run = _run(trained_run, tmp_path)
-    assert FakeClock.calls > 0
+    shutil.copytree(planned[0].root, tmp_path / trained_run[0].name)
+    FakeClock.calls = planned[1]
+    cfg, run = _run(trained_run, tmp_path)  # up to date: the planned run as it was
+    assert FakeClock.calls == planned[1] > 0
     summary = run.stage("compress").summary
     plan = json.loads(run.output("compress", "plan").read_text())
     chosen = plan["chosen"]
@@ -355,17 +377,16 @@ def test_an_openvino_precision_this_cpu_lacks_is_refused_in_one_line(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_tiny_run_with_a_latency_target_goes_through_bench_and_report(trained_run, tmp_path, monkeypatch):
+def test_a_tiny_run_with_a_latency_target_goes_through_bench_and_report(planned, tmp_path, monkeypatch):
     """Planned on fake timings, benched for real: the headline holds the target against the bench's figure (no
     assertion on what the clock read, only that the verdict follows from it)."""
     from tests.conftest import copy_run
 
     monkeypatch.setattr(plan_timing, "RuntimeClock", FakeClock)
-    cfg, run = _run(trained_run, tmp_path / "a")
+    cfg, run = validate_config(tiny_dict(planned[0].root.parent, compress=TARGET)), planned[0]
     chosen = json.loads(run.output("compress", "plan").read_text())["chosen"]
     _, run = copy_run((cfg, run), tmp_path / "b", "report", export={"precisions": ["fp32"], "ensemble": False},
-                      bench={"served": False, "openvino": False, "batch_sizes": [1, 8], "warmup": 1, "iterations": 3,
-                             "throughput_iterations": 2})
+                      bench={"served": False, "openvino": False})  # else the fast bench (tests/conftest.py)
     target = json.loads(run.output("bench", "bench").read_text())["headline"]["target"]
     assert (target["row"], target["versus"], target["plan"]) == ("pruned_onnx_fp32", "branch_onnx_fp32",
                                                                 chosen["label"])

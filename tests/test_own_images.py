@@ -19,7 +19,7 @@ from pipeline.deploy.predict import Predictor
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
 from pipeline.training.data import load_datasets
-from tests.conftest import make_ctx
+from tests.conftest import FAST_BENCH, make_ctx
 from tests.own_images import CLASSES, COUNTS, interface_only, write_own_images
 
 ROOT = Path(__file__).parent.parent
@@ -31,8 +31,8 @@ TINY = ["data.image_size=16", "data.num_workers=0", "data.val_size=6", "model.ar
         "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=64", "train.device=cpu",
         "compress.epochs=1", "compress.batch_size=8", "compress.channel_multiple=2", "compress.max_accuracy_drop=100",
         "export.max_accuracy_drop=100", "export.calibration_size=16", "export.check_size=8", "export.ensemble=false",
-        "export.calibration_methods=[minmax]", "bench.warmup=1", "bench.iterations=3", "bench.batch_sizes=[1,8]",
-        "bench.throughput_iterations=2", "bench.threads=1", "bench.rounds=2", "bench.served=false"]
+        "export.calibration_methods=[minmax]", "bench.served=false",
+        *(f"bench.{key}={value}" for key, value in FAST_BENCH.items())]
 
 
 def tiny(root: Path, images: Path, *more: str) -> list[str]:

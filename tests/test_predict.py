@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +15,24 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import load_config
 from pipeline.deploy import predict as predict_module
 from pipeline.deploy.predict import Predictor, image_paths, softmax
 from pipeline.deploy.runtime import ort_session, run_split
-from pipeline.runner import execute, stage_def
+from pipeline.rundir import RunDir
 from pipeline.training.data import load_datasets
 from pipeline.training.preprocess import Preprocessing, normalise
-from tests.conftest import make_ctx
 from tests.own_images import write_bomb
-from tests.test_bench import benched_copy
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def benched(exported_run, tmp_path_factory):
-    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("predict"))
-    assert execute(cfg, stage_def("bench"), run, make_ctx(cfg, run)) == "done"
-    return cfg, run, json.loads(run.output("bench", "bench").read_text())
+@pytest.fixture
+def benched(benched_run):
+    """The session's benched run (tests/conftest.py), read only: predict writes outside the run."""
+    _, run, data, _ = benched_run
+    assert json.loads(run.output("bench", "bench").read_text()) == data  # no earlier test wrote to it
+    return benched_run[:3]
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,25 @@ def test_a_pruned_ship_pick_is_predicted_with_the_pruned_file(tmp_path):
     rows = [{"name": "pruned_openvino_int8_cpu", "model": "pruned", "precision": "int8_cpu"},
             {"name": "branch_onnx_int8_cpu", "model": "branch", "precision": "int8_cpu"}]
     for pick, form in (("pruned_openvino_int8_cpu", "pruned_int8_cpu"), ("branch_onnx_int8_cpu", "int8_cpu")):
-        bench.write_text(json.dumps({"headline": {"ship": {"row": pick}}, "rows": rows}))
+        bench.write_text(json.dumps({"schema_version": 3, "headline": {"ship": {"row": pick}}, "rows": rows}))
         run.record("bench", {"status": "done", "outputs": run.describe_outputs({"bench": bench})})
         assert shipped_form(run) == (form, f"{form}: the form the bench picked to ship ({pick})")
+
+
+def test_a_bench_json_of_an_older_schema_is_refused_in_one_line_that_says_to_rerun_the_bench(benched, tmp_path):
+    """predict's default form is the bench's pick: a version 2 bench.json (no pruned forms) is not read."""
+    _, run, bench = benched
+    copy = tmp_path / "run"
+    shutil.copytree(run.root, copy)
+    path = copy / "bench" / "bench.json"
+    path.write_text(json.dumps({**bench, "schema_version": 2}))
+    moved = RunDir(copy)
+    record = moved.stage("bench").model_dump(mode="json")
+    moved.record("bench", {**record, "outputs": moved.describe_outputs({"bench": path})})
+    good = write_pngs(load_datasets(load_config(copy / "config.yaml").data).test.images[:1], tmp_path / "png")[0]
+    result = runner.invoke(app, ["predict", str(copy), str(good)], env={"COLUMNS": "500"})
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output, \
+        result.output
+    assert f"{path} has bench schema_version 2, this one-pipeline reads 3; rerun the bench: one-pipeline run " \
+           "CONFIG --from bench" in result.output
+    assert runner.invoke(app, ["predict", str(copy), str(good), "--model", "fp32"]).exit_code == 0  # asked: no pick

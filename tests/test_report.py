@@ -14,26 +14,26 @@ from PIL import Image
 
 from pipeline.compare import recipe
 from pipeline.config import load_config
-from pipeline.deploy.benchfile import BenchFile
+from pipeline.deploy.benchfile import BenchFile, rich_table
+from pipeline.deploy.forms import MODELS, RUNTIMES
+from pipeline.deploy.unmeasured import console_lines
 from pipeline.errors import ArtifactError, StageSkipped
 from pipeline.plots import CURVES_DPI, CURVES_SIZE_IN, Curves, training_curves_figure
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, stage_def
 from stages import report as report_stage
 from stages.report import PLOT_DPI, PLOT_SIZE_IN, load_bench, markdown, plot_figure, worth_it, write_plot
-from tests.conftest import make_ctx
-from tests.test_bench import benched_copy
+from tests.conftest import make_ctx, private_copy
 
 PLOT_PIXELS = (round(PLOT_SIZE_IN[0] * PLOT_DPI), round(PLOT_SIZE_IN[1] * PLOT_DPI))
 CURVES_PIXELS = (round(CURVES_SIZE_IN[0] * CURVES_DPI), round(CURVES_SIZE_IN[1] * CURVES_DPI))
 
 
 @pytest.fixture(scope="module")
-def reported(exported_run, tmp_path_factory):
-    cfg, run = benched_copy(exported_run, tmp_path_factory.mktemp("report"))
-    ctx = make_ctx(cfg, run)
-    assert execute(cfg, stage_def("bench"), run, ctx) == "done"
-    assert execute(cfg, stage_def("report"), run, ctx) == "done"
+def reported(benched_run, tmp_path_factory):
+    """The session's benched run (tests/conftest.py), reported in a copy of its own."""
+    cfg, run = private_copy(benched_run[:2], tmp_path_factory.mktemp("report"))
+    assert execute(cfg, stage_def("report"), run, make_ctx(cfg, run)) == "done"
     bench = json.loads(run.output("bench", "bench").read_text())
     return run, bench
 
@@ -66,7 +66,9 @@ def test_report_markdown_has_headline_table_reasons_and_environment(reported):
     table = [line for line in results.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| variant | runtime | status | size MB | top-1 % | agree % | p50 ms | p99 ms | "
                                "img/s @1 | img/s @8 |")
-    assert len(table) == 1 + len(bench["rows"])  # the header and one line per row
+    skipped = [r for r in bench["rows"] if r["status"] == "skipped"]
+    assert skipped and len(table) == 1 + len(bench["rows"]) - len(skipped)  # the header and one line per row run
+    assert not any(" | skipped | " in line for line in table)  # no dash row
     ensemble = next(line for line in table if line.startswith("| ONE-E gated ensemble (full model) |"))
     one_e = by_name["one_e_eager"]
     assert f"| {one_e['accuracy']:.2f} |" in ensemble and f"| {one_e['params']:,} |" in ensemble
@@ -78,10 +80,14 @@ def test_report_markdown_has_headline_table_reasons_and_environment(reported):
     ship_text = text.split("## What to ship on this machine", 1)[1].split("\n## ", 1)[0]
     assert "Shipped for latency (bench.ship_for)." in ship_text
     assert "- ONNX Runtime: batch-1 p50 " in ship_text and "- OpenVINO: batch-1 p50 " in ship_text
-    assert "## Skipped and failed rows" in text
-    for row in bench["rows"]:
-        if row["status"] != "ok":
-            assert row["reason"] in text
+    assert "## Skipped and failed rows" not in text  # folded under the table, not said twice
+    assert results.split("\n\nNot measured here:\n\n", 1)[0].endswith(table[-1])  # right under the table
+    entries = unmeasured_entries(results)
+    assert len(entries) == len({r["reason"] for r in skipped})  # forms skipped for one reason share an entry
+    for row in skipped:
+        assert any(names_form(entry, row) for entry in entries), (row["name"], entries)
+    assert ("- torch.compile for ONE-E, branch: torch.compile with CUDA graphs is measured on CUDA only; this bench "
+            "runs on cpu") in results
     assert "- branch, ONNX Runtime int8_cpu: top-1" in text and "than fp32" in text
     assert "- fp16 on this CPU: " in text and "the fp16 file is for GPUs" in text
     guard = text.split("## Export accuracy guard", 1)[1].split("\n## ", 1)[0]
@@ -109,10 +115,73 @@ def test_report_without_a_headline_says_why(reported, tmp_path):
     bench = BenchFile.model_validate(data)
     text = markdown(bench, "plot.png")
     assert "No headline: one_e_onnx_fp32 skipped: vanilla run." in text
-    assert "| ONE-E gated ensemble (full model) | PyTorch eager | skipped |" in text
+    results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert "| ONE-E gated ensemble" not in results and "| stripped branch | PyTorch eager | ok |" in results
+    vanilla = next(e for e in unmeasured_entries(results) if e.endswith(": vanilla run: one plain network, no "
+                                                                         "branches or gate to ensemble"))
+    assert vanilla.startswith("PyTorch eager for ONE-E, full model -> branch; torch.compile for ONE-E; ONNX Runtime "
+                              "fp32/fp16/int8/int8_cpu for ONE-E; OpenVINO fp32/bf16/int8_cpu for ONE-E; ")
     assert "## The kept branch against ONE-E" not in text
     write_plot(bench, tmp_path / "plot.png")
     assert_png(tmp_path / "plot.png")
+
+
+def unmeasured_entries(results: str) -> list[str]:
+    """The entries of the results' "Not measured here:" list."""
+    listed = results.split("\n\nNot measured here:\n\n", 1)[1].split("\n\n", 1)[0]
+    return [line.removeprefix("- ") for line in listed.splitlines()]
+
+
+def names_form(entry: str, row: dict) -> bool:
+    """Whether a "Not measured here" entry names this row's form (runtime, model, precision) with its reason."""
+    if not entry.endswith(f": {row['reason']}"):
+        return False
+    runtime, who = RUNTIMES[row["format"]].name, MODELS[row["model"]].who
+    for part in entry[:-len(row["reason"]) - 2].split("; "):
+        how, _, models = part.partition(" for ")
+        if how.startswith(runtime) and who in models.split(", "):
+            precisions = how[len(runtime):].strip()
+            if not precisions or row["precision"] in precisions.split("/"):
+                return True
+    return False
+
+
+def _not_run(row: dict, status: str, reason: str) -> None:
+    row.update({key: None for key in row if key not in ("name", "label", "model", "format", "precision")})
+    row.update(status=status, reason=reason, throughput=[], failed_in="export" if status == "failed" else None)
+
+
+def test_skipped_forms_are_folded_by_reason_under_the_table_and_failed_rows_stay_in_it(reported):
+    _, data = reported
+    data = json.loads(json.dumps(data))
+    by_name = {r["name"]: r for r in data["rows"]}
+    shared = "not exported here: a reason several forms share"
+    for name in ("one_e_onnx_fp16", "branch_onnx_fp16", "one_e_onnx_int8", "branch_onnx_int8", "one_e_onnx_int8_cpu",
+                 "one_e_openvino_bf16", "branch_openvino_bf16"):
+        _not_run(by_name[name], "skipped", shared)
+    _not_run(by_name["branch_onnx_int8_cpu"], "failed", "export failed: boom")
+    data["headline"].update(precision_gain=None, ship=None)
+    bench = BenchFile.model_validate(data)
+    results = markdown(bench, "plot.png").split("## Results", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in results.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + sum(r.status != "skipped" for r in bench.rows)
+    assert "| stripped branch, ONNX Runtime int8_cpu | ONNX Runtime int8_cpu | failed (export) |" in results
+    entries = unmeasured_entries(results)
+    assert [e for e in entries if e.endswith(shared)] == [  # models that share their precisions share a part
+        f"ONNX Runtime fp16/int8/int8_cpu for ONE-E; ONNX Runtime fp16/int8 for branch; OpenVINO bf16 for ONE-E, "
+        f"branch: {shared}"]
+    assert not any("int8_cpu for branch" in e for e in entries)  # a failed row is in the table, not in this list
+    assert "\n\nFailed (marked in the table):\n\n- ONNX Runtime int8_cpu for branch: export failed: boom" in results
+    terminal = rich_table(bench)
+    assert terminal.row_count == len(table) - 1  # the terminal's table: the same rows
+    lines = console_lines(bench)
+    assert lines[0] == "not measured here:" and f"  {entries[1]}" in lines and entries[1].endswith(shared)
+    assert lines[-2:] == ["failed:", "  ONNX Runtime int8_cpu for branch: export failed: boom"]
+    for row in data["rows"]:
+        _not_run(row, "skipped", "nothing runs here")
+    data["headline"].update({k: None for k in data["headline"] if k != "runtime"})
+    nothing = markdown(BenchFile.model_validate(data), "plot.png").split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert "No form was measured here." in nothing and "| variant |" not in nothing
 
 
 def test_plot_with_no_measured_row(reported, tmp_path):
@@ -141,6 +210,17 @@ def test_report_rejects_a_bench_json_off_schema(reported, tmp_path):
     path.write_text("{not json")
     with pytest.raises(ArtifactError):
         load_bench(path)
+
+
+def test_a_bench_json_of_an_older_schema_is_refused_in_one_line_that_says_to_rerun_the_bench(reported, tmp_path):
+    """A version 2 file has no pruned rows, headline.prune or headline.target: the report refuses it."""
+    path = tmp_path / "bench.json"
+    for older in (2, None):
+        path.write_text(json.dumps({**reported[1], "schema_version": older}))
+        with pytest.raises(ArtifactError) as refused:
+            load_bench(path)
+        assert str(refused.value) == (f"{path} has bench schema_version {older or 'none'}, this one-pipeline reads 3; "
+                                      "rerun the bench: one-pipeline run CONFIG --from bench")
 
 
 def test_nothing_to_report_when_the_bench_was_skipped(tiny_cfg, tmp_path):

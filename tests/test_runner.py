@@ -11,8 +11,9 @@ from pipeline.rundir import RunDir
 from pipeline.runner import STAGE_NAMES
 
 runner = CliRunner()
-FAST = {"bench": {"warmup": 1, "iterations": 3, "batch_sizes": [8], "throughput_iterations": 2, "threads": 1,
-                  "test_limit": 64}}
+# the tiny config's fast bench, one batch size, and no served row (it starts a tritonserver of its own:
+# tests/test_server.py tests it); these tests are about the runner and caching
+BENCH_OVERRIDES = {"batch_sizes": [8], "test_limit": 64, "served": False}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def full_run(trained_run, tmp_path_factory):
     cfg, run = trained_run
     root = tmp_path_factory.mktemp("chain")
     shutil.copytree(run.root, root / "runs" / cfg.name)
-    raw = {**yaml.safe_load(cfg.to_yaml()), **FAST, "output_root": str(root / "runs")}
+    raw = {**yaml.safe_load(cfg.to_yaml()), "output_root": str(root / "runs")}
+    raw["bench"] = {**raw["bench"], **BENCH_OVERRIDES}
     # fp32 only: these tests are about the runner and caching, not about int8 numerics (which differ
     # between CPUs: tests/test_export.py covers quantization with bounds that hold on every x86 CPU)
     raw["export"] = {**raw["export"], "precisions": ["fp32"], "ensemble": False}

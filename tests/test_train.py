@@ -10,7 +10,7 @@ from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
 from pipeline.training import checkpoint, fit
 from stages import train as train_stage
-from tests.conftest import make_ctx, tiny_dict
+from tests.conftest import make_ctx, press_ctrl_c_at, tiny_dict
 
 
 def _train(cfg):
@@ -40,17 +40,12 @@ def test_train_records_every_head_and_checkpoints(trained_run):
     assert {"optimizer", "scheduler", "rng_cpu", "epoch"} <= last.keys() and last["epoch"] == 3
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """Ctrl-C mid-epoch saves a checkpoint; the resumed run ends bit-identical to an uninterrupted one."""
-    whole = _train(validate_config(tiny_dict(tmp_path / "a")))
+def test_interrupted_run_resumes_to_the_same_weights(trained_run, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch saves a checkpoint; the resumed run ends bit-identical to an uninterrupted one (the
+    session's trained run: the same tiny config)."""
+    _, whole = trained_run
     cfg = validate_config(tiny_dict(tmp_path / "b"))
-    calls = []
-
-    @contextlib.contextmanager
-    def ctrl_c_at_step_30():
-        yield lambda: calls.append(1) or len(calls) == 30
-
-    monkeypatch.setattr(fit, "catch_sigint", ctrl_c_at_step_30)
+    press_ctrl_c_at(monkeypatch, 30)
     with pytest.raises(fit.Interrupted, match="run the same command again to resume") as err:
         _train(cfg)
     assert err.value.exit_code == 130
@@ -77,13 +72,7 @@ def test_eval_every_validates_the_last_epoch_resumes_and_trains_the_same_weights
     ends with the weights and the validation figures of the every-epoch run (validation changes no weights)."""
     _, every_epoch = trained_run
     cfg = validate_config(tiny_dict(tmp_path, train={"eval_every": 2}))
-    calls = []
-
-    @contextlib.contextmanager
-    def ctrl_c_at_step_30():
-        yield lambda: calls.append(1) or len(calls) == 30
-
-    monkeypatch.setattr(fit, "catch_sigint", ctrl_c_at_step_30)
+    press_ctrl_c_at(monkeypatch, 30)
     with pytest.raises(fit.Interrupted):
         _train(cfg)
     assert torch.load(cfg.run_dir / "train/last.pt", weights_only=True)["epoch"] == 1  # stopped inside epoch 2

@@ -220,6 +220,66 @@ def test_plan_built_from_another_onnx_is_refused(tmp_path, tiny_onnx):
         triton.run(ctx)
 
 
+def record_pruned_engine(ctx: StageContext, pruned_onnx: Path, *, max_batch: int = 8,
+                         onnx_sha: str | None = None) -> Path:
+    """compress's network exported (export/pruned_fp32.onnx) and its engine built next to the branch's, as the
+    export and engine stages record them (the plan's bytes are opaque to the triton stage)."""
+    run = ctx.run
+    export = run.stage("export").model_dump(mode="json")
+    onnx_path = run.path("export", "pruned_fp32.onnx")
+    shutil.copyfile(pruned_onnx, onnx_path)
+    outputs = {key: run.root / entry["path"] for key, entry in export["outputs"].items()}
+    run.record("export", {**export, "outputs": run.describe_outputs({**outputs, "pruned_onnx_fp32": onnx_path})})
+    engine = run.stage("engine").model_dump(mode="json")
+    plan = run.path("engine", "pruned_fp32.plan")
+    plan.write_bytes(b"serialized pruned engine bytes")
+    sample = [3, 2, 2]
+    info = {"tensorrt": "10.13.0", "gpu": "NVIDIA H100", "compute_capability": "9.0", "precision": "fp32",
+            "profile": {"input": "input", "min": [1, *sample], "opt": [max_batch, *sample],
+                        "max": [max_batch, *sample]},
+            "onnx_sha256": onnx_sha or sha256_file(onnx_path)}
+    sidecar = run.path("engine", "pruned_fp32.plan.json")
+    sidecar.write_text(json.dumps(info))
+    log = run.path("engine", "pruned_build.log")
+    log.write_text("log\n")
+    outputs = {key: run.root / entry["path"] for key, entry in engine["outputs"].items()}
+    run.record("engine", {**engine, "outputs": run.describe_outputs(
+        {**outputs, "pruned_engine": plan, "pruned_engine_info": sidecar, "pruned_build_log": log})})
+    return plan
+
+
+def test_the_pruned_engine_is_served_as_its_own_plan_model(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx}, triton={"max_batch_size": 64})
+    record_engine(ctx, max_batch=16)
+    pruned_onnx = flatten_onnx(tmp_path / "pruned.onnx", dtype=TensorProto.FLOAT, classes=list("abcdefghijkl"))
+    plan = record_pruned_engine(ctx, pruned_onnx, max_batch=8)
+    result = triton.run(ctx)
+
+    assert result.summary["models"] == {"deploy_onnx": "onnxruntime_onnx", "deploy_pruned_onnx": "onnxruntime_onnx",
+                                        "deploy_trt": "tensorrt_plan", "deploy_pruned_trt": "tensorrt_plan"}
+    assert result.summary["max_batch_size"] == {"deploy_onnx": 64, "deploy_pruned_onnx": 64, "deploy_trt": 16,
+                                                "deploy_pruned_trt": 8}
+    assert any(n.startswith("deploy_pruned_trt: max_batch_size clamped from triton.max_batch_size 64 to the "
+                            "engine's profile maximum 8") for n in result.summary["notes"])
+    folder = ctx.run.path("triton", "deploy_pruned_trt")
+    message = parse(folder / "config.pbtxt")
+    assert message.name == "deploy_pruned_trt" and message.platform == "tensorrt_plan"
+    assert message.max_batch_size == 8
+    assert config_io(message) == onnx_io(pruned_onnx)  # the pruned file's tensors, not the branch's
+    assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in message.instance_group] == ["KIND_GPU"]
+    assert (folder / "1" / "model.plan").read_bytes() == plan.read_bytes()
+    assert "export/pruned_fp32.onnx" in (folder / "config.pbtxt").read_text()
+    assert (folder / "labels.txt").read_text().splitlines() == list("abcdefghijkl")
+
+
+def test_a_pruned_plan_built_from_another_onnx_is_refused(tmp_path, tiny_onnx):
+    ctx = make_run(tmp_path, {"fp32": tiny_onnx})
+    record_engine(ctx)
+    record_pruned_engine(ctx, flatten_onnx(tmp_path / "pruned.onnx", dtype=TensorProto.FLOAT), onnx_sha="0" * 64)
+    with pytest.raises(ArtifactError, match="pruned_fp32.plan was built from another pruned_fp32.onnx"):
+        triton.run(ctx)
+
+
 def test_io_is_read_from_the_file_not_assumed(tmp_path):
     signature = read_onnx_io(flatten_onnx(tmp_path / "i64.onnx", dtype=TensorProto.INT64))
     assert [(t.name, t.data_type, t.dims) for t in signature.inputs + signature.outputs] == [

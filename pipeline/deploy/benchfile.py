@@ -6,6 +6,7 @@ what it writes, the report what it reads.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,8 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.deploy.forms import MODELS, RUNTIMES, deployable, row_name, shippable
+from pipeline.errors import ArtifactError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the pruned branch's rows, headline.prune and headline.target (docs/bench_schema.md)
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int8_cpu"]  # bf16: OpenVINO's, compiled from fp32
 
 
@@ -177,7 +179,7 @@ class Headline(Strict):
 
 
 class BenchFile(Strict):
-    schema_version: Literal[2]
+    schema_version: Literal[3]
     run: str
     method: Literal["one", "vanilla"]
     branch: int = Field(ge=0)
@@ -202,6 +204,17 @@ class BenchFile(Strict):
 
     def row(self, name: str | None) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
+
+
+def of_this_version(data: Any, path: Path) -> dict:
+    """A bench.json's contents, when written at SCHEMA_VERSION; else an ArtifactError in one line: an older
+    file lacks what this version reads (and a newer one may hold what it does not know), so rerun the bench."""
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if found != SCHEMA_VERSION:
+        raise ArtifactError(f"{path} has bench schema_version {'none' if found is None else found}, this "
+                            f"one-pipeline reads {SCHEMA_VERSION}; rerun the bench: one-pipeline run CONFIG "
+                            "--from bench")
+    return data
 
 
 def gain(row: Row | None, versus: Row | None) -> Gain | None:
@@ -326,14 +339,15 @@ def table_headers(bench: BenchFile) -> list[str]:
 
 
 def rich_table(bench: BenchFile) -> Table:
-    """The terminal's table: the columns that decide, narrow enough for 80 columns (report.md has all)."""
+    """The terminal's table: the rows that ran or failed (pipeline/deploy/unmeasured.py folds the skipped ones
+    under it), the columns that decide, narrow enough for 80 columns (report.md has all)."""
     batch = bench.batch_sizes[-1]
     table = Table(title=f"bench: {bench.run} on {bench.device}, {bench.threads} thread(s), "
                         f"{bench.test_images} test images")
     for i, header in enumerate(["variant", "status", "top-1", "p50 ms", "p99 ms", f"img/s@{batch}", "MB"]):
         table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i == 0)
     colour = {"ok": "green", "skipped": "yellow", "failed": "red"}
-    for row in bench.rows:
+    for row in [r for r in bench.rows if r.status != "skipped"]:
         lat = row.latency_ms
         table.add_row(escape(_tiny_label(row)), f"[{colour[row.status]}]{escape(status_text(row))}[/]",
                       fmt(row.accuracy), fmt(lat and lat.p50, ".3f"), fmt(lat and lat.p99, ".3f"),
@@ -372,8 +386,3 @@ def headline_text(bench: BenchFile) -> str:
                  f"the images/s at batch {h.prune.batch} in {runtime_text(br)} ({h.prune.accuracy_delta:+.2f} "
                  f"points{share})")
     return text + "."
-
-
-def reason_lines(bench: BenchFile) -> list[str]:
-    """`label: status: reason` for every row that did not run."""
-    return [f"{r.label}: {status_text(r)}: {r.reason}" for r in bench.rows if r.status != "ok"]

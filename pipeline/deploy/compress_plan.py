@@ -35,7 +35,7 @@ from pipeline.training import prune
 from pipeline.training.data import ImageSet
 from pipeline.training.models import SingleNet, stage_depths
 
-PLAN_VERSION = 2  # 2: planned with MARGIN
+PLAN_VERSION = 3  # 2: planned with MARGIN; 3: the most params (not FLOPs) kept
 # The planner aims this much past the target: the widest plan meeting the target sits at its edge, where the
 # bench's own rounds read it a few percent either side (1.49x for a plan planned at 1.51x, target 1.5x)
 MARGIN = 0.05
@@ -199,8 +199,8 @@ def out_of_reach(cfg: CompressConfig, space: latency_plan.PlanSpace, exc: latenc
 
 def plan_document(space: latency_plan.PlanSpace, result: latency_plan.Result, target: latency_plan.Target,
                   key: dict[str, Any]) -> dict[str, Any]:
-    ranked = sorted(result.candidates, key=lambda c: (-c.flops, -c.params))
-    at = ranked.index(result.chosen)  # neighbours: the two measured plans on each side of it in FLOPs
+    ranked = sorted(result.candidates, key=lambda c: c.capacity, reverse=True)
+    at = ranked.index(result.chosen)  # neighbours: the two measured plans on each side of it in capacity
     neighbours = {c.shape for c in ranked[max(at - 2, 0):at] + ranked[at + 1:at + 3] if c is not result.base}
 
     def record(c: latency_plan.Candidate) -> dict[str, Any]:

@@ -72,9 +72,10 @@ RUNTIMES: dict[str, Runtime] = {r.key: r for r in (
     Runtime("openvino", "OpenVINO", "OV", "P", "openvino_{precision}", tuple(openvino_runtime.FORMS),
             made_by="export", deployable=True, label_precision=True, source=lambda p: openvino_runtime.FORMS[p][0],
             triton=lambda p: "_openvino_int8_cpu" if p == "int8_cpu" else None),
-    # one precision per engine (the engine stage's choice); its Triton model: the branch's plan
+    # one precision per engine (the engine stage's choice); its Triton models: the branch's plan, and the pruned
+    # branch's where the engine stage built one
     Runtime("tensorrt", "TensorRT", "TRT", "^", "tensorrt", made_by="engine", deployable=True, label_precision=True,
-            triton=lambda p: "_trt", triton_models=("branch",)),
+            triton=lambda p: "_trt"),
     Runtime("triton", "Triton server", "Triton", "v", "triton_{precision}", models=("branch",), made_by="triton",
             label_precision=True),
 )}
@@ -125,7 +126,7 @@ def onnx_file_name(model_key: str, precision: str) -> str:
 
 def triton_model_name(base: str, model_key: str, runtime_key: str, precision: str) -> str | None:
     """The Triton model the triton stage writes for this form (<base>_onnx, <base>_pruned_onnx_int8,
-    <base>_trt, <base>_openvino_int8_cpu); None where it writes none."""
+    <base>_trt, <base>_pruned_trt, <base>_openvino_int8_cpu); None where it writes none."""
     suffix, rt = MODELS[model_key].triton_suffix, RUNTIMES[runtime_key]
     if suffix is None or rt.triton is None or model_key not in rt.triton_models:
         return None

@@ -17,7 +17,7 @@ by up to 2x, so every figure is pooled over rounds and the winner is timed again
 1. reach: the smallest plan beside the kept branch; a target it misses is out of reach.
 2. probe: each knob alone one step down and at its least (what each costs and saves).
 3. refine: a least-squares fit of the measured times on blocks per stage and FLOPs (per-layer cost and
-   compute) ranks the plans not yet timed that keep more FLOPs than the best so far (every plan of a space
+   compute) ranks the plans not yet timed that keep more capacity than the best so far (every plan of a space
    of up to SPACE_LIMIT, else a seeded sample and the best's neighbours); the REFINE_WIDTH widest the fit
    expects to meet the target are timed, the fit is redone, until none is left or the budget is spent.
 4. repeat: plans within CLOSE of the target are timed again (REPEAT_ROUNDS), pooled with what they had.
@@ -25,10 +25,12 @@ by up to 2x, so every figure is pooled over rounds and the winner is timed again
    those rounds alone; the misses drop out and steps 3 to 5 run again from the best confirmed plan, until
    nothing wider meets the target (at most CONFIRM_TRIES passes).
 
-The best: among the plans meeting the target, the one keeping the most FLOPs (then params). FLOPs are the
-capacity proxy: they weigh every layer by the pixels it computes and fall with width and depth alike, where
-params put three quarters of a CIFAR ResNet's weight in its last stage (7x7 pixels here) and nearly none in
-its first. Whether FLOPs kept predict the fine-tuned accuracy better than params is for the seeds to show.
+The best: among the plans meeting the target, the one keeping the most parameters (then FLOPs). Params are
+the capacity proxy because they predicted the fine-tuned accuracy where FLOPs did not: at batch 1 the
+planner buys speed with blocks, and which blocks go is what the proxy decides. FLOPs weigh every layer by
+its pixels, so they spend the last stage's blocks (7x7 pixels, three quarters of the weights) first; on the
+quickstart's branch every plan keeping one last-stage block lost 0.5 to 0.8 validation or test points after
+the fine-tune, every plan keeping all three at most 0.17, at 2.17x as well (docs/results/capacity_proxy.json).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.training import prune
-from pipeline.training.models import ModelSpec, SingleNet, count_parameters, stage_layout
+from pipeline.training.models import ModelSpec, SingleNet, stage_layout
 
 Shape = tuple[int, ...]  # residual width per stage, then inner width per stage, then blocks per stage
 Clock = Callable[[list[Shape], int], dict[Shape, list[float]]]  # plans, rounds -> each plan's p50 ms per round
@@ -108,8 +110,13 @@ class PlanSpace:
 
     def params(self, shape: Shape) -> int:
         if shape not in self._params:
-            self._params[shape] = count_parameters(self.network(shape))
+            s = self.stages
+            self._params[shape] = prune.plan_params(self.spec, shape[:s], shape[s:2 * s], shape[2 * s:])
         return self._params[shape]
+
+    def capacity(self, shape: Shape) -> tuple[int, int]:
+        """What the planner keeps the most of among the plans meeting the target: params, then FLOPs."""
+        return self.params(shape), self.flops(shape)
 
     def label(self, shape: Shape) -> str:
         s = self.stages
@@ -137,7 +144,7 @@ class Candidate:
 
     @property
     def capacity(self) -> tuple[int, int]:
-        return self.flops, self.params
+        return self.params, self.flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +169,7 @@ class Target:
 
 
 def choose(candidates: list[Candidate], target: Target) -> Candidate | None:
-    """Among the candidates meeting the target, the one keeping the most capacity (FLOPs, then params; then
+    """Among the candidates meeting the target, the one keeping the most capacity (params, then FLOPs; then
     the faster)."""
     meeting = [c for c in candidates if target.met_by(c)]
     return max(meeting, key=lambda c: (*c.capacity, c.speedup), default=None)
@@ -215,7 +222,7 @@ class Search:
         if len(new) > room:
             self.budget_spent = True
             # the largest cuts first: when the budget is short, reaching the target matters most
-            new = sorted(new, key=self.space.flops)[:max(room, 0)]
+            new = sorted(new, key=self.space.capacity)[:max(room, 0)]
         return [s for s in shapes if s in self.candidates or s in new]
 
     def best(self) -> Candidate | None:
@@ -252,19 +259,19 @@ class Search:
         return list(dict.fromkeys(found))
 
     def refine(self) -> None:
-        """Plans keeping more FLOPs than the best, the REFINE_WIDTH widest the fit expects to meet the target
+        """Plans keeping more capacity than the best, the REFINE_WIDTH widest the fit expects to meet the target
         (then those within its margin, one step in a row), until none is left or the budget is spent."""
         marginal = False
         while (best := self.best()) is not None:
             wider = [s for s in dict.fromkeys([*self.space.every(), *self.around(best.shape)])
-                     if s not in self.candidates and self.space.flops(s) > best.flops]
+                     if s not in self.candidates and self.space.capacity(s) > best.capacity]
             expected = self.expected_speedups(wider)
             meeting = [s for s in wider if self.hopeful(expected[s], best, 0)]
             close = [s for s in wider if s not in meeting and self.hopeful(expected[s], best, CLOSE / 2)]
             if not meeting and marginal:
                 return  # the margin was tried and gave nothing
             marginal = not meeting
-            batch = self.affordable(sorted(meeting or close, key=lambda s: -self.space.flops(s))[:REFINE_WIDTH])
+            batch = self.affordable(sorted(meeting or close, key=self.space.capacity, reverse=True)[:REFINE_WIDTH])
             if not batch:
                 return
             self.time([best.shape, *batch], ROUNDS, "refine")

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.deploy.benchfile import of_this_version
 from pipeline.deploy.forms import EXPORTED, ONNX_PRECISIONS, form_name, onnx_key, parse_form
 from pipeline.deploy.onnx_io import run_exported_onnx
 from pipeline.deploy.runtime import ort_session, run_logits
@@ -93,7 +94,8 @@ def shipped_form(run: RunDir) -> tuple[str, str]:
     record = run.stage("bench")
     if record is None or not record.done:
         return "fp32", "fp32: the bench has not run, so no form was picked to ship"
-    bench = json.loads(run.output("bench", "bench").read_text())
+    path = run.output("bench", "bench")
+    bench = of_this_version(json.loads(path.read_text()), path)  # an older file may name no pruned form
     ship = (bench.get("headline") or {}).get("ship") or {}
     row = next((r for r in bench.get("rows", []) if r.get("name") == ship.get("row")), None)
     if row is None:

@@ -160,7 +160,7 @@ def plan_lines(doc: dict[str, Any] | None) -> list[str]:
     where = (f"Planned for {aim} in {key.get('runtime')} {key.get('precision')} at batch {key.get('batch')}, "
              f"{key.get('threads')} thread(s), on {key.get('cpu')} (channel multiple {key.get('channel_multiple')}): "
              f"{len(doc.get('candidates', [])) + 1} plans timed in {fmt(doc.get('seconds'), '.0f')} s in "
-             "interleaved rounds beside the kept branch; the chosen plan keeps the most FLOPs among those meeting "
+             "interleaved rounds beside the kept branch; the chosen plan keeps the most parameters among those meeting "
              "the target, confirmed in rounds of its own." if key else "A plan given without its measurements.")
     picked = [c for c in doc.get("candidates", []) if c.get("chosen") or c.get("neighbour")] or [chosen]
     records = [*([doc["branch"]] if doc.get("branch") else []), *picked]

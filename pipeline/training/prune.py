@@ -102,6 +102,26 @@ def plan_flops(spec: ModelSpec, geometry: dict[str, int], stages: tuple[int, ...
     return 2 * (macs + stages[-1] * spec.num_classes)
 
 
+def plan_params(spec: ModelSpec, stages: tuple[int, ...], inner: tuple[int, ...],
+                blocks: tuple[int, ...] | None = None) -> int:
+    """Parameters (conv weights, BatchNorm scales and shifts, the classifier) of a network keeping `blocks`
+    residual blocks per stage (None: all), counted without building it: the planner ranks thousands of plans."""
+    blocks = blocks or stage_depths(spec)
+    stem = 7 * 7 if spec.arch == "resnet18" else 3 * 3
+
+    def conv_bn(kernel: int, cin: int, cout: int) -> int:
+        return kernel * cin * cout + 2 * cout
+
+    count = conv_bn(stem, spec.in_channels, stages[0])
+    for s in range(len(stages)):
+        for b in range(blocks[s]):
+            before = stages[s - 1] if b == 0 and s > 0 else stages[s]
+            count += conv_bn(9, before, inner[s]) + conv_bn(9, inner[s], stages[s])
+            if b == 0 and s > 0:
+                count += conv_bn(1, stages[s - 1], stages[s])
+    return count + (stages[-1] + 1) * spec.num_classes
+
+
 def plan_widths(model: SingleNet, example: torch.Tensor, flops_ratio: float, multiple: int) -> Plan:
     """The widths (multiples of `multiple`, or the original width) with at most `flops_ratio` of the FLOPs."""
     spec = model.spec
