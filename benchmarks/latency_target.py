@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="default: the threads the plan was measured at")
     args = parser.parse_args()
     run = RunDir(args.run_dir)
-    summary = (run.stage("compress") or {}).get("summary") or {}
+    record = run.stage("compress")
+    summary = record.summary if record else {}
     plan = summary.get("latency_plan")
     if not plan or not (plan.get("target") or {}):
         raise SystemExit(f"{args.run_dir}: its compress stage planned no latency target")

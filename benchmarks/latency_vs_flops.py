@@ -60,7 +60,7 @@ def measured_speedup(run: RunDir, cfg: Config, rounds: int) -> float:
     """The FLOPs plan's speed-up over the kept branch, timed as the planner times (freshly built networks: a
     network's latency does not depend on its weights, and the guard's verdict does not change its speed),
     the median over `rounds` interleaved rounds."""
-    s = run.stage("compress")["summary"]
+    s = run.stage("compress").summary
     branch, _ = load_model(run.output("strip", "model"))
     plan = prune.Plan(tuple(s["stage_widths"]), tuple(s["inner_widths"]), s["flops"], s["branch_flops"],
                       tuple(s.get("stage_blocks") or stage_depths(branch.spec)))
@@ -97,7 +97,7 @@ def main() -> None:
                              copy_from=flops.root)
         pinned = pinned or latency.output("compress", "plan")
         for kind, run in (("flops", flops), ("latency", latency)):
-            s = run.stage("compress")["summary"]
+            s = run.stage("compress").summary
             records.append({"kind": kind, "seed": seed, "test": s["test"]["pruned"], "val": s["val"]["pruned"],
                             "branch_test": s["test"]["branch"], "flops_ratio": s["flops_ratio"],
                             "deployed": s["deployed"], "plan": (s.get("latency_plan") or {}).get("plan"),

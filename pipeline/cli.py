@@ -189,9 +189,9 @@ def status(config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML config, or a
                 status_, detail = state(cfg, stage, run)
             except PipelineError as exc:
                 status_, detail = "corrupted", str(exc)
-            entry = run.stage(stage.name) or {}
-            table.add_row(stage.name, f"[{colours.get(status_, 'red')}]{status_}[/]", escape(detail),
-                          str(entry.get("wall_s", "")))
+            entry = run.stage(stage.name)
+            wall = entry.wall_s if entry and entry.wall_s is not None else ""
+            table.add_row(stage.name, f"[{colours.get(status_, 'red')}]{status_}[/]", escape(detail), str(wall))
         console.print(table)
 
     _guard(show, debug)

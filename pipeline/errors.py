@@ -23,3 +23,9 @@ class ArtifactError(PipelineError):
 
 class StageSkipped(PipelineError):
     """A stage cannot run on this machine (e.g. no TensorRT); the reason is the message."""
+
+
+class UndeclaredRead(RuntimeError):
+    """A stage read another stage its row of the runner's table (pipeline/runner.py) does not declare: a
+    defect of one-pipeline, not a user's mistake (its fingerprint would miss that input), so not a
+    PipelineError: it is shown with its traceback."""

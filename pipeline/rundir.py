@@ -136,18 +136,33 @@ def environment() -> dict[str, Any]:
 
 
 class OutputRecord(BaseModel):
-    path: str
+    model_config = ConfigDict(frozen=True)
+    path: str  # relative to the run directory
     sha256: str
     bytes: int
 
 
 class StageRecord(BaseModel):
-    """What `RunDir.record` writes per stage; checked on load so a damaged manifest is one message."""
+    """One stage's entry in the manifest, as `RunDir.record` writes it; checked on load so a damaged manifest is
+    one message. Frozen: reading a record never changes the manifest. Keys another version of one-pipeline
+    wrote (older or newer) are kept as extras, and fields an older version did not write take their defaults."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
     status: Literal["done", "skipped", "failed"]
     fingerprint: str | None = None  # absent: never up to date
     outputs: dict[str, OutputRecord]
+    summary: dict[str, Any] = {}  # the stage's figures (StageResult.summary); empty unless done
+    reason: str = ""  # why it was skipped
+    error: str = ""  # why it failed
+    config: dict[str, Any] = {}  # the resolved config it ran with
+    environment: dict[str, Any] = {}  # library versions and hardware (`environment()`)
+    device: str | None = None
+    wall_s: float | None = None
+    finished: str | None = None  # ISO time, UTC
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
 
 
 class Manifest(BaseModel):
@@ -223,23 +238,31 @@ class RunDir:
 
     # --- manifest -----------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
+        """The manifest as JSON data (what `record` and `forget` rewrite), checked like `stages`."""
+        return self._load()[0]
+
+    def stages(self) -> dict[str, StageRecord]:
+        """Every recorded stage's typed record."""
+        return self._load()[1].stages
+
+    def stage(self, name: str) -> StageRecord | None:
+        """A stage's record; None when it has not run. Stages read others through `StageContext.record`."""
+        return self.stages().get(name)
+
+    def _load(self) -> tuple[dict[str, Any], Manifest]:
         if not self.manifest_path.exists():
-            return {"stages": {}}
+            return {"stages": {}}, Manifest(stages={})
         cheap_fix = (f"delete {self.manifest_path} alone and run again (every stage is re-checked and training "
                      "resumes from train/last.pt)")
         try:
             data = json.loads(self.manifest_path.read_text())
-            Manifest.model_validate(data)
+            return data, Manifest.model_validate(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ArtifactError(f"{self.manifest_path} is corrupted; {cheap_fix}") from None
         except ValidationError as exc:
             where = ".".join(str(p) for p in exc.errors()[0]["loc"])
             raise ArtifactError(f"{self.manifest_path} is not a one-pipeline manifest ({where}: "
                                 f"{exc.errors()[0]['msg']}); {cheap_fix}") from None
-        return data
-
-    def stage(self, name: str) -> dict[str, Any] | None:
-        return self.manifest()["stages"].get(name)
 
     def record(self, name: str, entry: dict[str, Any]) -> None:
         manifest = self.manifest()
@@ -275,16 +298,16 @@ class RunDir:
     def output(self, stage: str, key: str) -> Path:
         """The path of an earlier stage's output, after checking it against the manifest's sha256."""
         entry = self.stage(stage)
-        if entry is None or entry.get("status") != "done":
+        if entry is None or not entry.done:
             raise ArtifactError(f"stage '{stage}' has not finished in {self.root}; run it first "
                                 f"(one-pipeline run CONFIG --until {stage})")
-        if key not in entry["outputs"]:
+        if key not in entry.outputs:
             raise ArtifactError(f"stage '{stage}' recorded no output '{key}' in {self.root}")
-        record = entry["outputs"][key]
-        path = self.recorded_path(record["path"])
+        record = entry.outputs[key]
+        path = self.recorded_path(record.path)
         if not path.exists():
             raise ArtifactError(f"{path} is missing; rerun with --from {stage}")
-        if sha256_file(path) != record["sha256"]:
+        if sha256_file(path) != record.sha256:
             raise ArtifactError(f"{path} does not match the sha256 recorded when '{stage}' wrote it "
                                 f"(truncated or modified); rerun with --from {stage}")
         return path

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, PipelineError, StageSkipped, UsageError
-from pipeline.rundir import RunDir, environment, sha256_file, write_text
+from pipeline.rundir import RunDir, StageRecord, environment, sha256_file, write_text
 from pipeline.stage import StageContext, StageResult
 
 
@@ -35,19 +35,24 @@ class StageDef:
         return module.run
 
 
+# `reads` is every stage a stage reads (its context refuses any other, pipeline/stage.py), so its fingerprint
+# covers all it depends on. Reading export's ONNX files reads strip and compress too: each file is checked
+# against the checkpoint it was exported from (pipeline/deploy/onnx_io.py).
 STAGES = (
     StageDef("train", ("seed", "data", "model", "loss", "train"), (), "train", "train ONE (or vanilla)"),
     StageDef("select", ("select",), ("train",), "select", "pick the branch with the best validation accuracy"),
     StageDef("strip", (), ("select", "train"), "strip", "cut the chosen branch out as a plain network"),
-    StageDef("compress", ("compress",), ("strip", "train"), "compress",
+    StageDef("compress", ("compress",), ("strip", "train", "select"), "compress",
              "prune the kept branch and fine-tune it from ONE's teacher (compress.enabled)"),
     StageDef("export", ("export",), ("strip", "train", "compress"), "export",
              "export ONNX (branch and ONE-E; fp32, fp16, int8 forms) and guard its accuracy"),
-    StageDef("engine", ("engine",), ("export",), "engine", "build a TensorRT engine"),
-    StageDef("triton", ("triton",), ("export", "engine"), "triton", "write a Triton model repository"),
-    StageDef("bench", ("bench",), ("train", "strip", "export", "engine", "triton"), "bench",
+    StageDef("engine", ("engine",), ("export", "strip", "compress"), "engine", "build a TensorRT engine"),
+    StageDef("triton", ("triton",), ("export", "engine", "strip", "compress"), "triton",
+             "write a Triton model repository"),
+    StageDef("bench", ("bench",), ("train", "select", "strip", "compress", "export", "engine", "triton"), "bench",
              "measure every deployed form"),
-    StageDef("report", (), ("bench", "export", "train"), "report", "write report.md, its plot and the training curves"),
+    StageDef("report", (), ("bench", "export", "train", "select", "compress"), "report",
+             "write report.md, its plot and the training curves"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -62,8 +67,8 @@ def stage_def(name: str) -> StageDef:
 def fingerprint(cfg: Config, stage: StageDef, run: RunDir) -> str:
     upstream = {}
     for name in stage.reads:
-        entry = run.stage(name) or {}
-        upstream[name] = {k: v["sha256"] for k, v in entry.get("outputs", {}).items()}
+        entry = run.stage(name)
+        upstream[name] = {k: v.sha256 for k, v in entry.outputs.items()} if entry else {}
     text = json.dumps({"config": cfg.section_hash(*stage.sections) if stage.sections else "", "inputs": upstream},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -74,10 +79,10 @@ def state(cfg: Config, stage: StageDef, run: RunDir) -> tuple[str, str]:
     entry = run.stage(stage.name)
     if entry is None:
         return "missing", ""
-    status = entry["status"]
+    status = entry.status
     if status == "failed":
-        return "failed", entry.get("error", "")
-    if entry.get("fingerprint") != fingerprint(cfg, stage, run):
+        return "failed", entry.error
+    if entry.fingerprint != fingerprint(cfg, stage, run):
         return "stale", "config or inputs changed"
     if status == "done" and stage.name == "compress":
         from pipeline.deploy.compress_plan import host_changed  # a latency plan holds on the host it was timed on
@@ -87,20 +92,20 @@ def state(cfg: Config, stage: StageDef, run: RunDir) -> tuple[str, str]:
     if status == "skipped":
         if machine_changed(entry):
             return "stale", "TensorRT or the GPU changed since it was skipped"
-        return "skipped", entry.get("reason", "")
-    for key, record in entry["outputs"].items():
-        path = run.recorded_path(record["path"])
+        return "skipped", entry.reason
+    for key, record in entry.outputs.items():
+        path = run.recorded_path(record.path)
         if not path.exists():
-            return "stale", f"{record['path']} is missing"
-        if sha256_file(path) != record["sha256"]:
+            return "stale", f"{record.path} is missing"
+        if sha256_file(path) != record.sha256:
             raise ArtifactError(f"{path} does not match the sha256 recorded in the manifest (truncated or "
                                 f"modified); it will not be used: rerun with --from {stage.name}")
     return "done", ""
 
 
-def machine_changed(entry: dict[str, Any]) -> bool:
+def machine_changed(entry: StageRecord) -> bool:
     """A skip may have had a cause that is gone now (TensorRT installed, a GPU added): retry it then."""
-    recorded, now = entry.get("environment", {}), environment()
+    recorded, now = entry.environment, environment()
     return any(recorded.get(key) != now[key] for key in ("tensorrt", "cuda"))
 
 
@@ -108,8 +113,8 @@ def check_same_run(cfg: Config, run: RunDir) -> None:
     """A run directory holds one training run: refuse to overwrite it with another config's."""
     entry = run.stage("train")
     train = stage_def("train")
-    if entry and entry.get("status") == "done" and entry.get("fingerprint") != fingerprint(cfg, train, run):
-        old, new = entry.get("config", {}), cfg.model_dump(mode="json")
+    if entry and entry.done and entry.fingerprint != fingerprint(cfg, train, run):
+        old, new = entry.config, cfg.model_dump(mode="json")
         changed = []
         for section in train.sections:
             before, after = old.get(section), new[section]
@@ -153,7 +158,7 @@ def execute(cfg: Config, stage: StageDef, run: RunDir, ctx: StageContext, *, fre
             strict: bool = False) -> str:
     """Run one stage and record it. A skip is recorded and, unless `strict`, the chain goes on."""
     ctx.console.rule(f"[bold]{stage.name}[/bold]: {stage.help}")
-    ctx = dataclasses.replace(ctx, fresh=fresh)
+    ctx = dataclasses.replace(ctx, fresh=fresh).for_stage(stage.name, stage.reads)
     started = time.perf_counter()
     record: dict[str, Any] = {"fingerprint": fingerprint(cfg, stage, run), "config": cfg.model_dump(mode="json"),
                               "environment": environment(), "device": str(ctx.device)}

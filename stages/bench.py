@@ -94,17 +94,17 @@ def baseline_model(cfg: Config) -> tuple[nn.Module, Path] | None:
         return None
     root = Path(cfg.bench.baseline).expanduser()
     run = RunDir(root)
-    entry = run.stage("train") if run.manifest_path.exists() else None
-    if entry is None or entry.get("status") != "done":
+    entry = run.stage("train") if run.manifest_path.exists() else None  # another run's: not a read of this run
+    if entry is None or not entry.done:
         raise UsageError(f"bench.baseline {root} holds no finished training run; train one first, e.g. one-pipeline "
                          "run CONFIG --until train --set model.method=vanilla --set name=NAME")
-    theirs, ours = entry.get("config", {}).get("data", {}), cfg.model_dump(mode="json")["data"]
+    theirs, ours = entry.config.get("data", {}), cfg.model_dump(mode="json")["data"]
     if any(theirs.get(k) != ours[k] for k in ("dataset", "root", "val_size", "synthetic_size")):
         raise UsageError(f"bench.baseline {root} was trained on other data ({theirs.get('dataset')}, val_size "
                          f"{theirs.get('val_size')}); compare runs of the same data split")
-    method = entry.get("summary", {}).get("method", entry.get("config", {}).get("model", {}).get("method"))
+    method = entry.summary.get("method", entry.config.get("model", {}).get("method"))
     stage = "train" if method == "vanilla" else "strip"
-    path = run.output(stage, "model")
+    path = run.output(stage, "model")  # another run's
     model, _ = load_model(path)
     return model, path
 
@@ -129,7 +129,7 @@ def measure(ctx: StageContext, threads: int) -> BenchFile:
     rows = bench.finish(made, timings)
     cfg = bench.cfg
     headline = headline_figures(rows, cfg.ship_max_accuracy_drop, cfg.ship_for)
-    compress = ctx.run.stage("compress")
+    compress = ctx.record("compress")
     headline["target"] = target_check.headline_target(rows, compress, cpu_model(), threads,
                                                       target_timing.measure_target(ctx.run, compress, threads))
     return BenchFile.model_validate({

@@ -94,7 +94,7 @@ def file_row(bench: Bench, form: Form) -> Row | Measured:
     not_run = bench_not_run(bench, form.model, rt.made_by, onnx_key(form.model, source), source)
     if not_run:
         return form.row(**not_run)
-    path = exported_onnx(bench.ctx.run, onnx_key(form.model, source))
+    path = exported_onnx(bench.ctx, onnx_key(form.model, source))
     return bench.guard(form, lambda: bench.session_figures(form.name, rt.session(path, bench.threads, bench.device),
                                                            path, bench.static[form.model]),
                        **_triton(bench, form))
@@ -120,7 +120,7 @@ def openvino_row(bench: Bench, model: str, precision: str) -> Row | Measured:
     not_run = bench_not_run(bench, model, "export", onnx_key(model, source), source)
     if not_run:
         return form.row(**not_run)
-    path = exported_onnx(bench.ctx.run, onnx_key(model, source))
+    path = exported_onnx(bench.ctx, onnx_key(model, source))
     return bench.guard(form, lambda: _openvino(bench, form, path), **_triton(bench, form))
 
 
@@ -148,8 +148,8 @@ def tensorrt_rows(bench: Bench, rt: Runtime) -> Made:
 
 
 def tensorrt_row(bench: Bench, model: str) -> Row | Measured:
-    entry = bench.ctx.run.stage("engine") or {}
-    info = (entry.get("summary") or {}).get(model) or {}
+    entry = bench.ctx.record("engine")
+    info = (entry.summary.get(model) if entry else None) or {}
     precision = info.get("precision") or "fp32"
     form = Form(model, "tensorrt", precision)
     key = engine_key(model)
@@ -206,25 +206,24 @@ def bench_not_run(bench: Bench, model: str, stage: str, key: str, precision: str
     ctx = bench.ctx
     if model == "ensemble" and bench.method == "vanilla":
         return {"status": "skipped", "reason": bench.vanilla_reason()}
-    compress = ctx.run.stage("compress") or {}
-    if model == "pruned" and not (compress.get("summary") or {}).get("deployed"):
-        why = (compress.get("summary") or {}).get("reason") or compress.get("reason") or "compress has not run"
+    compress = ctx.record("compress")
+    if model == "pruned" and not (compress and compress.summary.get("deployed")):
+        why = (compress and (compress.summary.get("reason") or compress.reason)) or "compress has not run"
         return {"status": "skipped", "reason": f"no pruned network: {why}"}
-    entry = ctx.run.stage(stage)
+    entry = ctx.record(stage)
     if entry is None:
         return {"status": "skipped", "reason": f"the {stage} stage has not run"}
-    if entry.get("status") == "skipped":
-        return {"status": "skipped", "reason": f"{stage} skipped: {entry.get('reason', '')}"}
-    if entry.get("status") != "done":
-        return {"status": "failed", "failed_in": "export", "reason": f"{stage} failed: {entry.get('error', '')}"}
-    if key in entry.get("outputs", {}):
+    if entry.status == "skipped":
+        return {"status": "skipped", "reason": f"{stage} skipped: {entry.reason}"}
+    if not entry.done:
+        return {"status": "failed", "failed_in": "export", "reason": f"{stage} failed: {entry.error}"}
+    if key in entry.outputs:
         return None
-    summary = entry.get("summary") or {}
-    figures = (summary.get(model) or {}).get(precision) or {}
+    figures = (entry.summary.get(model) or {}).get(precision) or {}
     if stage == "export" and figures.get("passed") is False:
         return {"status": "skipped", "reason": f"not deployed: {figures.get('reason', 'rejected')}"}
-    if stage == "export" and precision not in entry.get("config", {}).get("export", {}).get("precisions", []):
+    if stage == "export" and precision not in entry.config.get("export", {}).get("precisions", []):
         return {"status": "skipped", "reason": f"not exported: {precision} is not in export.precisions"}
-    if model == "ensemble" and not entry.get("config", {}).get(stage, {}).get("ensemble", True):
+    if model == "ensemble" and not entry.config.get(stage, {}).get("ensemble", True):
         return {"status": "skipped", "reason": f"{stage}.ensemble is false in the config"}
     return {"status": "failed", "failed_in": "export", "reason": f"{stage} recorded no {key}"}

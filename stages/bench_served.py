@@ -24,11 +24,11 @@ def served_row(ctx: StageContext, images: np.ndarray, labels: np.ndarray) -> dic
         raise StageSkipped("bench.served is false in the config")
     if importlib.util.find_spec("tritonclient") is None:
         raise StageSkipped("the served row talks to the server with tritonclient: pip install -e '.[triton]'")
-    entry = ctx.run.stage("triton") or {}
-    if entry.get("status") != "done":
-        why = f"is {entry['status']}" if entry else "has not run"
+    entry = ctx.record("triton")
+    if entry is None or not entry.done:
+        why = f"is {entry.status}" if entry else "has not run"
         raise StageSkipped(f"the triton stage {why}: no repository to serve")
-    model = next((m for m, platform in entry.get("summary", {}).get("models", {}).items()
+    model = next((m for m, platform in entry.summary.get("models", {}).items()
                   if platform == "onnxruntime_onnx" and m.endswith("_onnx")), None)
     if model is None:
         raise StageSkipped("the Triton repository has no fp32 ONNX model")
@@ -36,7 +36,7 @@ def served_row(ctx: StageContext, images: np.ndarray, labels: np.ndarray) -> dic
     repository = ctx.run.path("triton")
     with serve(repository, models=[model], log=ctx.stage_dir("bench") / "tritonserver.log") as endpoints:
         figures = measure_served(endpoints.http, model, images, labels,
-                                 max_batch=entry["summary"]["max_batch_size"][model],
+                                 max_batch=entry.summary["max_batch_size"][model],
                                  throughput_batch=cfg.batch_sizes[-1], concurrency=SERVED_CONCURRENCY,
                                  warmup=cfg.warmup, iterations=cfg.iterations,
                                  throughput_iterations=cfg.throughput_iterations)

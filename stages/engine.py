@@ -46,7 +46,7 @@ from pipeline.deploy.tensorrt_build import (
 )
 from pipeline.deploy.tensorrt_runtime import import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped
-from pipeline.rundir import sha256_file, write_json
+from pipeline.rundir import StageRecord, sha256_file, write_json
 from pipeline.stage import StageContext, StageResult
 from pipeline.training.data import load_datasets
 
@@ -64,10 +64,10 @@ def tensorrt_or_skip(cfg: EngineConfig) -> ModuleType:
     return trt
 
 
-def choose_precision(cfg: EngineConfig, export: dict[str, Any]) -> tuple[str, str]:
+def choose_precision(cfg: EngineConfig, export: StageRecord) -> tuple[str, str]:
     """(precision, why): engine.precision, or for `auto` the lowest precision whose ONNX the export
     accuracy guard deployed (int8, else fp16, else fp32). A precision the guard rejected is never built."""
-    outputs, figures = export.get("outputs", {}), (export.get("summary") or {}).get("branch", {})
+    outputs, figures = export.outputs, export.summary.get("branch", {})
     if cfg.precision != "auto":
         if onnx_key("branch", cfg.precision) not in outputs:
             why = figures.get(cfg.precision, {}).get("reason", "it was not exported")
@@ -102,12 +102,14 @@ def validation_images(cfg: Config, profile: BatchProfile) -> torch.Tensor:
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.engine
     trt = tensorrt_or_skip(cfg)
-    export = ctx.run.stage("export") or {}
+    export = ctx.record("export")
+    if export is None or not export.done:
+        raise PipelineError("the export stage has not finished; run it first (one-pipeline run CONFIG --until export)")
     precision, why = choose_precision(cfg, export)
     ctx.console.print(escape(f"engine precision {precision}: {why}"))
     subjects = ["branch"] + (["ensemble"] if cfg.ensemble and onnx_key("ensemble", precision) in
-                             export.get("outputs", {}) else [])
-    if onnx_key("pruned", precision) in export.get("outputs", {}):  # compress's network, same precision
+                             export.outputs else [])
+    if onnx_key("pruned", precision) in export.outputs:  # compress's network, same precision
         subjects.append("pruned")
     outputs: dict[str, Path] = {}
     summary: dict[str, Any] = {"precision": precision, "why": why}
@@ -125,7 +127,7 @@ def _build_one(ctx: StageContext, trt: ModuleType, subject: str, precision: str,
                why: str) -> tuple[dict[str, Any], Path]:
     """Build, record and check the engine of one exported subject (the branch, ONE-E or the pruned branch)."""
     cfg = ctx.cfg.engine
-    onnx_path = exported_onnx(ctx.run, onnx_key(subject, precision))
+    onnx_path = exported_onnx(ctx, onnx_key(subject, precision))
     profile = batch_profile(onnx_path, cfg)
     out = ctx.stage_dir("engine")
     prefix = output_prefix(subject)

@@ -321,10 +321,10 @@ def run(ctx: StageContext) -> StageResult:
 
 def pruned_model(ctx: StageContext) -> tuple[Path | None, dict[str, Any]]:
     """compress/model.pt when the compress stage deployed one, and what export says about it either way."""
-    entry = ctx.run.stage("compress") or {}
-    summary = entry.get("summary") or {}
-    if entry.get("status") != "done":
-        return None, {"deployed": False, "reason": entry.get("reason") or "the compress stage did not run"}
+    entry = ctx.record("compress")
+    if entry is None or not entry.done:
+        return None, {"deployed": False, "reason": (entry and entry.reason) or "the compress stage did not run"}
+    summary = entry.summary
     if not summary.get("deployed"):
         return None, {"deployed": False, "reason": summary.get("reason", "compress deployed no network")}
     return ctx.input("compress", "model"), {"deployed": True, "flops_ratio": summary.get("flops_ratio"),

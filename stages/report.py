@@ -40,16 +40,16 @@ PLOT_SIZE_IN, PLOT_DPI = (11.0, 5.0), 100  # 1100 x 500 pixels: the plot, and it
 
 
 def run(ctx: StageContext) -> StageResult:
-    entry = ctx.run.stage("bench") or {}
-    if entry.get("status") == "skipped":
-        raise StageSkipped(f"nothing to report: bench skipped ({entry.get('reason', '')})")
+    entry = ctx.record("bench")
+    if entry and entry.status == "skipped":
+        raise StageSkipped(f"nothing to report: bench skipped ({entry.reason})")
     bench = load_bench(ctx.input("bench", "bench"))
     out = ctx.stage_dir("report")
     report, plot, curves = out / "report.md", out / "accuracy_vs_latency.png", out / "training_curves.png"
     history = read_metrics(ctx.input("train", "metrics"))
     worth = worth_it(ctx)
     write_text(report, markdown(bench, plot.name, ctx.summary("export"), curves.name, history, worth,
-                                target_check.read_plan(ctx.run)))
+                                target_check.read_plan(ctx)))
     write_plot(bench, plot)
     write_training_curves([Curves(bench.run, history, kept=ctx.summary("select").get("branch"))], curves,
                           f"{bench.run}: training, per epoch")

@@ -120,10 +120,11 @@ def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
     """The ONNX models the export accuracy guard deployed of every model the table serves (the branch as
     <base>_onnx..., the pruned branch as <base>_pruned_onnx...); the x86 int8 form on CPU instances."""
     entries = []
-    deployed = (ctx.run.stage("export") or {}).get("outputs", {})
+    export = ctx.record("export")
+    deployed = export.outputs if export else {}
     for subject in [m for m, spec in MODELS.items() if spec.triton_suffix is not None]:
         for precision in [p for p in RUNTIMES["onnxruntime"].precisions if onnx_key(subject, p) in deployed]:
-            path = exported_onnx(ctx.run, onnx_key(subject, precision))
+            path = exported_onnx(ctx, onnx_key(subject, precision))
             header = [f"{MARKER}: {precision} ONNX from {path.relative_to(ctx.run.root)} "
                       f"(sha256 {sha256_file(path)[:16]})"]
             entries.append(ModelEntry(triton_model_name(base, subject, "onnxruntime", precision), "onnxruntime_onnx",
@@ -143,13 +144,13 @@ def _onnx_models(ctx: StageContext, base: str) -> list[ModelEntry]:
 def _plan_model(ctx: StageContext, base: str, notes: list[str]) -> list[ModelEntry]:
     """A tensorrt_plan model for every engine the engine stage built of a model the table serves in TensorRT
     (the kept branch, and its pruned form where compress deployed one)."""
-    entry = ctx.run.stage("engine")
-    if not entry or entry.get("status") != "done":
-        why = ("has not run" if not entry else f"was skipped: {entry.get('reason', '')}"
-               if entry.get("status") == "skipped" else f"is {entry.get('status')}: {entry.get('error', '')}")
+    entry = ctx.record("engine")
+    if not entry or not entry.done:
+        why = ("has not run" if not entry else f"was skipped: {entry.reason}"
+               if entry.status == "skipped" else f"is {entry.status}: {entry.error}")
         notes.append(f"no TensorRT plan model: the engine stage {why}")
         return []
-    built = [m for m in RUNTIMES["tensorrt"].triton_models if engine_key(m) in entry.get("outputs", {})]
+    built = [m for m in RUNTIMES["tensorrt"].triton_models if engine_key(m) in entry.outputs]
     return [e for e in (_plan_entry(ctx, base, model, notes) for model in built) if e is not None]
 
 
@@ -158,7 +159,7 @@ def _plan_entry(ctx: StageContext, base: str, model: str, notes: list[str]) -> M
     max_batch_size clamped to the engine's profile, on GPU instances."""
     plan = ctx.input("engine", engine_key(model))
     info = json.loads(ctx.input("engine", f"{output_prefix(model)}engine_info").read_text())
-    onnx_path = exported_onnx(ctx.run, onnx_key(model, info["precision"]))
+    onnx_path = exported_onnx(ctx, onnx_key(model, info["precision"]))
     if info.get("onnx_sha256") != sha256_file(onnx_path):
         raise ArtifactError(f"{plan} was built from another {onnx_path.name} than the one exported now; "
                             "rerun with --from engine")
@@ -212,7 +213,7 @@ def run(ctx: StageContext) -> StageResult:
     base = cfg.model_name or ctx.cfg.name
     notes: list[str] = []
     entries = _onnx_models(ctx, base)
-    compress = ((ctx.run.stage("export") or {}).get("summary") or {}).get("compress") or {}
+    compress = ctx.summary("export").get("compress") or {}
     if ctx.cfg.compress.enabled and not compress.get("deployed"):
         notes.append(f"no {base}_pruned models: {compress.get('reason', 'the compress stage did not run')}")
     entries += _plan_model(ctx, base, notes)

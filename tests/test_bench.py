@@ -35,7 +35,7 @@ from pipeline.deploy.benchfile import (
 )
 from pipeline.deploy.runtime import ort_session, run_split
 from pipeline.errors import StageSkipped, UsageError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageRecord
 from pipeline.runner import execute, run_stages, stage_def
 from pipeline.training import checkpoint
 from pipeline.training.data import load_datasets
@@ -105,8 +105,8 @@ def test_every_variant_has_a_row_and_rows_that_cannot_run_say_why(benched):
     engine = run.stage("engine")
     for name in ("one_e_tensorrt", "branch_tensorrt"):
         assert by_name[name]["status"] == "skipped"
-        if engine["status"] == "skipped":  # no TensorRT or no GPU: the engine stage's own reason
-            assert by_name[name]["reason"] == f"engine skipped: {engine['reason']}"
+        if engine.status == "skipped":  # no TensorRT or no GPU: the engine stage's own reason
+            assert by_name[name]["reason"] == f"engine skipped: {engine.reason}"
     served = by_name["branch_triton_fp32"]  # tested with a real server in tests/test_server.py
     assert served["status"] == "skipped" and "triton stage has not run" in served["reason"]
     assert by_name["branch_onnx_fp32"]["provider"] == "CPUExecutionProvider"
@@ -150,8 +150,8 @@ def test_the_export_guard_keeps_every_openvino_row_honest(exported_run, tmp_path
     reach within the bound, every OpenVINO compilation loses too much and is not deployed."""
     cfg, run = benched_copy(exported_run, tmp_path)
     entry = run.stage("export")
-    entry["summary"]["branch"]["fp32"]["val_accuracy"] = 100.0 + cfg.export.max_accuracy_drop + 1.0
-    run.record("export", entry)
+    entry.summary["branch"]["fp32"]["val_accuracy"] = 100.0 + cfg.export.max_accuracy_drop + 1.0
+    run.record("export", entry.model_dump(mode="json"))
     bench = bench_measure.Bench(make_ctx(cfg, run), threads=1)
     bench.static = {"branch": {}}
     for precision in ("fp32", "int8_cpu"):
@@ -167,9 +167,9 @@ def test_the_export_guard_keeps_every_openvino_row_honest(exported_run, tmp_path
 
 def test_accuracies_equal_what_training_recorded(benched):
     cfg, run, data, _ = benched
-    recorded = run.stage("train")["summary"]["test"]
+    recorded = run.stage("train").summary["test"]
     branch = data["branch"]
-    assert branch == run.stage("select")["summary"]["branch"]
+    assert branch == run.stage("select").summary["branch"]
     by_name = rows(data)
     assert by_name["one_e_eager"]["accuracy"] == recorded["teacher"]
     assert by_name["full_branch_eager"]["accuracy"] == recorded["branches"][branch]
@@ -233,7 +233,7 @@ def test_headline_splits_the_gain_into_strip_runtime_and_precision(benched):
                   key=lambda r: r["latency_ms"]["p50"])
     assert (head["precision_gain"]["row"], head["precision_gain"]["versus"]) == (fastest["name"], br["name"])
     assert head["ship"]["reference_row"] == "branch_onnx_fp32" and head["ship"]["row"] is not None
-    assert run.stage("bench")["summary"] == head
+    assert run.stage("bench").summary == head
     assert "In ONNX Runtime fp32, the kept branch answers one image" in headline_text(BenchFile.model_validate(data))
 
 
@@ -401,7 +401,7 @@ def test_vanilla_run_skips_the_ensemble_rows(trained_run, tmp_path):
     assert data["method"] == "vanilla" and data["branch"] == 0
     for name in ("one_e_eager", "full_branch_eager", "one_e_compile", "one_e_onnx_fp32", "one_e_tensorrt"):
         assert by_name[name]["status"] == "skipped" and "vanilla" in by_name[name]["reason"]
-    assert by_name["branch_eager"]["accuracy"] == run.stage("train")["summary"]["test"]["branches"][0]
+    assert by_name["branch_eager"]["accuracy"] == run.stage("train").summary["test"]["branches"][0]
     assert [c["row"] for c in data["checks"]] == ["branch_eager"] and data["checks"][0]["equal"]
     assert data["headline"]["strip"] is None and "vanilla" in data["headline"]["reason"]
     assert by_name["branch_onnx_int8"]["status"] == "skipped" and "export.precisions" in by_name["branch_onnx_int8"][
@@ -435,8 +435,9 @@ def _compress_entry(deployed=True, **plan):
     latency_plan = {"source": "planned", "target": {"speedup": 2.0, "ms": None}, "runtime": "onnxruntime",
                     "precision": "fp32", "batch": 1, "threads": 2, "cpu": "AMD EPYC", "plan": "16-32-64/16-32-64/1-1-3",
                     "speedup": 2.1, "p50_ms": 0.1, **plan}
-    return {"status": "done", "summary": {"deployed": deployed, "latency_plan": latency_plan,
-                                          **({} if deployed else {"reason": "the pruned network loses 0.74 points"})}}
+    return StageRecord(status="done", outputs={}, summary={
+        "deployed": deployed, "latency_plan": latency_plan,
+        **({} if deployed else {"reason": "the pruned network loses 0.74 points"})})
 
 
 def _target_rows(pruned_p50, branch_p50=0.2, pruned_ips=900.0, branch_ips=450.0, **pruned):
@@ -469,5 +470,6 @@ def test_the_headline_target_says_met_missed_or_why_not_measured():
     assert unbenched["why"] == "not_measured" and "add 8 to bench.batch_sizes" in unbenched["reason"]
     ms = headline_target(_target_rows(0.095), _compress_entry(target={"speedup": None, "ms": 0.09}), "AMD EPYC", 2)
     assert (ms["kind"], ms["met"]) == ("ms", False)
-    assert headline_target(_target_rows(0.1), {"status": "done", "summary": {"deployed": True}}, "x", 2) is None
+    unplanned = StageRecord(status="done", outputs={}, summary={"deployed": True})
+    assert headline_target(_target_rows(0.1), unplanned, "x", 2) is None
     assert headline_target(_target_rows(0.1), None, "x", 2) is None

@@ -65,10 +65,10 @@ def test_train_then_rerun_is_cached(tmp_path):
     assert first.exit_code == 0, first.output
     assert "train done" in first.output
     run = RunDir(tmp_path / "runs/tiny")
-    before = run.stage("train")["finished"], run.output("train", "model").stat().st_mtime_ns
+    before = run.stage("train").finished, run.output("train", "model").stat().st_mtime_ns
     second = runner.invoke(app, ["train", str(config)])
     assert second.exit_code == 0 and "up to date" in second.output
-    assert (run.stage("train")["finished"], run.output("train", "model").stat().st_mtime_ns) == before  # no work
+    assert (run.stage("train").finished, run.output("train", "model").stat().st_mtime_ns) == before  # no work
     assert (tmp_path / "runs/tiny/config.yaml").exists()
 
 

@@ -35,7 +35,7 @@ def test_an_interrupted_compare_resumes_and_reuses_finished_runs(compared):
     _, result, before, log = compared
     assert sorted(p.name for p in result.root.iterdir() if p.is_dir()) == sorted(RUN_NAMES)
     for name, train in before.items():
-        assert train["status"] == "done"
+        assert train.status == "done"
         assert RunDir(result.root / name).stage("train") == train  # not retrained: the same record
     assert "2 of 6 runs done" in log and "min left" in log  # the ETA comes from the finished runs
 
@@ -47,8 +47,8 @@ def test_the_table_comes_from_the_runs_recorded_accuracies(compared):
 
     def recorded(name):
         run = runs[name]
-        test = run.stage("train")["summary"]["test"]
-        return test, run.stage("select")["summary"]["branch"]
+        test = run.stage("train").summary["test"]
+        return test, run.stage("select").summary["branch"]
 
     rows = {(r["method"], r["field"]): r for r in summary["rows"]}
     for seed in SEEDS:
@@ -97,7 +97,7 @@ def test_training_curves_per_method_and_seed(compared):
     for seed in SEEDS:
         run = RunDir(result.root / f"one-seed{seed}")
         history = [json.loads(line) for line in run.output("train", "metrics").read_text().splitlines()]
-        kept = run.stage("select")["summary"]["branch"]
+        kept = run.stage("select").summary["branch"]
         assert drawn[f"ONE, seed {seed}"] == [r["val"]["branches"][kept] for r in history]
         assert len(drawn[f"vanilla, seed {seed}"]) == len(history)
 
@@ -335,7 +335,7 @@ def test_compare_compress_plans_once_and_pins_that_plan_for_every_variant(compar
     chosen = json.loads(pinned.read_text())["chosen"]
     assert planned > 0 and pinned.name == f"compress-plan-{chosen['label'].replace('/', '_')}.json"
     for key, *_ in VARIANTS:
-        summary = RunDir(root / f"compress-{key}-seed0").stage("compress")["summary"]
+        summary = RunDir(root / f"compress-{key}-seed0").stage("compress").summary
         assert summary["latency_plan"]["source"] == "pinned" and summary["latency_plan"]["pinned_from"] == str(pinned)
         assert (summary["stage_widths"], summary["inner_widths"], summary["stage_blocks"]) == \
             (chosen["stage_widths"], chosen["inner_widths"], chosen["stage_blocks"])

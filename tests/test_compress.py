@@ -43,7 +43,7 @@ def compressed(trained_run, tmp_path_factory):
 
 def test_pruned_file_loads_without_pickle_and_meets_the_flops_target(compressed):
     cfg, run = compressed
-    summary = run.stage("compress")["summary"]
+    summary = run.stage("compress").summary
     assert summary["deployed"] and summary["teacher"] == "one_e", summary
     payload = torch.load(run.path("compress/model.pt"), weights_only=True)  # plain tensors and primitives
     pruned = SingleNet(ModelSpec.from_dict(payload["spec"]))
@@ -82,11 +82,11 @@ def test_guard_rejects_a_destroyed_pruning(trained_run, tmp_path):
     names the bound and the drop."""
     _, run = _compress(trained_run, tmp_path, flops_ratio=0.04, channel_multiple=1, epochs=0,
                        max_accuracy_drop=0.5)
-    summary = run.stage("compress")["summary"]
+    summary = run.stage("compress").summary
     assert not summary["deployed"] and summary["drop"] > 0.5
     reason = summary["reason"]
     assert "\n" not in reason and f"{summary['drop']:.2f}" in reason and "compress.max_accuracy_drop 0.5" in reason
-    assert not run.path("compress/model.pt").exists() and "model" not in run.stage("compress")["outputs"]
+    assert not run.path("compress/model.pt").exists() and "model" not in run.stage("compress").outputs
 
 
 def test_interrupted_fine_tune_resumes_to_the_same_weights(trained_run, tmp_path, monkeypatch):
@@ -179,7 +179,7 @@ def test_pruned_onnx_agrees_with_pytorch(deployed):
     from pipeline.training.data import load_datasets
 
     cfg, run = deployed
-    summary = run.stage("export")["summary"]
+    summary = run.stage("export").summary
     assert summary["compress"]["deployed"] and summary["pruned_deployed"] == ["fp32", "fp16"]
     model, _ = checkpoint.load_model(run.output("compress", "model"))
     images, _ = next(load_datasets(cfg.data).val.batches(64))
@@ -197,7 +197,7 @@ def test_triton_repository_serves_the_pruned_models(deployed):
     from pipeline.deploy.onnx_io import read_onnx_io
 
     _, run = deployed
-    models = run.stage("triton")["summary"]["models"]
+    models = run.stage("triton").summary["models"]
     assert {"tiny_pruned_onnx", "tiny_pruned_onnx_fp16", "tiny_onnx"} <= models.keys()
     served = run.path("triton", "tiny_pruned_onnx", "1", "model.onnx")
     assert served.read_bytes() == run.output("export", "pruned_onnx_fp32").read_bytes()
@@ -255,11 +255,11 @@ def test_a_pruning_the_guard_rejects_is_named_by_every_later_stage(trained_run, 
 
     cfg, run = _compress(trained_run, tmp_path / "c", flops_ratio=0.04, channel_multiple=1, epochs=0,
                          max_accuracy_drop=0.5)
-    reason = run.stage("compress")["summary"]["reason"]
+    reason = run.stage("compress").summary["reason"]
     _, run = copy_run((cfg, run), tmp_path / "d", "bench",
                       export={"precisions": ["fp32"], "ensemble": False},
                       bench={"served": False, "batch_sizes": [8]})
-    assert run.stage("export")["summary"]["compress"] == {"deployed": False, "reason": reason}
+    assert run.stage("export").summary["compress"] == {"deployed": False, "reason": reason}
     assert not list(run.path("export").glob("pruned_*"))
     assert reason in run.path("triton", "README.txt").read_text()
     rows = {r["name"]: r for r in json.loads(run.path("bench/bench.json").read_text())["rows"]}
@@ -309,6 +309,6 @@ def test_compare_compress_prunes_both_methods_five_ways(compared_tiny, tmp_path)
     assert [r["variant"] for r in table["rows"]] == [key for key, *_ in VARIANTS]
     assert len(table["runs"]) == 10 and all(len(r["per_seed"]) == 2 for r in table["rows"])
     run = RunDir(tmp_path / "runs" / "tiny-compare" / "compress-vanilla-branch-seed1")
-    assert run.stage("compress")["summary"]["teacher"] == "branch" and run.stage("train")["summary"]["method"] == \
+    assert run.stage("compress").summary["teacher"] == "branch" and run.stage("train").summary["method"] == \
         "vanilla"
     assert "ONE's teacher" in (tmp_path / "runs" / "tiny-compare" / "compress.md").read_text()

@@ -79,7 +79,7 @@ def test_the_fine_tune_distils_from_the_teacher_it_names(unaugmented, tmp_path, 
     class, and not the other teacher's: a fine-tune that passed no target (CE only) or the wrong teacher fails."""
     calls = spy_everywhere(monkeypatch, loss.distill_loss)
     cfg, run = copy_run(unaugmented, tmp_path, "compress", compress={**FINE_TUNE, "teacher": kind})
-    assert run.stage("compress")["summary"]["teacher"] == kind
+    assert run.stage("compress").summary["teacher"] == kind
     assert len(calls) == 6, "the fine-tune's loss was not computed by pipeline.training.loss.distill_loss"
     tables = _teacher_tables(cfg, run)
     labels = load_datasets(cfg.data).train.labels

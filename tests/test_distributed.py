@@ -67,12 +67,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single):
     assert output.count("train done in") == 1  # only rank 0 reports and writes
     assert sorted(p.name for p in ddp.path("train").iterdir()) == ["last.pt", "metrics.jsonl", "model.pt"]
     # after training, rank 0 alone ran the later stages
-    assert [ddp.stage(s)["status"] for s in ("train", "select", "strip")] == ["done"] * 3
+    assert [ddp.stage(s).status for s in ("train", "select", "strip")] == ["done"] * 3
     worst = _worst_difference(single, ddp)
     print(f"max parameter difference {worst:.2e}")
     assert worst < TOLERANCE, worst
     # evaluation split over 2 ranks counts every sample once: it equals one process evaluating the same model
-    cfg_summary = ddp.stage("train")["summary"]
+    cfg_summary = ddp.stage("train").summary
     model, _ = checkpoint.load_model(ddp.path("train/model.pt"))
     data = load_datasets(load_cfg(tmp_path / "ddp.yaml").data)
     assert evaluate(model, data.val, torch.device("cpu")) == cfg_summary["val"]

@@ -26,7 +26,7 @@ from pipeline.config import validate_config
 from pipeline.deploy import tensorrt_build
 from pipeline.deploy.tensorrt_runtime import check_compatible, import_tensorrt, sidecar_path
 from pipeline.errors import PipelineError, StageSkipped, UsageError
-from pipeline.rundir import RunDir, sha256_file
+from pipeline.rundir import RunDir, StageRecord, sha256_file
 from pipeline.runner import execute, stage_def
 from pipeline.stage import StageContext
 from stages import engine
@@ -86,7 +86,7 @@ def test_runner_records_the_skip_and_goes_on_but_the_stage_alone_fails(tmp_path,
     ctx = _ctx(cfg)
     assert execute(cfg, stage_def("engine"), ctx.run, ctx) == "skipped"
     entry = ctx.run.stage("engine")
-    assert entry["status"] == "skipped" and "TensorRT" in entry["reason"] and entry["outputs"] == {}
+    assert entry.status == "skipped" and "TensorRT" in entry.reason and entry.outputs == {}
     with pytest.raises(StageSkipped, match="TensorRT"):
         execute(cfg, stage_def("engine"), ctx.run, ctx, strict=True)
 
@@ -388,10 +388,11 @@ def test_stage_writes_plan_sidecar_and_log(tmp_path, tiny_onnx, monkeypatch):
     assert info["precision_why"] == result.summary["why"] == "int8 not exported; fp16 not exported; auto: fp32"
 
 
-def _export_entry(deployed: list[str], rejected: dict[str, str]) -> dict:
-    return {"outputs": {f"onnx_{p}": {} for p in deployed},
-            "summary": {"branch": {**{p: {"passed": True, "drop": 0.1} for p in deployed},
-                                   **{p: {"passed": False, "reason": why} for p, why in rejected.items()}}}}
+def _export_entry(deployed: list[str], rejected: dict[str, str]) -> StageRecord:
+    output = {"path": "export/model.onnx", "sha256": "0" * 64, "bytes": 1}
+    return StageRecord(status="done", outputs={f"onnx_{p}": output for p in deployed},
+                       summary={"branch": {**{p: {"passed": True, "drop": 0.1} for p in deployed},
+                                           **{p: {"passed": False, "reason": why} for p, why in rejected.items()}}})
 
 
 @pytest.mark.parametrize("setting, deployed, rejected, expected", [

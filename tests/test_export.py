@@ -65,7 +65,7 @@ def test_fp32_matches_pytorch_at_other_batch_sizes(exported, reference):
         assert got.shape == (size, 4)
         assert np.abs(got - logits[:size]).max() <= 1e-4
         assert (got.argmax(1) == logits[:size].argmax(1)).all()
-    summary = run.stage("export")["summary"]["branch"]["fp32"]
+    summary = run.stage("export").summary["branch"]["fp32"]
     assert summary["max_abs_diff"] <= cfg.export.atol and summary["top1_agreement"] == 1.0
     assert summary["inputs"] == [{"name": "input", "shape": ["batch", 3, 16, 16], "dtype": "float32"}]
     assert summary["outputs"] == [{"name": "logits", "shape": ["batch", 4], "dtype": "float32"}]
@@ -82,14 +82,14 @@ def test_one_e_onnx_equals_the_full_models_gated_ensemble(exported, reference):
     assert np.abs(got - teacher).max() <= cfg.export.atol
     assert (got.argmax(1) == teacher.argmax(1)).all()
     assert not np.allclose(teacher, reference[1], atol=1e-2)  # the ensemble, not the kept branch
-    assert set(run.stage("export")["summary"]["ensemble"]) == {"fp32", "fp16", "int8", "int8_cpu"}
+    assert set(run.stage("export").summary["ensemble"]) == {"fp32", "fp16", "int8", "int8_cpu"}
 
 
 def test_metadata_round_trip(exported):
     cfg, run, _ = exported
     data = load_datasets(cfg.data)
     branch = checkpoint.load(run.output("strip", "model"))
-    for key in run.stage("export")["outputs"]:
+    for key in run.stage("export").outputs:
         path = run.output("export", key)
         meta = ort.InferenceSession(str(path), providers=CPU).get_modelmeta().custom_metadata_map
         assert meta == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -98,7 +98,7 @@ def test_metadata_round_trip(exported):
         assert json.loads(meta["mean"]) == list(data.mean) and json.loads(meta["std"]) == list(data.std)
         assert meta["dataset"] == "synthetic" and meta["precision"] == key.rsplit("onnx_", 1)[1]
         assert meta["model"] == ("one-e" if key.startswith("ensemble") else "branch")
-        assert int(meta["branch"]) == branch["branch"] == run.stage("select")["summary"]["branch"]
+        assert int(meta["branch"]) == branch["branch"] == run.stage("select").summary["branch"]
         assert meta["source_sha256"] == sha256_file(run.output("train", "model"))
         assert meta["checkpoint_sha256"] == sha256_file(run.output("strip", "model"))
 
@@ -115,7 +115,7 @@ def test_fp16_within_tolerance(exported, reference):
     images, logits = reference
     got = run_onnx(path, images)
     assert np.abs(got - logits).max() <= cfg.export.fp16_atol == 0.05
-    summary = run.stage("export")["summary"]["branch"]["fp16"]
+    summary = run.stage("export").summary["branch"]["fp16"]
     assert summary["max_abs_diff"] <= 0.05 and summary["passed"]
 
 
@@ -133,7 +133,7 @@ def test_tensorrt_int8_has_symmetric_qdq_around_every_conv_and_gemm(exported):
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in _conv_gemm(model):  # weights stored as int8 behind a DequantizeLinear
         assert weights[producers[node.input[1]].input[0]].data_type == onnx.TensorProto.INT8
-    summary = run.stage("export")["summary"]["branch"]["int8"]
+    summary = run.stage("export").summary["branch"]["int8"]
     assert summary["recipe"]["label"] == "minmax, every layer int8"  # the first recipe: any accuracy passes
     assert summary["calibration_images"] == cfg.export.calibration_size and summary["calibration_split"] == "train"
 
@@ -160,7 +160,7 @@ def test_cpu_int8_runs_every_conv_as_an_integer_kernel_after_ort_optimisation(ex
 def test_lower_precision_accuracy_is_measured_on_the_whole_validation_split(exported):
     cfg, run, _ = exported
     data = load_datasets(cfg.data)
-    summary = run.stage("export")["summary"]
+    summary = run.stage("export").summary
     assert summary["validation_images"] == len(data.val) == 64
     fp32 = summary["branch"]["fp32"]["val_accuracy"]
     for precision in ("fp16", "int8", "int8_cpu"):
@@ -217,15 +217,15 @@ def test_guard_rejects_a_damaged_quantization_and_nothing_deploys_it(trained_run
     monkeypatch.setattr("stages.export.calibration_images", lambda *args: black)
     cfg, run = export_copy(trained_run, tmp_path, precisions=["fp32", "int8"], calibration_methods=["minmax"])
     entry = run.stage("export")
-    figures = entry["summary"]["branch"]["int8"]
-    assert entry["status"] == "done" and figures["passed"] is False
+    figures = entry.summary["branch"]["int8"]
+    assert entry.status == "done" and figures["passed"] is False
     assert re.fullmatch(r"no calibration recipe kept int8 within export\.max_accuracy_drop 0\.5 top-1 points of "
                         r"fp32 on 64 validation images \(best: .+, -(\d+\.\d\d) points\)", figures["reason"])
     assert [t["passed"] for t in figures["trials"]] == [False, False]  # minmax; minmax keeping layers float
     assert min(t["drop"] for t in figures["trials"]) > cfg.export.max_accuracy_drop
-    assert "onnx_int8" not in entry["outputs"] and not run.path("export", "model_int8.onnx").exists()
-    assert entry["summary"]["deployed"] == ["fp32"]
-    assert entry["summary"]["ensemble"]["int8"]["reason"] == "not tried: the branch's int8 search kept no recipe"
+    assert "onnx_int8" not in entry.outputs and not run.path("export", "model_int8.onnx").exists()
+    assert entry.summary["deployed"] == ["fp32"]
+    assert entry.summary["ensemble"]["int8"]["reason"] == "not tried: the branch's int8 search kept no recipe"
 
 
 def test_guard_rejects_a_damaged_fp16_model_and_nothing_deploys_it(trained_run, tmp_path, monkeypatch):
@@ -245,13 +245,13 @@ def test_guard_rejects_a_damaged_fp16_model_and_nothing_deploys_it(trained_run, 
     monkeypatch.setattr("stages.export.to_fp16", negating_to_fp16)
     cfg, run = export_copy(trained_run, tmp_path, precisions=["fp32", "fp16"], fp16_atol=1e9, ensemble=False)
     entry = run.stage("export")
-    figures = entry["summary"]["branch"]["fp16"]
-    assert entry["status"] == "done" and figures["passed"] is False
+    figures = entry.summary["branch"]["fp16"]
+    assert entry.status == "done" and figures["passed"] is False
     drop = re.fullmatch(r"fp16 loses (\d+\.\d\d) top-1 points on 64 validation images \(.+\) > "
                         r"export\.max_accuracy_drop 0\.5", figures["reason"])
     assert drop and float(drop.group(1)) > 20
-    assert "onnx_fp16" not in entry["outputs"] and not run.path("export", "model_fp16.onnx").exists()
-    assert entry["summary"]["deployed"] == ["fp32"]
+    assert "onnx_fp16" not in entry.outputs and not run.path("export", "model_fp16.onnx").exists()
+    assert entry.summary["deployed"] == ["fp32"]
 
 
 def test_search_keeps_the_first_recipe_that_passes_and_records_every_trial(trained_run, tmp_path, monkeypatch):
@@ -268,11 +268,11 @@ def test_search_keeps_the_first_recipe_that_passes_and_records_every_trial(train
     monkeypatch.setattr("stages.export.quantize_int8", damaged_minmax)
     _, run = export_copy(trained_run, tmp_path, precisions=["fp32", "int8_cpu"], max_accuracy_drop=15.0,
                          calibration_methods=["minmax", "percentile"], ensemble=False)
-    figures = run.stage("export")["summary"]["branch"]["int8_cpu"]
+    figures = run.stage("export").summary["branch"]["int8_cpu"]
     assert [(t["method"], t["passed"]) for t in figures["trials"]] == [("minmax", False), ("percentile", True)]
     assert figures["recipe"] == {"method": "percentile", "keep_float": False, "label": "percentile, every layer int8"}
     assert figures["trials"][0]["drop"] > 15.0 >= figures["drop"] == figures["trials"][1]["drop"]
-    assert run.output("export", "onnx_int8_cpu").exists() and "ensemble" not in run.stage("export")["summary"]
+    assert run.output("export", "onnx_int8_cpu").exists() and "ensemble" not in run.stage("export").summary
 
 
 def test_keeping_sensitive_layers_in_float_leaves_them_unquantized(exported, tmp_path):
@@ -360,13 +360,13 @@ def test_summary_per_precision(exported):
     """Each model's parity figures are recomputed here: its logits against its PyTorch model's on the check
     images (as a batch and the first alone, like the check)."""
     cfg, run, _ = exported
-    summary = run.stage("export")["summary"]
+    summary = run.stage("export").summary
     images = next(load_datasets(cfg.data).val.batches(cfg.export.check_size))[0]
     full, _ = checkpoint.load_model(run.output("train", "model"))
     branch, _ = checkpoint.load_model(run.output("strip", "model"))
     with torch.no_grad():
         torch_logits = {"branch": branch(images).double().numpy(), "ensemble": full(images).teacher.double().numpy()}
-    assert set(run.stage("export")["outputs"]) == {f"{prefix}onnx_{p}" for prefix in ("", "ensemble_")
+    assert set(run.stage("export").outputs) == {f"{prefix}onnx_{p}" for prefix in ("", "ensemble_")
                                                    for p in ("fp32", "fp16", "int8", "int8_cpu")}
     for subject in ("branch", "ensemble"):
         for precision in ("fp32", "fp16", "int8", "int8_cpu"):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline import rundir
 from pipeline.cli import app
-from pipeline.deploy.onnx_io import exported_onnx
+from pipeline.deploy.onnx_io import run_exported_onnx
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.rundir import RunDir, atomic_path, sha256_file, write_text
 from pipeline.runner import run_stages, stage_def, state
@@ -180,7 +180,7 @@ def test_deleting_the_manifest_alone_recovers_the_run(trained_run, tmp_path):
     run.manifest_path.unlink()
     result = runner.invoke(app, ["run", str(config), "--until", "train"])
     assert result.exit_code == 0 and "resuming from" in result.output, result.output
-    assert run.stage("train")["status"] == "done"
+    assert run.stage("train").status == "done"
     # nothing trained again: no epoch reported, and last.pt and metrics.jsonl (which hold each epoch's time)
     # as they were
     assert trained_epochs(result.output) == [], result.output
@@ -318,7 +318,7 @@ def test_an_onnx_exported_from_another_checkpoint_is_refused(tmp_path, tiny_onnx
                               "outputs": run.describe_outputs({"onnx_fp32": run.path("export/model_fp32.onnx")})})
         with pytest.raises(ArtifactError, match="another checkpoint.*--from export") if refused else \
                 contextlib.nullcontext():
-            assert exported_onnx(run, "onnx_fp32") == run.path("export/model_fp32.onnx")
+            assert run_exported_onnx(run, "onnx_fp32") == run.path("export/model_fp32.onnx")
 
 
 def test_atomic_path_maps_only_write_failures(tmp_path):

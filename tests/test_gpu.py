@@ -22,9 +22,9 @@ def test_train_with_amp_and_channels_last_on_cuda(tmp_path, amp):
                                                      "deterministic": False}))
     run = RunDir(cfg.run_dir)
     run_stages(cfg, run, StageContext(cfg, run, torch.device("cuda")), until="train")
-    summary = run.stage("train")["summary"]
+    summary = run.stage("train").summary
     assert min(summary["test"]["branches"]) > 50  # learnt (chance is 25%)
-    assert run.stage("train")["device"] == "cuda"
+    assert run.stage("train").device == "cuda"
 
 
 def test_bench_measures_cuda_rows(trained_run, tmp_path):

@@ -37,7 +37,7 @@ def test_one_e_int8_sums_the_gated_branches_in_float(exported_run, precision):
     assert product.op_type == "Mul" and product.name in weighted  # no DequantizeLinear in between
     assert not any(node.op_type == "QuantizeLinear" and node.input[0] == product.output[0]
                    for node in model.graph.node)
-    kept = run.stage("export")["summary"]["ensemble"][precision]["kept_float"]
+    kept = run.stage("export").summary["ensemble"][precision]["kept_float"]
     assert product.name in kept and unquantized_nodes(model, kept) == []  # every Conv/Gemm still Q/DQ
     branch = onnx.load(str(run.output("export", onnx_io.onnx_key("branch", precision))))
     assert weighted_sum_nodes(branch) == []  # the branch has no such sum: its graph is unchanged

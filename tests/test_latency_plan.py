@@ -16,7 +16,7 @@ from pipeline.deploy import compress_plan, latency_plan, plan_timing, target_tim
 from pipeline.deploy.onnx_io import export_onnx
 from pipeline.deploy.timing import count_flops
 from pipeline.errors import ConfigError, UsageError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageRecord
 from pipeline.runner import run_stages, stage_def, state
 from pipeline.training import checkpoint, prune
 from pipeline.training.models import ModelSpec, SingleNet, count_parameters
@@ -133,8 +133,8 @@ def test_the_paired_rounds_decide_the_target_over_the_tables_ratio():
     from tests.test_bench import _row
 
     rows = [_row("branch_onnx_fp32", 90.0, 0.223), _row("pruned_onnx_fp32", 90.0, 0.215, model="pruned")]
-    compress = {"status": "done", "summary": {"deployed": True, "latency_plan": {
-        "target": {"speedup": 1.5}, "runtime": "onnxruntime", "precision": "fp32", "batch": 1, "speedup": 1.51}}}
+    compress = StageRecord(status="done", outputs={}, summary={"deployed": True, "latency_plan": {
+        "target": {"speedup": 1.5}, "runtime": "onnxruntime", "precision": "fp32", "batch": 1, "speedup": 1.51}})
     alone = target_check.headline_target(rows, compress, "cpu", 2)
     paired = target_check.headline_target(rows, compress, "cpu", 2, {"speedup": 1.48, "ms": 0.19, "rounds": 15})
     assert (alone["met"], alone["achieved_speedup"], alone.get("paired_rounds")) == (False, 1.0372, None)
@@ -290,7 +290,7 @@ def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes
     FakeClock.calls = planned[1]
     cfg, run = _run(trained_run, tmp_path)  # up to date: the planned run as it was
     assert FakeClock.calls == planned[1] > 0
-    summary = run.stage("compress")["summary"]
+    summary = run.stage("compress").summary
     plan = json.loads(run.output("compress", "plan").read_text())
     chosen = plan["chosen"]
     assert summary["latency_plan"]["source"] == "planned" and summary["stage_widths"] == chosen["stage_widths"]
@@ -306,12 +306,12 @@ def test_a_plan_is_written_read_back_and_reused_until_its_host_or_target_changes
 
     calls = FakeClock.calls
     again, _ = _run(trained_run, tmp_path, epochs=0)  # the stage runs again, the plan's key holds: no timing
-    assert FakeClock.calls == calls and run.stage("compress")["summary"]["latency_plan"]["source"] == "reused"
+    assert FakeClock.calls == calls and run.stage("compress").summary["latency_plan"]["source"] == "reused"
     monkeypatch.setattr(compress_plan, "cpu_model", lambda: "Another CPU 9000")
     assert state(again, stage_def("compress"), run) == ("stale", "its latency plan was measured with cpu "
                                                       f"{plan['key']['cpu']}, this host has Another CPU 9000")
     _run(trained_run, tmp_path, epochs=0)
-    assert FakeClock.calls > calls and run.stage("compress")["summary"]["latency_plan"]["cpu"] == "Another CPU 9000"
+    assert FakeClock.calls > calls and run.stage("compress").summary["latency_plan"]["cpu"] == "Another CPU 9000"
     branch, _ = checkpoint.load_model(run.path("strip/branch.pt"))
     more_threads = validate_config(tiny_dict(tmp_path, compress={**TARGET, "epochs": 0}, bench={"threads": 2}))
     assert state(more_threads, stage_def("compress"), run)[1].startswith("its latency plan was measured with threads")
@@ -327,7 +327,7 @@ def test_a_pinned_plan_is_pruned_to_without_timing(trained_run, tmp_path, monkey
     pinned.write_text(json.dumps({"chosen": {"stage_widths": [4, 6, 8], "inner_widths": [2, 4, 8],
                                              "stage_blocks": [1, 2, 3]}}))
     _, run = _run(trained_run, tmp_path, plan=str(pinned))
-    summary = run.stage("compress")["summary"]
+    summary = run.stage("compress").summary
     assert FakeClock.calls == 0 and summary["latency_plan"]["source"] == "pinned"
     assert (summary["stage_widths"], summary["inner_widths"], summary["stage_blocks"]) == ([4, 6, 8], [2, 4, 8],
                                                                                            [1, 2, 3])
@@ -357,7 +357,7 @@ def test_a_target_reachable_only_without_the_margin_is_planned_for_itself(traine
 def test_a_tiny_run_plans_on_the_real_clock_prunes_and_fine_tunes(trained_run, tmp_path):
     """Real export, ONNX Runtime and timing with a tiny budget (no assertion on what the clock read)."""
     _, run = _run(trained_run, tmp_path, target_speedup=1.1, plan_candidates=6)
-    summary = run.stage("compress")["summary"]
+    summary = run.stage("compress").summary
     plan = json.loads(run.output("compress", "plan").read_text())
     assert len(plan["candidates"]) + 1 <= 6 and plan["chosen"]["rounds"] >= latency_plan.ROUNDS
     assert all(c["p50_ms"] > 0 and c["spread"][0] <= c["speedup"] <= c["spread"][1] for c in plan["candidates"])

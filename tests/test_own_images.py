@@ -70,9 +70,9 @@ def test_every_stage_runs_on_folder_data(own_run):
     assert engine in ("done", "skipped") and set(results.values()) == {"done"}, results
     data = load_datasets(cfg.data)
     assert data.class_names == list(CLASSES) and len(data.test) == sum(COUNTS["test"])
-    assert run.stage("compress")["summary"]["deployed"]
-    assert run.stage("export")["summary"]["deployed"] == ["fp32", "int8_cpu"]
-    assert run.stage("export")["summary"]["pruned_deployed"] == ["fp32", "int8_cpu"]
+    assert run.stage("compress").summary["deployed"]
+    assert run.stage("export").summary["deployed"] == ["fp32", "int8_cpu"]
+    assert run.stage("export").summary["pruned_deployed"] == ["fp32", "int8_cpu"]
     rows = {r["name"]: r for r in json.loads(run.output("bench", "bench").read_text())["rows"]}
     for name in ("branch_eager", "pruned_eager", "branch_onnx_fp32", "branch_onnx_int8_cpu", "pruned_onnx_int8_cpu"):
         assert rows[name]["status"] == "ok", rows[name]

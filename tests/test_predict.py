@@ -236,7 +236,8 @@ def test_a_bench_json_of_an_older_schema_is_refused_in_one_line_that_says_to_rer
     path = copy / "bench" / "bench.json"
     path.write_text(json.dumps({**bench, "schema_version": 2}))
     moved = RunDir(copy)
-    moved.record("bench", {**moved.stage("bench"), "outputs": moved.describe_outputs({"bench": path})})
+    record = moved.stage("bench").model_dump(mode="json")
+    moved.record("bench", {**record, "outputs": moved.describe_outputs({"bench": path})})
     good = write_pngs(load_datasets(load_config(copy / "config.yaml").data).test.images[:1], tmp_path / "png")[0]
     result = runner.invoke(app, ["predict", str(copy), str(good)], env={"COLUMNS": "500"})
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output, \

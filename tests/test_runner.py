@@ -38,13 +38,13 @@ def full_run(trained_run, tmp_path_factory):
 
 
 def finished(run):
-    return {name: (run.stage(name) or {}).get("finished") for name in STAGE_NAMES}
+    return {name: (run.stage(name).finished if run.stage(name) else None) for name in STAGE_NAMES}
 
 
 def test_run_produces_every_artifact(full_run):
     config, run, output = full_run
-    statuses = {name: run.stage(name)["status"] for name in STAGE_NAMES}
-    assert statuses["engine"] == "skipped" and "TensorRT" in run.stage("engine")["reason"]
+    statuses = {name: run.stage(name).status for name in STAGE_NAMES}
+    assert statuses["engine"] == "skipped" and "TensorRT" in run.stage("engine").reason
     assert all(s == "done" for n, s in statuses.items() if n != "engine"), statuses
     for path in ("export/model_fp32.onnx", "compress/model.pt", "export/pruned_fp32.onnx", "bench/bench.json",
                  "report/report.md", "report/accuracy_vs_latency.png", "config.yaml"):
@@ -119,7 +119,7 @@ def test_export_branch_override_out_of_range(full_run):
     assert "select.branch 7 is out of range; this model has branches 0, 1, 2" in result.output
     result = runner.invoke(app, ["export", str(config), "--branch", "1"])
     assert result.exit_code == 0, result.output
-    assert run.stage("select")["summary"]["branch"] == 1
+    assert run.stage("select").summary["branch"] == 1
 
 
 def test_engine_alone_exits_non_zero_with_the_reason(full_run):

@@ -57,7 +57,7 @@ def test_select_uses_validation_never_test(tiny_cfg, tmp_path):
     run = fake_train(cfg, val=[80.0, 85.0, 85.0], test=[99.0, 70.0, 90.0])  # test would pick 0
     result = execute(cfg, stage_def("select"), run, make_ctx(cfg, run))
     assert result == "done"
-    summary = run.stage("select")["summary"]
+    summary = run.stage("select").summary
     assert (summary["branch"], summary["val"], summary["test"]) == (1, 85.0, 70.0)
     assert "lowest index" in summary["reason"]
     saved = json.loads(run.output("select", "selection").read_text())
@@ -70,20 +70,20 @@ def test_select_override_and_out_of_range(tiny_cfg, tmp_path):
     cfg = with_branch(tiny_cfg, tmp_path, 2)
     run = fake_train(cfg, val=[90.0, 95.0, 80.0], test=[90.0, 95.0, 80.0])
     execute(cfg, stage_def("select"), run, make_ctx(cfg, run))
-    assert run.stage("select")["summary"]["branch"] == 2
+    assert run.stage("select").summary["branch"] == 2
 
     cfg = with_branch(tiny_cfg, tmp_path, 5)
     with pytest.raises(UsageError) as info:
         execute(cfg, stage_def("select"), run, make_ctx(cfg, run))
     assert str(info.value) == "select.branch 5 is out of range; this model has branches 0, 1, 2"
-    assert run.stage("select")["summary"]["branch"] == 2  # a failure keeps the earlier record (issue 13)
+    assert run.stage("select").summary["branch"] == 2  # a failure keeps the earlier record (issue 13)
 
 
 def test_select_vanilla_has_one_choice(tiny_cfg, tmp_path):
     cfg = with_branch(tiny_cfg, tmp_path, "best")
     run = fake_train(cfg, val=[70.0], test=[71.0], method="vanilla", teacher=None)
     execute(cfg, stage_def("select"), run, make_ctx(cfg, run))
-    summary = run.stage("select")["summary"]
+    summary = run.stage("select").summary
     assert summary["branch"] == 0 and "vanilla" in summary["reason"]
     assert json.loads(run.output("select", "selection").read_text())["teacher"] is None
     cfg = with_branch(tiny_cfg, tmp_path, 1)
@@ -117,7 +117,7 @@ def test_strip_every_branch_equals_the_full_model(trained_run, tmp_path, val_ima
         with torch.no_grad():
             diff = (single(val_images) - branch_logits[:, index]).abs().max().item()
         assert diff <= 1e-6, f"branch {index}: {diff}"
-        summary = run.stage("strip")["summary"]
+        summary = run.stage("strip").summary
         assert summary["max_abs_diff"] <= 1e-6
         assert summary["branch_params"] == count_parameters(single) < summary["full_params"]
         assert summary["branch_bytes"] == path.stat().st_size
@@ -157,4 +157,4 @@ def test_strip_vanilla_copies_the_network(tiny_cfg, tmp_path):
     payload = checkpoint.load(run.output("strip", "model"))
     assert payload["branch"] == 0 and payload["data"] == data
     assert all(torch.equal(payload["state_dict"][k], v) for k, v in net.state_dict().items())
-    assert run.stage("strip")["summary"]["max_abs_diff"] == 0.0
+    assert run.stage("strip").summary["max_abs_diff"] == 0.0

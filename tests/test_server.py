@@ -77,7 +77,7 @@ def served_run(exported_run, server_env, tmp_path_factory) -> tuple[Config, RunD
     """A copy of the exported tiny run (every precision) taken through triton and bench (served row on)."""
     cfg, copy = copy_run(exported_run[:2], tmp_path_factory.mktemp("served"), "bench",
                          bench={"served": True, "throughput_iterations": 2})
-    assert copy.stage("triton")["status"] == "done" and copy.stage("bench")["status"] == "done"
+    assert copy.stage("triton").status == "done" and copy.stage("bench").status == "done"
     return cfg, copy
 
 

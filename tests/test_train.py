@@ -28,7 +28,7 @@ def _count_steps(monkeypatch) -> list:
 
 def test_train_records_every_head_and_checkpoints(trained_run):
     cfg, run = trained_run
-    summary = run.stage("train")["summary"]
+    summary = run.stage("train").summary
     assert len(summary["val"]["branches"]) == 3 and {"teacher", "average"} <= summary["val"].keys()
     # learnt something: chance is 25%; the tiny set lands at 50-60% depending on the thread count's rounding
     assert min(summary["test"]["branches"]) >= 40
@@ -63,7 +63,7 @@ def test_interrupted_run_resumes_to_the_same_weights(trained_run, tmp_path, monk
     a = torch.load(whole.path("train/model.pt"), weights_only=True)["state_dict"]
     b = torch.load(resumed.path("train/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.stage("train")["summary"]["test"] == whole.stage("train")["summary"]["test"]
+    assert resumed.stage("train").summary["test"] == whole.stage("train").summary["test"]
 
 
 def test_eval_every_validates_the_last_epoch_resumes_and_trains_the_same_weights(tmp_path, monkeypatch,
@@ -81,8 +81,8 @@ def test_eval_every_validates_the_last_epoch_resumes_and_trains_the_same_weights
     records = [json.loads(line) for line in run.path("train/metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], "val" in r, "val_seconds" in r) for r in records] == [
         (1, False, False), (2, True, True), (3, True, True)]
-    summary = run.stage("train")["summary"]
-    assert summary["val"] == records[-1]["val"] == every_epoch.stage("train")["summary"]["val"]
+    summary = run.stage("train").summary
+    assert summary["val"] == records[-1]["val"] == every_epoch.stage("train").summary["val"]
     a = torch.load(every_epoch.path("train/model.pt"), weights_only=True)["state_dict"]
     b = torch.load(run.path("train/model.pt"), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -100,7 +100,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 def test_vanilla_trains_one_plain_network(tmp_path):
     cfg = validate_config(tiny_dict(tmp_path, model={"method": "vanilla"}, train={"epochs": 1}))
     run = _train(cfg)
-    summary = run.stage("train")["summary"]
+    summary = run.stage("train").summary
     assert summary["method"] == "vanilla" and list(summary["val"]) == ["branches"]
     model, _ = checkpoint.load_model(run.path("train/model.pt"))
     assert type(model).__name__ == "SingleNet" and summary["spec"]["method"] == "single"
@@ -129,7 +129,7 @@ def test_ctrl_c_during_the_last_validation_pass_stops_and_resumes(tmp_path, monk
     monkeypatch.undo()
     steps = _count_steps(monkeypatch)
     run = _train(cfg)
-    assert run.stage("train")["status"] == "done" and run.stage("train")["summary"]["epochs"] == 1
+    assert run.stage("train").status == "done" and run.stage("train").summary["epochs"] == 1
     assert steps == [] and run.path("train/metrics.jsonl").read_text() == metrics  # nothing trained again
 
 
@@ -152,4 +152,4 @@ def test_training_batches_never_leave_a_micro_batch_of_one(size, batch_size, wor
 def test_a_last_batch_of_one_image_trains(tmp_path):
     """385 synthetic images - 64 for validation = 321 = 20 x 16 + 1: the gate's BatchNorm1d got one image."""
     run = _train(validate_config(tiny_dict(tmp_path, data={"synthetic_size": 385}, train={"epochs": 1})))
-    assert run.stage("train")["status"] == "done"
+    assert run.stage("train").status == "done"

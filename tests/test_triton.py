@@ -225,12 +225,12 @@ def record_pruned_engine(ctx: StageContext, pruned_onnx: Path, *, max_batch: int
     """compress's network exported (export/pruned_fp32.onnx) and its engine built next to the branch's, as the
     export and engine stages record them (the plan's bytes are opaque to the triton stage)."""
     run = ctx.run
-    export = run.stage("export")
+    export = run.stage("export").model_dump(mode="json")
     onnx_path = run.path("export", "pruned_fp32.onnx")
     shutil.copyfile(pruned_onnx, onnx_path)
     outputs = {key: run.root / entry["path"] for key, entry in export["outputs"].items()}
     run.record("export", {**export, "outputs": run.describe_outputs({**outputs, "pruned_onnx_fp32": onnx_path})})
-    engine = run.stage("engine")
+    engine = run.stage("engine").model_dump(mode="json")
     plan = run.path("engine", "pruned_fp32.plan")
     plan.write_bytes(b"serialized pruned engine bytes")
     sample = [3, 2, 2]
@@ -325,8 +325,8 @@ def test_after_the_real_export(tmp_path, exported_run):
 
     _, copy = copy_run(exported_run[:2], tmp_path / "runs", "triton")
     has_engine = import_tensorrt()[0] is not None and torch.cuda.is_available()
-    assert copy.stage("engine")["status"] == ("done" if has_engine else "skipped")
-    summary = copy.stage("triton")["summary"]
+    assert copy.stage("engine").status == ("done" if has_engine else "skipped")
+    summary = copy.stage("triton").summary
     expected = {"tiny_onnx": "fp32", "tiny_onnx_fp16": "fp16", "tiny_onnx_int8": "int8",
                 "tiny_onnx_int8_cpu": "int8_cpu"}
     assert summary["models"] == {**{m: "onnxruntime_onnx" for m in expected}, "tiny_openvino_int8_cpu": "openvino",

@@ -69,7 +69,8 @@ def compress_compare(config: Path, overrides: Sequence[str], seeds: Sequence[int
             with run.lock():
                 run_stages(cfg, run, StageContext(cfg, run, device, console=console,
                                                   label=f"{key} seed {seed} | "), until="compress")
-            summary = (run.stage("compress") or {}).get("summary") or {}
+            record = run.stage("compress")
+            summary = record.summary if record else {}
             records.append({"variant": key, "seed": seed, "test": summary["test"]["pruned"],
                             "branch_test": summary["test"]["branch"], "val": summary["val"]["pruned"],
                             "flops_ratio": summary["flops_ratio"], "deployed": summary["deployed"],

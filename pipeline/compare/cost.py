@@ -9,7 +9,7 @@ import torch
 
 from pipeline.compare.runs import Method
 from pipeline.config import Config
-from pipeline.deploy.onnx_io import exported_onnx, onnx_key
+from pipeline.deploy.onnx_io import onnx_key, run_exported_onnx
 from pipeline.deploy.runtime import ort_session, run_logits
 from pipeline.deploy.timing import count_flops, in_turns, latency
 from pipeline.device import onnx_providers
@@ -30,7 +30,7 @@ def deploy_cost(configs: Sequence[Config], compared: Sequence[Method], device: t
         run = RunDir(cfg.run_dir)
         network, payload = checkpoint.load_model(run.output("strip", "model"))
         example = torch.zeros(1, *payload["data"]["input_shape"])
-        onnx_path = exported_onnx(run, onnx_key("branch", "fp32"))
+        onnx_path = run_exported_onnx(run, onnx_key("branch", "fp32"))
         session = ort_session(onnx_path, onnx_providers(device), threads)
         image = example.numpy()
         models.append({"params": count_parameters(network), "flops": count_flops(network.eval(), example),

@@ -130,16 +130,16 @@ def _progress(configs: Sequence[Config], number: int, elapsed: float) -> tuple[s
 
 def collect(run: RunDir, method: Method, seed: int) -> dict[str, Any]:
     """One run's figures, as its manifest recorded them."""
-    train, select = run.stage("train") or {}, run.stage("select") or {}
+    train, select = run.stage("train"), run.stage("select")
     try:
-        test, val = train["summary"]["test"], train["summary"]["val"]
-        kept = int(select["summary"]["branch"])
+        test, val = train.summary["test"], train.summary["val"]
+        kept = int(select.summary["branch"])
         record = {"method": method.key, "seed": seed, "run": str(run.root), "kept_branch": kept,
                   "val_kept": val["branches"][kept], "kept": test["branches"][kept],
                   "best": max(test["branches"]), "worst": min(test["branches"]), "branches": test["branches"],
-                  "train_s": train["wall_s"], "images_per_s": train["summary"]["images_per_s"],
-                  "train_params": train["summary"]["params"]}
-    except (KeyError, TypeError, IndexError):
+                  "train_s": train.wall_s, "images_per_s": train.summary["images_per_s"],
+                  "train_params": train.summary["params"]}
+    except (KeyError, TypeError, IndexError, AttributeError):  # AttributeError: no record (None)
         raise ArtifactError(f"{run.root}/manifest.json lacks train or select figures; rerun compare (or delete "
                             "that run directory)") from None
     if method.is_one:

@@ -29,7 +29,7 @@ import torch
 from pipeline.config import CompressConfig, Config
 from pipeline.deploy import latency_plan, plan_timing
 from pipeline.errors import ArtifactError, StageSkipped, UsageError
-from pipeline.rundir import cpu_model, write_json
+from pipeline.rundir import StageRecord, cpu_model, write_json
 from pipeline.stage import StageContext
 from pipeline.training import prune
 from pipeline.training.data import ImageSet
@@ -97,9 +97,9 @@ def plan_key(cfg: Config, branch: SingleNet, sample_shape: tuple[int, ...]) -> d
             "candidates": c.plan_candidates or DEFAULT_CANDIDATES}
 
 
-def host_changed(cfg: Config, entry: dict[str, Any]) -> str | None:
+def host_changed(cfg: Config, entry: StageRecord) -> str | None:
     """Why a finished compress stage's latency plan no longer fits this host (None: it does)."""
-    planned = (entry.get("summary") or {}).get("latency_plan") or {}
+    planned = entry.summary.get("latency_plan") or {}
     if not planned or planned.get("source") == "pinned":
         return None
     now = {"cpu": cpu_model(), "threads": where(cfg).threads}

@@ -14,7 +14,8 @@ from torch import nn
 
 from pipeline.deploy.forms import EXPORTED, ONNX_PRECISIONS, onnx_file_name, onnx_key  # noqa: F401 (read from here)
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageRecord
+from pipeline.stage import StageContext
 
 INPUT, OUTPUT = "input", "logits"  # the names every exported file uses
 
@@ -109,20 +110,35 @@ SOURCES = {"branch": ("strip", "model"), "ensemble": ("strip", "model"), "pruned
 PRECISIONS = ONNX_PRECISIONS
 
 
-def exported_onnx(run: RunDir, key: str) -> Path:
-    """Export's output `key`, sha256-checked, and refused unless its `checkpoint_sha256` metadata names
-    the strip/branch.pt (compress/model.pt for the pruned files) the manifest records now (an ONNX file of
-    another branch or training run)."""
-    path = run.output("export", key)
+def source_stage(key: str) -> str:
+    """The stage whose checkpoint export's output `key` was exported from (strip, or compress for pruned_...)."""
+    return SOURCES["pruned" if key.startswith("pruned_") else "branch"][0]
+
+
+def exported_onnx(ctx: StageContext, key: str) -> Path:
+    """Export's output `key`, read through a stage's context (export's record, and the record of
+    `source_stage(key)`) and checked by `checked_onnx`."""
+    return checked_onnx(ctx.input("export", key), key, ctx.record(source_stage(key)))
+
+
+def run_exported_onnx(run: RunDir, key: str) -> Path:
+    """`exported_onnx` outside any stage (the predict command, compare), read from the run directory."""
+    return checked_onnx(run.output("export", key), key, run.stage(source_stage(key)))
+
+
+def checked_onnx(path: Path, key: str, source: StageRecord | None) -> Path:
+    """Export's output `key` at `path` (sha256-checked already), refused unless its `checkpoint_sha256`
+    metadata names the strip/branch.pt (compress/model.pt for the pruned files) that `source`, the record
+    of `source_stage(key)`, holds now (an ONNX file of another branch or training run)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: a truncated or foreign file
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --from export")
     written_from = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256")
     stage, output = SOURCES["pruned" if key.startswith("pruned_") else "branch"]
-    record = (run.stage(stage) or {}).get("outputs", {}).get(output, {})
-    if written_from != record.get("sha256"):
+    record = source.outputs.get(output) if source else None
+    if written_from != (record.sha256 if record else None):
         raise ArtifactError(f"{path} was exported from another checkpoint (sha256 {str(written_from)[:16]}, "
-                            f"{record.get('path', stage)} is {str(record.get('sha256'))[:16]}); rerun with "
-                            "--from export")
+                            f"{record.path if record else stage} is {str(record.sha256 if record else None)[:16]}); "
+                            "rerun with --from export")
     return path

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.deploy.benchfile import of_this_version
 from pipeline.deploy.forms import EXPORTED, ONNX_PRECISIONS, form_name, onnx_key, parse_form
-from pipeline.deploy.onnx_io import exported_onnx
+from pipeline.deploy.onnx_io import run_exported_onnx
 from pipeline.deploy.runtime import ort_session, run_logits
 from pipeline.errors import ArtifactError, UsageError
 from pipeline.rundir import RunDir, write_text
@@ -84,13 +84,15 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
 def forms(run: RunDir) -> list[str]:
     """The forms the export stage wrote: fp32, int8_cpu, ... (the branch), ensemble_fp32, ... (ONE-E),
     pruned_fp32, ... (compress)."""
-    outputs = (run.stage("export") or {}).get("outputs", {})
+    export = run.stage("export")
+    outputs = export.outputs if export else {}
     return [form_name(s, p) for s in EXPORTED for p in ONNX_PRECISIONS if onnx_key(s, p) in outputs]
 
 
 def shipped_form(run: RunDir) -> tuple[str, str]:
     """(form, why): the precision of the bench's pick (a TensorRT pick: its ONNX, in ONNX Runtime), else fp32."""
-    if (run.stage("bench") or {}).get("status") != "done":
+    record = run.stage("bench")
+    if record is None or not record.done:
         return "fp32", "fp32: the bench has not run, so no form was picked to ship"
     path = run.output("bench", "bench")
     bench = of_this_version(json.loads(path.read_text()), path)  # an older file may name no pruned form
@@ -128,7 +130,7 @@ class Predictor:
             raise UsageError(f"--model {form}: {run_dir} has no such exported model; choose one of "
                              f"{', '.join(available)} (or add it to export.precisions and run export again)")
         subject, precision = parse_form(form)
-        path = exported_onnx(run, onnx_key(subject, precision))
+        path = run_exported_onnx(run, onnx_key(subject, precision))
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         try:
             preprocessing = Preprocessing.from_metadata(meta)

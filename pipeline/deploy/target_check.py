@@ -2,9 +2,9 @@
 bench.json) and the report's sentences about it, and the report's view of compress/plan.json (the chosen plan
 and its neighbours).
 
-    figures = headline_target(rows, ctx.run.stage("compress"), cpu_model(), threads)   # a TargetCheck's fields
+    figures = headline_target(rows, ctx.record("compress"), cpu_model(), threads)   # a TargetCheck's fields
     sentence(TargetCheck(**figures))      # "Latency target 2x (...): met, ..." / "... MISSED: ..."
-    plan_lines(read_plan(run))            # the report's "Latency plan" section
+    plan_lines(read_plan(ctx))            # the report's "Latency plan" section
 
 The achieved figure is measured as the planner measures (pipeline/deploy/latency_plan.py): the median over
 interleaved rounds of the per-round ratio of the two forms' p50s, timed alone after the bench's rows
@@ -21,18 +21,19 @@ from typing import Any
 from pipeline.deploy.benchfile import Row, TargetCheck, fmt
 from pipeline.deploy.forms import row_name
 from pipeline.errors import ArtifactError
-from pipeline.rundir import RunDir
+from pipeline.rundir import StageRecord
+from pipeline.stage import StageContext
 
 
-def headline_target(rows: list[Row], compress: dict[str, Any] | None, cpu: str | None,
+def headline_target(rows: list[Row], compress: StageRecord | None, cpu: str | None,
                     threads: int, paired: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The target check of a run whose compress stage planned (or pinned) a latency plan; None otherwise.
-    `paired`: the bench's paired rounds of the two forms (pipeline/deploy/target_timing.py), which decide where
-    present; the two rows' ratio is kept beside them (table_speedup)."""
-    summary = (compress or {}).get("summary") or {}
+    """The target check of a run whose compress stage (its record: `compress`) planned (or pinned) a latency
+    plan; None otherwise. `paired`: the bench's paired rounds of the two forms (pipeline/deploy/target_timing.py),
+    which decide where present; the two rows' ratio is kept beside them (table_speedup)."""
+    summary = compress.summary if compress else {}
     planned = summary.get("latency_plan")
     target = (planned or {}).get("target") or {}
-    if (compress or {}).get("status") != "done" or target.get("speedup") is None and target.get("ms") is None:
+    if compress is None or not compress.done or target.get("speedup") is None and target.get("ms") is None:
         return None
     kind = "speedup" if target.get("speedup") is not None else "ms"
     runtime, precision = planned.get("runtime") or "onnxruntime", planned.get("precision") or "fp32"
@@ -130,13 +131,13 @@ def host_note(check: TargetCheck) -> str:
             "on; plan again there (one-pipeline compress CONFIG --force) for one that fits this host.")
 
 
-def read_plan(run: RunDir) -> dict[str, Any] | None:
+def read_plan(ctx: StageContext) -> dict[str, Any] | None:
     """compress/plan.json of a run whose compress stage recorded one; None otherwise (or when unreadable)."""
-    entry = run.stage("compress") or {}
-    if entry.get("status") != "done" or "plan" not in (entry.get("outputs") or {}):
+    entry = ctx.record("compress")
+    if entry is None or not entry.done or "plan" not in entry.outputs:
         return None
     try:
-        data = json.loads(run.output("compress", "plan").read_text())
+        data = json.loads(ctx.input("compress", "plan").read_text())
     except (ArtifactError, OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("chosen"), dict) else None

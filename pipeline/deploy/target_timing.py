@@ -18,11 +18,11 @@ import onnx
 
 from pipeline.deploy import openvino_runtime
 from pipeline.deploy.bench_rounds import onnx_call
-from pipeline.deploy.onnx_io import exported_onnx, onnx_key
+from pipeline.deploy.onnx_io import onnx_key, run_exported_onnx
 from pipeline.deploy.plan_timing import time_in_rounds
 from pipeline.deploy.runtime import input_dtype, ort_session
 from pipeline.errors import PipelineError, StageSkipped
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, StageRecord
 
 TARGET_ROUNDS = 15  # 2 forms x 15 rounds x about 25 ms: under a second for a sub-millisecond network
 
@@ -33,7 +33,7 @@ def form_call(run: RunDir, model: str, runtime: str, precision: str, threads: in
     if runtime not in ("onnxruntime", "openvino"):
         raise StageSkipped(f"{runtime} latency targets are not measured here")
     source = openvino_runtime.FORMS[precision][0] if runtime == "openvino" else precision
-    path = exported_onnx(run, onnx_key(model, source))
+    path = run_exported_onnx(run, onnx_key(model, source))
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
     x = np.random.default_rng(0).standard_normal((batch, *(d.dim_value for d in dims))).astype(np.float32)
     if runtime == "openvino":
@@ -54,13 +54,13 @@ def measure_pair(calls: dict[str, Callable[[], Any]], rounds: int, iterations: i
             "rounds": rounds}
 
 
-def measure_target(run: RunDir, compress: dict[str, Any] | None, threads: int,
+def measure_target(run: RunDir, compress: StageRecord | None, threads: int,
                    rounds: int = TARGET_ROUNDS) -> dict[str, Any] | None:
     """The paired figures of a run whose compress stage deployed a network pruned to a latency target; None
     where there is none, or where its forms cannot be timed here (the bench's rows then speak for it)."""
-    summary = (compress or {}).get("summary") or {}
+    summary = compress.summary if compress else {}
     plan = summary.get("latency_plan") or {}
-    if (compress or {}).get("status") != "done" or not summary.get("deployed") or not plan.get("target"):
+    if compress is None or not compress.done or not summary.get("deployed") or not plan.get("target"):
         return None
     runtime, precision, batch = plan.get("runtime") or "onnxruntime", plan.get("precision") or "fp32", plan.get(
         "batch") or 1
