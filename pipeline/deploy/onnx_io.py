@@ -29,6 +29,9 @@ ONNX_TO_TRITON = {
 }
 
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     """The dynamo export of `model` (eval mode) with a dynamic batch dimension, pinned to `opset`."""
     if len(example) < 2:  # torch.export specialises a dimension of size 1
@@ -42,6 +45,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.Mod
         raise PipelineError(f"torch.onnx.export failed at opset {opset} ({type(exc).__name__}: {first[:300]}); "
                             "try another export.opset") from exc
     proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's source locations name this machine's paths: not shipped
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
     got = opset_of(proto)
     if got != opset:
         raise PipelineError(f"the exporter wrote opset {got} where export.opset is {opset}; pick an opset this "
