@@ -104,6 +104,7 @@ def main() -> None:
                             "stage_blocks": s.get("stage_blocks")})
     pair = significance.paired({r["seed"]: r["test"] for r in records if r["kind"] == "latency"},
                                {r["seed"]: r["test"] for r in records if r["kind"] == "flops"})
+    pair.pop("verdict", None)  # worded for a compare against a network trained alone, not for two plans
     summary = {"cpu": cpu_model(), "target_speedup": target, "seeds": seeds, "runs": records, "paired": pair}
     write_json(root.parent / f"{base.name}-lvf.json", summary)
     for r in records:

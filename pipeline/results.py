@@ -277,6 +277,10 @@ def key_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                  f"{cell(pruned, '(1)', 'mean ± std')} vs {cell(pruned, '(4)', 'mean ± std')}: "
                  f"gain {cell(pruned, '(1) - (4)', 'paired difference', 1)}, p {cell(pruned, '(1) - (4)', 'p', 1)}",
                  pruned["date"]])
+    lvf = _by_name(records, "latency_vs_flops")
+    rows.append(["Pruned to a latency target vs to 0.5x FLOPs, at the FLOPs plan's measured speed, 3 seeds",
+                 f"{cell(lvf, 'mean', 'latency plan')} vs {cell(lvf, 'mean', 'FLOPs plan')}: "
+                 f"gain {cell(lvf, 'mean', 'latency - FLOPs')}", lvf["date"]])
     rows.append(["Closest ONE came: 40% noisy labels, 5,000 images, 7 seeds",
                  _p(cell(regimes, "noisy labels", "gain (paired 95% CI), p")), regimes["date"]])
     return rows
