@@ -183,6 +183,10 @@ class BenchConfig(Section):
     throughput_iterations: int = Field(20, ge=1, description="Timed calls per batch size per row")
     rounds: int = Field(5, ge=1, description="The timed calls are split into rounds in which every row takes its "
                                              "turn, so a machine that slows down mid-bench slows every row alike")
+    turn_pause_ms: float = Field(50, ge=0, description="Pause before every turn of a timed round (bench, latency "
+                                 "planner, compare): the last runtime's spinning threads go idle first (on 2 "
+                                 "cores they stole the next row's time slices); 0 for checks whose timings nobody "
+                                 "reads")
     threads: int | None = Field(None, ge=1, description="CPU threads for every row; None: all cores")
     test_limit: int | None = Field(None, ge=1, description="Evaluate on the first N test images only")
     served: bool = Field(True, description="Add a row measured through a real Triton server (skipped with a reason "

@@ -36,7 +36,7 @@ TINY = {
               "device": "cpu", "deterministic": True},
     "export": {"check_size": 16, "calibration_size": 32},
     "bench": {"warmup": 1, "iterations": 3, "batch_sizes": [1, 8], "throughput_iterations": 2, "threads": 1,
-              "rounds": 2},
+              "rounds": 2, "turn_pause_ms": 0},
 }
 # The one set of fast bench settings (the tiny config's): tests add only what their point needs
 FAST_BENCH = TINY["bench"]

@@ -73,7 +73,7 @@ def _edit(path, old, new):
     ("compare_edge.json", '"90.34 ± 0.22"', '"90.35 ± 0.22"'),
     ("compress_compare_edge.json", '"-0.66"', '"-0.67"'),
     ("gain_map.json", '"+0.84 (-0.08 to +1.75), 0.067"', '"+0.85 (-0.08 to +1.75), 0.067"'),
-    ("quickstart.json", '"wall_s": 422.8', '"wall_s": 430.0'),
+    ("quickstart.json", '"wall_s": 387.2', '"wall_s": 430.0'),
 ])
 def test_a_figure_changed_in_the_records_alone_fails(records, file, old, new):
     _edit(records / file, old, new)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.deploy.onnx_io import INPUT, OUTPUT
-from pipeline.deploy.timing import in_turns, latency_samples
+from pipeline.deploy.timing import TURN_PAUSE_S, in_turns, latency_samples
 from pipeline.errors import PipelineError, StageSkipped, UsageError
 from pipeline.training.data import ImageSet
 
@@ -47,6 +47,7 @@ class Where:
     precision: str  # fp32 | int8_cpu | bf16 (openvino) | fp16 / int8 (tensorrt)
     batch: int
     threads: int
+    pause_s: float = TURN_PAUSE_S  # before every turn (bench.turn_pause_ms)
 
     def describe(self) -> str:
         return f"{self.runtime} {self.precision}, batch {self.batch}, {self.threads} threads"
@@ -105,7 +106,7 @@ def build_call(model: nn.Module, sample_shape: tuple[int, ...], where: Where, wo
 
 
 def time_in_rounds(calls: dict[Any, Callable[[], Any]], rounds: int, iterations: int | None = None,
-                   warmup: int = WARMUP) -> dict[Any, list[float]]:
+                   warmup: int = WARMUP, pause_s: float = TURN_PAUSE_S) -> dict[Any, list[float]]:
     """Each call's p50 (ms) per round, over `rounds` rounds in which every call takes its turn (the bench's
     `in_turns`), so that a machine that slows down mid-measurement moves every candidate alike. `iterations`
     None: as many timed calls per turn as take TURN_MS (MIN_ITERATIONS to ITERATIONS), from the warm-up's pace."""
@@ -122,7 +123,7 @@ def time_in_rounds(calls: dict[Any, Callable[[], Any]], rounds: int, iterations:
             per_round[key].append(statistics.median(samples) / 1e6)
         return run
 
-    failed = in_turns({key: turn(key) for key in calls}, rounds)
+    failed = in_turns({key: turn(key) for key in calls}, rounds, pause_s)
     if failed:
         key, exc = next(iter(failed.items()))
         raise PipelineError(f"timing a candidate plan ({key}) failed: {type(exc).__name__}: "
@@ -150,4 +151,4 @@ class RuntimeClock:
                 folder = self.workdir / self.label(shape).replace("/", "_")
                 self.calls[shape] = build_call(self.network(shape), self.sample_shape, self.where, folder,
                                                self.calibration)
-        return time_in_rounds({shape: self.calls[shape] for shape in shapes}, rounds)
+        return time_in_rounds({shape: self.calls[shape] for shape in shapes}, rounds, pause_s=self.where.pause_s)

@@ -110,7 +110,7 @@ def sentence(check: TargetCheck) -> str:
         table = f"; the table's p50s: {check.table_speedup:.2f}x" if check.table_speedup is not None else ""
         achieved += f" over {check.paired_rounds} paired rounds{table}"
     if check.why == "met":
-        diff = f", {check.planner_vs_bench:+.0%} off" if check.planner_vs_bench is not None else ""
+        diff = f", {check.planner_vs_bench:+.1%} off" if check.planner_vs_bench is not None else ""
         text = f"met: the bench measured {achieved} in {check.row} against {check.versus}; {planner}{diff}."
     elif check.why == "planner_and_bench_disagree":
         diff = f" ({check.planner_vs_bench:+.0%})" if check.planner_vs_bench is not None else ""

@@ -21,6 +21,7 @@ from pipeline.deploy.bench_rounds import onnx_call
 from pipeline.deploy.onnx_io import onnx_key, run_exported_onnx
 from pipeline.deploy.plan_timing import time_in_rounds
 from pipeline.deploy.runtime import input_dtype, ort_session
+from pipeline.deploy.timing import TURN_PAUSE_S
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.rundir import RunDir, StageRecord
 
@@ -45,17 +46,18 @@ def form_call(run: RunDir, model: str, runtime: str, precision: str, threads: in
     return lambda: call(x)
 
 
-def measure_pair(calls: dict[str, Callable[[], Any]], rounds: int, iterations: int | None = None) -> dict[str, Any]:
+def measure_pair(calls: dict[str, Callable[[], Any]], rounds: int, iterations: int | None = None,
+                 pause_s: float = TURN_PAUSE_S) -> dict[str, Any]:
     """The median over `rounds` interleaved rounds of the per-round speed-up of calls["pruned"] over
     calls["branch"], and of each one's p50 (ms)."""
-    per_round = time_in_rounds(calls, rounds, iterations=iterations)
+    per_round = time_in_rounds(calls, rounds, iterations=iterations, pause_s=pause_s)
     return {"speedup": statistics.median(b / p for b, p in zip(per_round["branch"], per_round["pruned"])),
             "ms": statistics.median(per_round["pruned"]), "branch_ms": statistics.median(per_round["branch"]),
             "rounds": rounds}
 
 
-def measure_target(run: RunDir, compress: StageRecord | None, threads: int,
-                   rounds: int = TARGET_ROUNDS) -> dict[str, Any] | None:
+def measure_target(run: RunDir, compress: StageRecord | None, threads: int, rounds: int = TARGET_ROUNDS,
+                   pause_s: float = TURN_PAUSE_S) -> dict[str, Any] | None:
     """The paired figures of a run whose compress stage deployed a network pruned to a latency target; None
     where there is none, or where its forms cannot be timed here (the bench's rows then speak for it)."""
     summary = compress.summary if compress else {}
@@ -66,6 +68,6 @@ def measure_target(run: RunDir, compress: StageRecord | None, threads: int,
         "batch") or 1
     try:
         calls = {m: form_call(run, m, runtime, precision, threads, batch) for m in ("branch", "pruned")}
-        return measure_pair(calls, rounds)
+        return measure_pair(calls, rounds, pause_s=pause_s)
     except (PipelineError, OSError):  # a form not exported (the guard kept it back) or not loadable
         return None

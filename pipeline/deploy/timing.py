@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.config_deploy import BenchConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Latency:
@@ -110,12 +112,13 @@ def throughput(call: Callable[[], Any], *, batch: int, warmup: int, iterations: 
 
 # Between two turns: after its last call a runtime's threads spin on for a while (PyTorch's OpenMP pool, ONNX
 # Runtime's), and on 2 cores they stole time slices from the next model's calls (its p99 went from 0.5 to
-# 4.4 ms on a 2-core AMD EPYC); a 50 ms pause lets them go idle first.
-TURN_PAUSE_S = 0.05
+# 4.4 ms on a 2-core AMD EPYC); a 50 ms pause lets them go idle first (bench.turn_pause_ms).
+TURN_PAUSE_S = BenchConfig.model_fields["turn_pause_ms"].default / 1e3
 
 
-def in_turns(turns: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, Exception]:
-    """Round after round, every turn in order (called with the round's index), each after TURN_PAUSE_S, so
+def in_turns(turns: dict[str, Callable[[int], Any]], rounds: int,
+             pause_s: float = TURN_PAUSE_S) -> dict[str, Exception]:
+    """Round after round, every turn in order (called with the round's index), each after `pause_s`, so
     that a machine that slows down or speeds up moves every model alike. A turn that raises takes no
     further part; its error is returned under its name."""
     failed: dict[str, Exception] = {}
@@ -123,7 +126,7 @@ def in_turns(turns: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, E
         for name, turn in turns.items():
             if name in failed:
                 continue
-            time.sleep(TURN_PAUSE_S)
+            time.sleep(pause_s)
             try:
                 turn(index)
             except Exception as exc:  # the caller decides: a failed row (bench) or a raised error
