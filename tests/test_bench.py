@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -290,8 +291,9 @@ def test_rows_are_timed_in_turns_round_after_round(exported_run, tmp_path, monke
     """Timed one after the other, a row's place in the order could decide what to ship on a machine whose
     speed drifts; in rounds, every row takes its turn in each round. A row whose timing fails is `failed`
     in "bench" and leaves the later rounds to the others."""
-    cfg, run = benched_copy(exported_run, tmp_path, bench={"rounds": 2, "served": False})
-    turns, real = [], bench_rounds.take_turn
+    cfg, run = benched_copy(exported_run, tmp_path, bench={"rounds": 2, "served": False, "turn_pause_ms": 2})
+    turns, real, pauses, sleep = [], bench_rounds.take_turn, [], time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: pauses.append(s) or sleep(s))
 
     def spy(timer, cfg, device, iterations, throughput_iterations):
         turns.append((timer.name, iterations, throughput_iterations))
@@ -304,6 +306,7 @@ def test_rows_are_timed_in_turns_round_after_round(exported_run, tmp_path, monke
     data = json.loads(run.output("bench", "bench").read_text())
     timed = [r["name"] for r in data["rows"] if r["status"] == "ok" or r["name"] == "branch_onnx_fp16"]
     assert len(timed) >= 10 and turns == [(n, 2, 1) for n in timed] + [(n, 1, 1) for n in timed]  # 3 calls: 2, 1
+    assert pauses.count(0.002) == len(turns)  # bench.turn_pause_ms before every turn
     failed = rows(data)["branch_onnx_fp16"]
     assert (failed["status"], failed["failed_in"], failed["reason"]) == ("failed", "bench", "RuntimeError: device lost")
     ok = [r for r in data["rows"] if r["status"] == "ok"]
