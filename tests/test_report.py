@@ -345,7 +345,7 @@ def test_the_headline_states_the_latency_target_and_whether_the_bench_met_it(rep
     headline = markdown(_with_target(data), "plot.png").split("## Headline", 1)[1].split("\n## ", 1)[0]
     assert ("**Latency target 2x the kept branch in onnxruntime fp32 at batch 1: met: the bench measured 2.05x "
             "(0.098 ms) in pruned_onnx_fp32 against branch_onnx_fp32; the planner measured 2.10x (0.100 ms) for "
-            "plan 16-32-64/16-32-64/1-1-3, -2% off.**") in headline
+            "plan 16-32-64/16-32-64/1-1-3, -2.4% off.**") in headline
     assert "MISSED" not in headline and "was measured on" not in headline
     missed = markdown(_with_target(data, achieved_speedup=1.6, achieved_ms=0.125, planner_vs_bench=-0.238,
                                    met=False, why="planner_and_bench_disagree", reason="x"), "plot.png")
