@@ -4,10 +4,12 @@ and stage contexts for it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import onnx
@@ -20,12 +22,38 @@ from rich.console import Console
 from pipeline.compare import compare
 from pipeline.compare import runs as compare_runs
 from pipeline.config import Config, validate_config
-from pipeline.deploy import quantize
+from pipeline.deploy import onnx_io, quantize
 from pipeline.rundir import RunDir
 from pipeline.runner import execute, run_stages, stage_def
 from pipeline.stage import StageContext
 from pipeline.training import fit
 from pipeline.training.models import ModelSpec, SingleNet
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_once_per_model():
+    """The dynamo export costs 1.5 to 3 s a call on 2 cores whatever the network, and the suite's copies of one
+    trained run export the same weights again (16 of 44 exports). The export is deterministic (the same bytes
+    for the same weights, shape, opset and exporter), so a repeat gets a fresh copy of the first export's proto.
+    The key holds the exporter function: a test that replaces torch.onnx.export to make it fail is not served."""
+    real, done = onnx_io.export_onnx, {}
+
+    def export(model, example, opset):
+        digest = hashlib.sha256(f"{type(model).__name__} {tuple(example.shape)} {opset} "
+                                f"{id(torch.onnx.export)}".encode())
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        key = digest.hexdigest()
+        if key not in done:
+            done[key] = real(model, example, opset).SerializeToString()
+        return onnx.load_from_string(done[key])
+
+    holders = [m for m in list(sys.modules.values()) if getattr(m, "export_onnx", None) is real]
+    with pytest.MonkeyPatch.context() as patch:
+        for module in holders:  # onnx_io itself, and every module that imported the function from it
+            patch.setattr(module, "export_onnx", export)
+        yield
+
 
 TINY = {
     "name": "tiny",

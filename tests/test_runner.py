@@ -38,7 +38,11 @@ def full_run(trained_run, tmp_path_factory):
 
 
 def finished(run):
-    return {name: (run.stage(name).finished if run.stage(name) else None) for name in STAGE_NAMES}
+    """Per stage, when its record was written and its outputs' mtimes (the record's time is in whole seconds)."""
+    def when(record):
+        return record and (record.finished,
+                           [run.recorded_path(o.path).stat().st_mtime_ns for o in record.outputs.values()])
+    return {name: when(run.stage(name)) for name in STAGE_NAMES}
 
 
 def test_run_produces_every_artifact(full_run):
