@@ -132,6 +132,8 @@ def collect(run: RunDir, method: Method, seed: int) -> dict[str, Any]:
     """One run's figures, as its manifest recorded them."""
     train, select = run.stage("train"), run.stage("select")
     try:
+        if train is None or select is None:
+            raise KeyError("train" if train is None else "select")
         test, val = train.summary["test"], train.summary["val"]
         kept = int(select.summary["branch"])
         record = {"method": method.key, "seed": seed, "run": str(run.root), "kept_branch": kept,
@@ -139,7 +141,7 @@ def collect(run: RunDir, method: Method, seed: int) -> dict[str, Any]:
                   "best": max(test["branches"]), "worst": min(test["branches"]), "branches": test["branches"],
                   "train_s": train.wall_s, "images_per_s": train.summary["images_per_s"],
                   "train_params": train.summary["params"]}
-    except (KeyError, TypeError, IndexError, AttributeError):  # AttributeError: no record (None)
+    except (KeyError, TypeError, IndexError):
         raise ArtifactError(f"{run.root}/manifest.json lacks train or select figures; rerun compare (or delete "
                             "that run directory)") from None
     if method.is_one:

@@ -95,13 +95,11 @@ class PlanSpace:
 
     def flops(self, shape: Shape) -> int:
         if shape not in self._flops:
-            s = self.stages
-            self._flops[shape] = prune.plan_flops(self.spec, self.geometry, shape[:s], shape[s:2 * s], shape[2 * s:])
+            self._flops[shape] = prune.plan_flops(self.spec, self.geometry, *self.parts(shape))
         return self._flops[shape]
 
     def plan(self, shape: Shape) -> prune.Plan:
-        s = self.stages
-        stage, inner, blocks = shape[:s], shape[s:2 * s], shape[2 * s:]
+        stage, inner, blocks = self.parts(shape)
         return prune.Plan(stage, inner, self.flops(shape), self.flops(self.full()), blocks)
 
     def network(self, shape: Shape) -> SingleNet:
@@ -110,8 +108,7 @@ class PlanSpace:
 
     def params(self, shape: Shape) -> int:
         if shape not in self._params:
-            s = self.stages
-            self._params[shape] = prune.plan_params(self.spec, shape[:s], shape[s:2 * s], shape[2 * s:])
+            self._params[shape] = prune.plan_params(self.spec, *self.parts(shape))
         return self._params[shape]
 
     def capacity(self, shape: Shape) -> tuple[int, int]:
@@ -119,8 +116,12 @@ class PlanSpace:
         return self.params(shape), self.flops(shape)
 
     def label(self, shape: Shape) -> str:
+        return "/".join("-".join(map(str, part)) for part in self.parts(shape))
+
+    def parts(self, shape: Shape) -> tuple[Shape, Shape, Shape]:
+        """(residual widths, inner widths, blocks), each per stage."""
         s = self.stages
-        return "/".join("-".join(map(str, part)) for part in (shape[:s], shape[s:2 * s], shape[2 * s:]))
+        return shape[:s], shape[s:2 * s], shape[2 * s:]
 
 
 @dataclasses.dataclass
@@ -171,8 +172,12 @@ class Target:
 def choose(candidates: list[Candidate], target: Target) -> Candidate | None:
     """Among the candidates meeting the target, the one keeping the most capacity (params, then FLOPs; then
     the faster)."""
-    meeting = [c for c in candidates if target.met_by(c)]
-    return max(meeting, key=lambda c: (*c.capacity, c.speedup), default=None)
+    return widest([c for c in candidates if target.met_by(c)])
+
+
+def widest(candidates: list[Candidate]) -> Candidate | None:
+    """The candidate keeping the most capacity (then the faster); None when there is none."""
+    return max(candidates, key=lambda c: (*c.capacity, c.speedup), default=None)
 
 
 class OutOfReach(Exception):
@@ -226,10 +231,10 @@ class Search:
         return [s for s in shapes if s in self.candidates or s in new]
 
     def best(self) -> Candidate | None:
-        """`choose` over the plans not rejected, a confirmed one meeting the target on its confirmation."""
+        """The widest of the plans not rejected, a confirmed one meeting the target on its confirmation."""
         meeting = [c for c in self.candidates.values()
                    if c.shape not in self.rejected and (c.confirmed or self.target.met_by(c))]
-        return max(meeting, key=lambda c: (*c.capacity, c.speedup), default=None)
+        return widest(meeting)
 
     def run(self) -> Result:
         started = time.perf_counter()
@@ -297,7 +302,7 @@ class Search:
         return {s: 1 / max(float(np.dot(self.features(s), weights)), 1e-6) for s in shapes}
 
     def features(self, shape: Shape) -> list[float]:
-        blocks = shape[2 * self.space.stages:]
+        blocks = self.space.parts(shape)[2]
         return [1.0, *map(float, blocks), self.space.flops(shape) / self.candidates[self.base_shape].flops]
 
     def hopeful(self, speedup: float, best: Candidate, margin: float) -> bool:

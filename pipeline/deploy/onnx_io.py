@@ -117,32 +117,33 @@ SOURCES = {"branch": ("strip", "model"), "ensemble": ("strip", "model"), "pruned
 PRECISIONS = ONNX_PRECISIONS
 
 
-def source_stage(key: str) -> str:
-    """The stage whose checkpoint export's output `key` was exported from (strip, or compress for pruned_...)."""
-    return SOURCES["pruned" if key.startswith("pruned_") else "branch"][0]
+def exported_from(key: str) -> tuple[str, str]:
+    """(stage, output): the checkpoint export's output `key` was exported from (strip's, or compress's for
+    pruned_...)."""
+    return SOURCES["pruned" if key.startswith("pruned_") else "branch"]
 
 
 def exported_onnx(ctx: StageContext, key: str) -> Path:
     """Export's output `key`, read through a stage's context (export's record, and the record of
-    `source_stage(key)`) and checked by `checked_onnx`."""
-    return checked_onnx(ctx.input("export", key), key, ctx.record(source_stage(key)))
+    `exported_from(key)`'s stage) and checked by `checked_onnx`."""
+    return checked_onnx(ctx.input("export", key), key, ctx.record(exported_from(key)[0]))
 
 
 def run_exported_onnx(run: RunDir, key: str) -> Path:
     """`exported_onnx` outside any stage (the predict command, compare), read from the run directory."""
-    return checked_onnx(run.output("export", key), key, run.stage(source_stage(key)))
+    return checked_onnx(run.output("export", key), key, run.stage(exported_from(key)[0]))
 
 
 def checked_onnx(path: Path, key: str, source: StageRecord | None) -> Path:
     """Export's output `key` at `path` (sha256-checked already), refused unless its `checkpoint_sha256`
     metadata names the strip/branch.pt (compress/model.pt for the pruned files) that `source`, the record
-    of `source_stage(key)`, holds now (an ONNX file of another branch or training run)."""
+    of `exported_from(key)`'s stage, holds now (an ONNX file of another branch or training run)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: a truncated or foreign file
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); rerun with --from export")
     written_from = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256")
-    stage, output = SOURCES["pruned" if key.startswith("pruned_") else "branch"]
+    stage, output = exported_from(key)
     record = source.outputs.get(output) if source else None
     if written_from != (record.sha256 if record else None):
         raise ArtifactError(f"{path} was exported from another checkpoint (sha256 {str(written_from)[:16]}, "
