@@ -271,12 +271,13 @@ class Search:
             wider = [s for s in dict.fromkeys([*self.space.every(), *self.around(best.shape)])
                      if s not in self.candidates and self.space.capacity(s) > best.capacity]
             expected = self.expected_speedups(wider)
-            meeting = [s for s in wider if self.hopeful(expected[s], best, 0)]
-            close = [s for s in wider if s not in meeting and self.hopeful(expected[s], best, CLOSE / 2)]
-            if not meeting and marginal:
+            hopeful = [s for s in wider if self.hopeful(expected[s], best, 0)]
+            if not hopeful and marginal:
                 return  # the margin was tried and gave nothing
-            marginal = not meeting
-            batch = self.affordable(sorted(meeting or close, key=self.space.capacity, reverse=True)[:REFINE_WIDTH])
+            marginal = not hopeful
+            if marginal:  # none expected to meet the target: those within its margin
+                hopeful = [s for s in wider if self.hopeful(expected[s], best, CLOSE / 2)]
+            batch = self.affordable(sorted(hopeful, key=self.space.capacity, reverse=True)[:REFINE_WIDTH])
             if not batch:
                 return
             self.time([best.shape, *batch], ROUNDS, "refine")

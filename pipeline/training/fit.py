@@ -113,7 +113,8 @@ def resume_point(ctx: StageContext, plan: Plan, *, other_config: Literal["refuse
         return Start()
     epoch, batch, history = loop.resume(path, plan.fingerprint, plan.model, plan.optimizer, plan.scheduler,
                                         stage=plan.stage, what=plan.depends_on)
-    ctx.console.print(f"{plan.resuming} from {escape(str(path))}: epoch {epoch + 1}, batch {batch}")
+    # one line however long the path: a path folded over lines cannot be pasted
+    ctx.console.print(f"{plan.resuming} from {escape(str(path))}: epoch {epoch + 1}, batch {batch}", soft_wrap=True)
     return Start(epoch, batch, history)
 
 
