@@ -161,6 +161,13 @@ def _cli(config, *args, command="train"):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
 
 
+def _in_process(config, command="train"):
+    """A command run in this process, as a user's next command after a killed one: it shares no memory with
+    that process, only the run directory (and starts without a second torch import)."""
+    result = runner.invoke(app, [command, str(config)])
+    return result.exit_code, result.output
+
+
 def _wait_for(path, proc, timeout=600):  # a bound against hangs, not a speed test: loaded 2-core CPUs are slow
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -174,10 +181,11 @@ KILLED_TRAINING = {"data": {"synthetic_size": 512}, "train": {"epochs": 3}}
 
 @pytest.fixture(scope="module")
 def uninterrupted_training(tmp_path_factory) -> Path:
-    """The model file of KILLED_TRAINING trained without a break, in a process of its own (once for both signals)."""
+    """The model file of KILLED_TRAINING trained without a break (once for both signals)."""
     root = tmp_path_factory.mktemp("uninterrupted")
     reference = write_config(root, "ref.yaml", name="ref", **KILLED_TRAINING)
-    assert _cli(reference).wait() == 0
+    code, output = _in_process(reference)
+    assert code == 0, output
     return root / "runs/ref/train/model.pt"
 
 
@@ -198,9 +206,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(uninterrupted_train
     metrics = train_dir / "metrics.jsonl"  # written just after last.pt: a kill in between leaves none
     kept = metrics.read_text() if metrics.exists() else ""
     assert saved["epoch"] >= 1
-    resumed = _cli(config)
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output
+    code, output = _in_process(config)
+    assert code == 0, output
     # one line, however long the path
     assert re.search(rf"^resuming from \S+: epoch {saved['epoch'] + 1}, batch {saved['batch']}$", output, re.M), output
     # only the remaining epochs ran again, and the finished epochs' records (with their times) were kept
@@ -219,20 +226,18 @@ def test_messages_keep_their_brackets(tmp_path):
     assert result.exit_code == 2 and "unknown key 'engine.extra[tensorrt]'" in result.output
 
 
-KILLED_FINE_TUNE = {"enabled": True, "channel_multiple": 2, "epochs": 12, "images_per_epoch": None,
+KILLED_FINE_TUNE = {"enabled": True, "channel_multiple": 2, "epochs": 6, "images_per_epoch": None,
                     "batch_size": 16, "lr": 0.02, "max_accuracy_drop": 100}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_fine_tune(trained_run, tmp_path_factory) -> Path:
-    """The model file of KILLED_FINE_TUNE on a copy of the trained run, fine-tuned without a break in a process
-    of its own (once for both signals)."""
+    """The model file of KILLED_FINE_TUNE on a copy of the trained run, fine-tuned without a break (once for
+    both signals)."""
     root = tmp_path_factory.mktemp("uninterrupted")
     reference, run = copy_trained(trained_run, root, compress=KILLED_FINE_TUNE)
-    whole = _cli(reference, command="compress")
-    output = whole.communicate(timeout=600)[0]
-    assert whole.returncode == 0 and _fine_tuned_epochs(output) == list(range(1, KILLED_FINE_TUNE["epochs"] + 1)), \
-        output
+    code, output = _in_process(reference, command="compress")
+    assert code == 0 and _fine_tuned_epochs(output) == list(range(1, KILLED_FINE_TUNE["epochs"] + 1)), output
     return run.path("compress/model.pt")
 
 
@@ -253,9 +258,8 @@ def test_a_killed_fine_tune_resumes_to_the_uninterrupted_weights(uninterrupted_f
     saved = torch.load(run.path("compress/last.pt"), weights_only=True)
     assert 1 <= saved["epoch"] < compress["epochs"]  # stopped inside the fine-tune
     assert sig == signal.SIGINT or saved["batch"] == 0  # SIGKILL: the last finished epoch's checkpoint
-    resumed = _cli(config, command="compress")
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output
+    code, output = _in_process(config, command="compress")
+    assert code == 0, output
     assert re.search(rf"^resuming the fine-tune from \S+: epoch {saved['epoch'] + 1}, batch {saved['batch']}$",
                      output, re.M), output
     assert _fine_tuned_epochs(output) == list(range(saved["epoch"] + 1, compress["epochs"] + 1))

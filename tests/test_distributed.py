@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.rundir import RunDir
 from pipeline.training import checkpoint
 from pipeline.training.data import load_datasets
@@ -25,17 +27,17 @@ from tests.conftest import tiny_dict, trained_epochs
 TOLERANCE = 1e-5  # max abs parameter difference after 3 epochs (measured: 0; summation order may differ)
 
 
-def _argv(tmp_path, name, nproc, *command, **train):
+def _config(tmp_path, name, **train) -> Path:
     path = tmp_path / f"{name}.yaml"
     # enough steps per epoch that a kill after epoch 1 lands inside epoch 2
     path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", name=name, data={"synthetic_size": 1536},
                                              train={"epochs": 3, **train})))
-    if nproc == 1:
-        argv = [sys.executable, "-m", "pipeline.cli", *(command or ["train"]), str(path)]
-    else:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "--module", "pipeline.cli", *(command or ["train"]), str(path)]
-    return argv
+    return path
+
+
+def _argv(tmp_path, name, nproc, *command, **train):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "--module", "pipeline.cli", *(command or ["train"]), str(_config(tmp_path, name, **train))]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,8 +52,18 @@ def _launch(tmp_path, name, nproc, *command, **train):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """One process: batch 32 in 2 interleaved micro-batches == 2 processes with 16 each (BatchNorm sees 16)."""
-    return _launch(tmp_path_factory.mktemp("single"), "single", 1, batch_size=32, accumulate=2)[0]
+    """One process (this one, at the workers' 1 thread): batch 32 in 2 interleaved micro-batches == 2 processes
+    with 16 each (BatchNorm sees 16)."""
+    root = tmp_path_factory.mktemp("single")
+    config = _config(root, "single", batch_size=32, accumulate=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, ["train", str(config)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return RunDir(root / "runs" / "single")
 
 
 def _worst_difference(a_run, b_run):
