@@ -30,7 +30,7 @@ TOLERANCE = 1e-5  # max abs parameter difference after 3 epochs (measured: 0; su
 def _config(tmp_path, name, **train) -> Path:
     path = tmp_path / f"{name}.yaml"
     # enough steps per epoch that a kill after epoch 1 lands inside epoch 2
-    path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", name=name, data={"synthetic_size": 1536},
+    path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "runs", name=name, data={"synthetic_size": 768},
                                              train={"epochs": 3, **train})))
     return path
 
