@@ -203,6 +203,10 @@ class BenchConfig(Section):
                                              "the CPU has it, behind export.max_accuracy_drop (skipped with the "
                                              "install command where OpenVINO is missing)")
 
+    @property
+    def turn_pause_s(self) -> float:
+        return self.turn_pause_ms / 1e3
+
     @field_validator("batch_sizes")
     @classmethod
     def _batches(cls, value: list[int]) -> list[int]:

@@ -130,9 +130,8 @@ def measure(ctx: StageContext, threads: int) -> BenchFile:
     cfg = bench.cfg
     headline = headline_figures(rows, cfg.ship_max_accuracy_drop, cfg.ship_for)
     compress = ctx.record("compress")
-    headline["target"] = target_check.headline_target(rows, compress, cpu_model(), threads,
-                                                      target_timing.measure_target(
-                                                          ctx.run, compress, threads, pause_s=cfg.turn_pause_ms / 1e3))
+    paired = target_timing.measure_target(ctx.run, compress, threads, pause_s=cfg.turn_pause_s)
+    headline["target"] = target_check.headline_target(rows, compress, cpu_model(), threads, paired)
     return BenchFile.model_validate({
         "schema_version": SCHEMA_VERSION, "run": ctx.cfg.name, "method": bench.method, "branch": bench.branch,
         "device": str(bench.device), "threads": threads, "test_images": len(bench.test),

@@ -43,7 +43,7 @@ def deploy_cost(configs: Sequence[Config], compared: Sequence[Method], device: t
                                                     device=torch.device("cpu")).p50_ms)
 
     failed = in_turns({str(index): turn(index) for index in range(len(calls))}, LATENCY_ROUNDS,
-                      configs[0].bench.turn_pause_ms / 1e3)
+                      configs[0].bench.turn_pause_s)
     if failed:
         raise next(iter(failed.values()))
     return [{"method": m.key, "label": m.label, **model, "p50_ms": statistics.median(p), "rounds": LATENCY_ROUNDS,

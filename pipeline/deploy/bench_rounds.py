@@ -43,7 +43,7 @@ def time_rows(timers: list[RowTimer], cfg: BenchConfig, device: torch.device,
                                        share(cfg.throughput_iterations, cfg.rounds, index))
 
     with torch.inference_mode():
-        errors = in_turns({timer.name: turn(timer) for timer in timers}, cfg.rounds, cfg.turn_pause_ms / 1e3)
+        errors = in_turns({timer.name: turn(timer) for timer in timers}, cfg.rounds, cfg.turn_pause_s)
     failed = {name: failure(exc) for name, exc in errors.items()}
     for name, reason in failed.items():
         console.print(f"[red]{name} failed:[/red] {escape(reason)}")

@@ -78,7 +78,7 @@ def where(cfg: Config) -> plan_timing.Where:
     """Where the target is measured: the bench's threads, as the bench will time the pruned form."""
     c = cfg.compress
     return plan_timing.Where(c.target_runtime or "onnxruntime", c.target_precision or "fp32", c.target_batch or 1,
-                             cfg.bench.threads or os.cpu_count() or 1, cfg.bench.turn_pause_ms / 1e3)
+                             cfg.bench.threads or os.cpu_count() or 1, cfg.bench.turn_pause_s)
 
 
 def target_of(cfg: CompressConfig, margin: float = 0.0) -> latency_plan.Target:

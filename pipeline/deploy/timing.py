@@ -113,7 +113,7 @@ def throughput(call: Callable[[], Any], *, batch: int, warmup: int, iterations: 
 # Between two turns: after its last call a runtime's threads spin on for a while (PyTorch's OpenMP pool, ONNX
 # Runtime's), and on 2 cores they stole time slices from the next model's calls (its p99 went from 0.5 to
 # 4.4 ms on a 2-core AMD EPYC); a 50 ms pause lets them go idle first (bench.turn_pause_ms).
-TURN_PAUSE_S = BenchConfig.model_fields["turn_pause_ms"].default / 1e3
+TURN_PAUSE_S = BenchConfig().turn_pause_s
 
 
 def in_turns(turns: dict[str, Callable[[int], Any]], rounds: int,
