@@ -7,11 +7,13 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -41,6 +43,35 @@ def pytest_configure(config):
     if "TMPDIR" not in os.environ and RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK) and \
             shutil.disk_usage(RAM_DISK).free >= RAM_DISK_ROOM:
         tempfile.tempdir = str(RAM_DISK)
+
+
+PREFETCHED = pytest.StashKey[dict[str, Future]]()
+PREFETCH_POOL = pytest.StashKey[ProcessPoolExecutor]()
+
+
+def pytest_collection_finish(session):
+    """Work a test declares with @pytest.mark.prefetch(function, *args) starts as the session does, in one worker
+    process: most of the suite is single-threaded Python that leaves the second core idle, and the test reads the
+    result from its `prefetched` fixture. The function must be importable and its result picklable."""
+    marked = {item.nodeid: item.get_closest_marker("prefetch") for item in session.items}
+    marked = {nodeid: marker for nodeid, marker in marked.items() if marker}
+    if not marked or session.config.option.collectonly:
+        return
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(1,))
+    session.stash[PREFETCH_POOL] = pool
+    session.stash[PREFETCHED] = {nodeid: pool.submit(*marker.args) for nodeid, marker in marked.items()}
+
+
+def pytest_sessionfinish(session):
+    if PREFETCH_POOL in session.stash:
+        session.stash[PREFETCH_POOL].shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture
+def prefetched(request):
+    """The result of the running test's @pytest.mark.prefetch work (waits for it; raises what it raised)."""
+    return request.session.stash[PREFETCHED][request.node.nodeid].result()
 
 
 @pytest.fixture(scope="session", autouse=True)
