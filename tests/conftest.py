@@ -8,12 +8,12 @@ import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import shutil
 import sys
 import tempfile
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -45,33 +45,38 @@ def pytest_configure(config):
         tempfile.tempdir = str(RAM_DISK)
 
 
-PREFETCHED = pytest.StashKey[dict[str, Future]]()
-PREFETCH_POOL = pytest.StashKey[ProcessPoolExecutor]()
+PREFETCHED = pytest.StashKey[dict]()
+PREFETCH_POOL = pytest.StashKey[multiprocessing.pool.Pool]()
+COMPARE_ROOT = pytest.StashKey[Path]()
 
 
 def pytest_collection_finish(session):
-    """Work a test declares with @pytest.mark.prefetch(function, *args) starts as the session does, in one worker
-    process: most of the suite is single-threaded Python that leaves the second core idle, and the test reads the
-    result from its `prefetched` fixture. The function must be importable and its result picklable."""
-    marked = {item.nodeid: item.get_closest_marker("prefetch") for item in session.items}
-    marked = {nodeid: marker for nodeid, marker in marked.items() if marker}
-    if not marked or session.config.option.collectonly:
+    """Slow self-contained work starts as the session does, in one worker process, in the order the tests need
+    it: most of the suite is single-threaded Python that leaves the second core idle. That work is the session's
+    compare (compared_tiny) and what a test declares with @pytest.mark.prefetch(function, *args), read from its
+    `prefetched` fixture; the function must be importable and its result picklable."""
+    work = {item.nodeid: marker.args for item in session.items if (marker := item.get_closest_marker("prefetch"))}
+    if any("compared_tiny" in item.fixturenames for item in session.items):
+        session.stash[COMPARE_ROOT] = Path(tempfile.mkdtemp(prefix="compare-"))
+        work = {"compared_tiny": (interrupted_compare, session.stash[COMPARE_ROOT]), **work}
+    if not work or session.config.option.collectonly:
         return
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(1,))
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=torch.set_num_threads, initargs=(1,))
     session.stash[PREFETCH_POOL] = pool
-    session.stash[PREFETCHED] = {nodeid: pool.submit(*marker.args) for nodeid, marker in marked.items()}
+    session.stash[PREFETCHED] = {key: pool.apply_async(function, args) for key, (function, *args) in work.items()}
 
 
 def pytest_sessionfinish(session):
     if PREFETCH_POOL in session.stash:
-        session.stash[PREFETCH_POOL].shutdown(wait=False, cancel_futures=True)
+        session.stash[PREFETCH_POOL].terminate()  # work for tests a -x stop left unrun is not waited for
+    if COMPARE_ROOT in session.stash:
+        shutil.rmtree(session.stash[COMPARE_ROOT], ignore_errors=True)
 
 
 @pytest.fixture
 def prefetched(request):
     """The result of the running test's @pytest.mark.prefetch work (waits for it; raises what it raised)."""
-    return request.session.stash[PREFETCHED][request.node.nodeid].result()
+    return request.session.stash[PREFETCHED][request.node.nodeid].get()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -268,11 +273,15 @@ COMPARE_RUN_NAMES = ["vanilla-seed0", "one-seed0", "one-model.branches-2-seed0",
 
 
 @pytest.fixture(scope="session")
-def compared_tiny(tmp_path_factory):
-    """A compare of the tiny config, interrupted before its third run and then run again to the end:
-    (config file, its result, the first two runs' train records before the resume, the resumed log). Shared
-    by tests/test_compare.py and the compare --compress tests, which copy its runs to write beside them."""
-    root = tmp_path_factory.mktemp("compare")
+def compared_tiny(request):
+    """interrupted_compare's result, made in the prefetch worker (pytest_collection_finish). Shared by
+    tests/test_compare.py and the compare --compress tests, which copy its runs to write beside them."""
+    return request.session.stash[PREFETCHED]["compared_tiny"].get()
+
+
+def interrupted_compare(root: Path):
+    """A compare of the tiny config under `root`, interrupted before its third run and then run again to the end:
+    (config file, its result, the first two runs' train records before the resume, the resumed log)."""
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(root / "runs")))
     started, real = [], compare_runs.run_stages
