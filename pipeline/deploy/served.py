@@ -96,13 +96,15 @@ def measure_served(http_url: str, model: str, images: np.ndarray, labels: np.nda
     max_batch), batch-1 latency at concurrency 1, and images/s at `concurrency` clients sending batches of
     throughput_batch. `predictions` holds each image's top-1 (for agreement with the other rows)."""
     served = ServedModel(http_url, model)
-    predictions = served_predictions(served, images, max_batch)
-    one = images[:1]
-    lat = latency(lambda: served.predict(one), warmup=warmup, iterations=iterations, device=torch.device("cpu"))
-    batch = images[:throughput_batch]
-    ips = concurrent_throughput(served, batch, concurrency=concurrency, warmup=min(warmup, 3),
-                                iterations=throughput_iterations)
-    served.close()
+    try:
+        predictions = served_predictions(served, images, max_batch)
+        lat = latency(lambda: served.predict(images[:1]), warmup=warmup, iterations=iterations,
+                      device=torch.device("cpu"))
+        batch = images[:throughput_batch]
+        ips = concurrent_throughput(served, batch, concurrency=concurrency, warmup=min(warmup, 3),
+                                    iterations=throughput_iterations)
+    finally:
+        served.close()
     correct = int(np.sum(predictions == labels))  # top-1 % as pipeline.training.evaluate computes it
     return {"predictions": predictions, "accuracy": float(100.0 * correct / max(len(labels), 1)),
             "images": len(images),

@@ -281,10 +281,13 @@ class TritonServer:
 def server_ready(http_url: str) -> bool:
     import tritonclient.http as httpclient  # outside the try: a missing client is an error, not "not ready"
 
+    client = httpclient.InferenceServerClient(http_url, connection_timeout=2, network_timeout=2)
     try:
-        return httpclient.InferenceServerClient(http_url, connection_timeout=2, network_timeout=2).is_server_ready()
+        return client.is_server_ready()
     except Exception:  # refused while starting: not ready yet
         return False
+    finally:  # here: one left to the garbage collector can be closed from another thread, which gevent refuses
+        client.close()
 
 
 def external_command() -> list[str] | None:
