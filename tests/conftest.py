@@ -48,6 +48,7 @@ def pytest_configure(config):
 PREFETCHED = pytest.StashKey[dict]()
 PREFETCH_POOL = pytest.StashKey[multiprocessing.pool.Pool]()
 COMPARE_ROOT = pytest.StashKey[Path]()
+PREFETCH_TIMEOUT_S = 600  # a worker that died leaves its work unfinished for ever: the test fails instead
 
 
 def pytest_collection_finish(session):
@@ -55,11 +56,13 @@ def pytest_collection_finish(session):
     it: most of the suite is single-threaded Python that leaves the second core idle. That work is the session's
     compare (compared_tiny) and what a test declares with @pytest.mark.prefetch(function, *args), read from its
     `prefetched` fixture; the function must be importable and its result picklable."""
+    if session.config.option.collectonly:
+        return
     work = {item.nodeid: marker.args for item in session.items if (marker := item.get_closest_marker("prefetch"))}
     if any("compared_tiny" in item.fixturenames for item in session.items):
         session.stash[COMPARE_ROOT] = Path(tempfile.mkdtemp(prefix="compare-"))
         work = {"compared_tiny": (interrupted_compare, session.stash[COMPARE_ROOT]), **work}
-    if not work or session.config.option.collectonly:
+    if not work:
         return
     pool = multiprocessing.get_context("spawn").Pool(1, initializer=torch.set_num_threads, initargs=(1,))
     session.stash[PREFETCH_POOL] = pool
@@ -76,7 +79,7 @@ def pytest_sessionfinish(session):
 @pytest.fixture
 def prefetched(request):
     """The result of the running test's @pytest.mark.prefetch work (waits for it; raises what it raised)."""
-    return request.session.stash[PREFETCHED][request.node.nodeid].get()
+    return request.session.stash[PREFETCHED][request.node.nodeid].get(PREFETCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -276,7 +279,7 @@ COMPARE_RUN_NAMES = ["vanilla-seed0", "one-seed0", "one-model.branches-2-seed0",
 def compared_tiny(request):
     """interrupted_compare's result, made in the prefetch worker (pytest_collection_finish). Shared by
     tests/test_compare.py and the compare --compress tests, which copy its runs to write beside them."""
-    return request.session.stash[PREFETCHED]["compared_tiny"].get()
+    return request.session.stash[PREFETCHED]["compared_tiny"].get(PREFETCH_TIMEOUT_S)
 
 
 def interrupted_compare(root: Path):
